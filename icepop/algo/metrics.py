@@ -1,0 +1,93 @@
+"""Mismatch and correction metrics, logged every step (ALGORITHM.md §6).
+
+All values are 0-dim float64 tensors, detached (no device sync until the caller reads them).
+Means are over valid tokens; ratio and log-prob statistics skip tokens whose Δ is not finite, which
+`mismatch/nonfinite_frac` counts instead. A statistic over an empty set is reported as 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from icepop.algo.corrections import Correction
+
+Metrics = dict[str, Tensor]
+
+
+def masked_mean(values: Tensor, where: Tensor) -> Tensor:
+    """Mean of `values` where `where` is True, detached, in float64; 0 over an empty set."""
+    values = values.detach().double()
+    total = torch.where(where, values, torch.zeros_like(values)).sum()
+    return total / where.sum().clamp(min=1)
+
+
+def _extreme(values: Tensor, where: Tensor, largest: bool) -> Tensor:
+    if not bool(where.any()):
+        return torch.zeros((), dtype=values.dtype, device=values.device)
+    return values[where].max() if largest else values[where].min()
+
+
+def mismatch_metrics(old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor) -> Metrics:
+    """How far the trainer (ℓ_old) and the inference engine (ℓ_inf) disagree at θ_old.
+
+    kl_k1 = mean(ℓ_inf − ℓ_old) and kl_k3 = mean(k − 1 − Δ) estimate KL(π_infer ‖ π_train) from
+    tokens sampled by the engine; rel_prob_diff_mean = mean |k − 1|, the "relative probability
+    difference" the IcePop paper tracks.
+    """
+    delta = old_logprobs.detach().double() - rollout_logprobs.detach().double()
+    finite = response_mask & torch.isfinite(delta)
+    delta = torch.where(finite, delta, torch.zeros_like(delta))
+    abs_delta = delta.abs()
+    k = torch.exp(delta)
+    valid = response_mask.sum().clamp(min=1)
+    return {
+        "mismatch/abs_logp_diff_mean": masked_mean(abs_delta, finite),
+        "mismatch/abs_logp_diff_max": _extreme(abs_delta, finite, largest=True),
+        "mismatch/kl_k1": masked_mean(-delta, finite),
+        "mismatch/kl_k3": masked_mean(k - 1.0 - delta, finite),
+        "mismatch/rel_prob_diff_mean": masked_mean((k - 1.0).abs(), finite),
+        "mismatch/nonfinite_frac": (response_mask & ~finite).sum().double() / valid,
+    }
+
+
+def correction_metrics(correction: Correction, delta: Tensor, response_mask: Tensor) -> Metrics:
+    """Mask fractions (all, low side, high side) over valid tokens, and the ratio k's range.
+
+    `delta` is the log-ratio the correction looked at (Δ, or ℓ_θ − ℓ_inf for "icepop-online").
+    """
+    valid = response_mask.sum().clamp(min=1).double()
+    finite = response_mask & torch.isfinite(delta)
+    k = torch.exp(torch.where(finite, delta.detach().double(), torch.zeros_like(delta, dtype=torch.float64)))
+    masked = response_mask & ~correction.keep
+    return {
+        "icepop/mask_frac": masked.sum().double() / valid,
+        "icepop/mask_frac_low": correction.low.sum().double() / valid,
+        "icepop/mask_frac_high": correction.high.sum().double() / valid,
+        "icepop/ratio_min": _extreme(k, finite, largest=False),
+        "icepop/ratio_mean": masked_mean(k, finite),
+        "icepop/ratio_max": _extreme(k, finite, largest=True),
+        "icepop/weight_mean": masked_mean(correction.weight, correction.keep),
+    }
+
+
+def entropy_metrics(entropy: Tensor, keep: Tensor, response_mask: Tensor) -> Metrics:
+    """Mean policy entropy over all valid tokens and over the masked ones (masking low-entropy
+    tokens only is benign; masking the uncertain ones removes the learning signal)."""
+    return {
+        "actor/entropy": masked_mean(entropy, response_mask),
+        "actor/entropy_masked": masked_mean(entropy, response_mask & ~keep),
+    }
+
+
+def log_ratio_histogram(delta: Tensor, response_mask: Tensor, edges: Tensor) -> Tensor:
+    """Counts of log k = Δ over valid finite tokens in the bins given by `edges` [n+1]; [n] int64.
+
+    Values outside [edges[0], edges[-1]] land in the first or last bin, so the counts always sum
+    to the number of valid finite tokens.
+    """
+    finite = response_mask & torch.isfinite(delta)
+    values = delta.detach().double()[finite].clamp(float(edges[0]), float(edges[-1]))
+    index = torch.bucketize(values, edges.double().to(values.device), right=True) - 1
+    index = index.clamp(0, edges.numel() - 2)
+    return torch.bincount(index, minlength=edges.numel() - 1)
