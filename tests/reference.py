@@ -1,7 +1,7 @@
 """An independent float64 reference of the policy loss, written token by token in plain Python.
 
 It shares no code with icepop.algo (torch only builds test tensors): corrections, surrogates and
-aggregations are re-derived from ALGORITHM.md with `math` on Python floats, and the gradient is the
+aggregations are re-derived from docs/algorithm.md with `math` on Python floats, and the gradient is the
 analytic one,
 ∂L/∂ℓ_θ,t = c_t · w_t · ∂l_t/∂ℓ_θ,t, where c_t is the aggregation's coefficient of token t.
 """

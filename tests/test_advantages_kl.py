@@ -1,4 +1,4 @@
-"""Advantages (ALGORITHM.md §4), KL estimators and aggregation modes, with hand-computed values."""
+"""Advantages (docs/algorithm.md §4), KL estimators and aggregation modes, with hand-computed values."""
 
 from __future__ import annotations
 

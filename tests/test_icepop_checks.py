@@ -1,4 +1,4 @@
-"""The checks of ALGORITHM.md §7, one test each, with the arithmetic in comments.
+"""The checks of docs/algorithm.md §7, one test each, with the arithmetic in comments.
 
 Defaults for these checks: α = 0.5, β = 5.0, ε_low = ε_high = 0.2, KL off, float64, tol 1e-6.
 """

@@ -1,4 +1,4 @@
-"""Metrics of ALGORITHM.md §6, argument validation of policy_loss, and the import boundary."""
+"""Metrics of docs/algorithm.md §6, argument validation of policy_loss, and the import boundary."""
 
 from __future__ import annotations
 

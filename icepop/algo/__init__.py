@@ -1,4 +1,4 @@
-"""Pure-torch RL algorithm library: the IcePop-GRPO loss and its neighbours (ALGORITHM.md).
+"""Pure-torch RL algorithm library: the IcePop-GRPO loss and its neighbours (docs/algorithm.md).
 
 Functions of tensors and floats only: no config objects, no torch.distributed, and no import of
 Ray, vLLM, DeepSpeed or transformers, so a researcher can use the loss inside any trainer.

@@ -1,4 +1,4 @@
-"""Group-relative advantages (ALGORITHM.md §4): GRPO, Dr.GRPO, RLOO, REINFORCE++-baseline.
+"""Group-relative advantages (docs/algorithm.md §4): GRPO, Dr.GRPO, RLOO, REINFORCE++-baseline.
 
 Rewards arrive as one scalar per response, [B], with `group_ids` [B] saying which prompt each
 response answers (any integers; groups need not be contiguous nor equal in size). Sequence-level

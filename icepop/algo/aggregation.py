@@ -1,4 +1,4 @@
-"""Loss aggregation: how per-token losses become one scalar (ALGORITHM.md §5).
+"""Loss aggregation: how per-token losses become one scalar (docs/algorithm.md §5).
 
 Every mode accepts *global* denominators, so that a batch split into micro-batches and accumulated
 gives the same loss and gradient as one big batch: each micro-batch divides by the count over the

@@ -1,7 +1,7 @@
 """Train/inference mismatch corrections: per-token weights from the calibration ratio k.
 
 Every correction here looks only at Δ = ℓ_old − ℓ_inf (trainer vs. inference engine, both at the
-rollout weights θ_old, see ALGORITHM.md §1-3) and returns a constant per-token weight plus the masks
+rollout weights θ_old, see docs/algorithm.md §1-3) and returns a constant per-token weight plus the masks
 that explain it. The weight multiplies the policy-gradient surrogate from outside, so nothing here
 carries a gradient: callers pass detached log-probs, and every function detaches again to be safe.
 
@@ -35,7 +35,7 @@ CORRECTIONS = (
 """Names accepted by `correction_weights` (and by `policy_loss(correction=...)`)."""
 
 KPOP_CLAMP = 1e-8
-"""KPop clamps both probabilities to [1e-8, 1 − 1e-8] before the binary KL (ALGORITHM.md §3)."""
+"""KPop clamps both probabilities to [1e-8, 1 − 1e-8] before the binary KL (docs/algorithm.md §3)."""
 
 
 class Correction(NamedTuple):

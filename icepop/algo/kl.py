@@ -1,4 +1,4 @@
-"""KL estimators between the current policy and a reference, per token (ALGORITHM.md §4).
+"""KL estimators between the current policy and a reference, per token (docs/algorithm.md §4).
 
 With x = ℓ_θ − ℓ_ref on tokens sampled from the policy: k1 = x, k2 = ½x², k3 = e^{−x} + x − 1
 (Schulman's low-variance estimator, always ≥ 0). k3 clamps x to [−20, 20] and the result to

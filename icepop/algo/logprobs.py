@@ -12,7 +12,7 @@ buffer is the logits' own storage (as flash-attn's cross-entropy does), so nothi
 loudly instead of reading the overwritten values.
 
 Temperature is applied inside, chunk by chunk: log-probs must be those of the same processed
-distribution the inference engine sampled from (ALGORITHM.md §1).
+distribution the inference engine sampled from (docs/algorithm.md §1).
 """
 
 from __future__ import annotations

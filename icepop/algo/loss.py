@@ -1,6 +1,6 @@
 """The GRPO policy loss with IcePop and its neighbours: the public entry points.
 
-`policy_loss` is the stable, documented signature (ALGORITHM.md §2). `pg_loss` is the same loss with
+`policy_loss` is the stable, documented signature (docs/algorithm.md §2). `pg_loss` is the same loss with
 every option (objective, dual clip, KPop threshold, KL term, global sequence count), which the
 trainer calls with one `PolicyLossOptions` built and checked once. Both are pure functions of
 tensors: [B, T] in, a scalar and a dict of 0-dim metric tensors out.
@@ -8,7 +8,7 @@ tensors: [B, T] in, a scalar and a dict of 0-dim metric tensors out.
 Key design choice: the correction decides per token whether it is *active* (kept). Inactive and
 padded positions are replaced by finite constants (selected, never multiplied) before any ratio is
 formed, so their gradient is exactly 0 whatever their log-probs or advantages hold — NaN included —
-while they still count in the aggregation's denominator (ALGORITHM.md §2).
+while they still count in the aggregation's denominator (docs/algorithm.md §2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Mismatch and correction metrics, logged every step (ALGORITHM.md §6).
+"""Mismatch and correction metrics, logged every step (docs/algorithm.md §6).
 
 All values are 0-dim float64 tensors, detached (no device sync until the caller reads them).
 Means are over valid tokens; ratio and log-prob statistics skip tokens whose Δ is not finite, which

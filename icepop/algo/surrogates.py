@@ -1,7 +1,7 @@
 """Policy-gradient surrogates, per token, before any mismatch correction and aggregation.
 
 Each returns a per-token *loss* (the negative of the objective j) of shape [B, T]. The correction
-weight from `corrections.py` multiplies it from outside (ALGORITHM.md §2); aggregation comes after.
+weight from `corrections.py` multiplies it from outside (docs/algorithm.md §2); aggregation comes after.
 Callers pass log-probs already sanitised at inactive positions (finite everywhere), so no NaN or
 inf can enter through an unused token.
 """
