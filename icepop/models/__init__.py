@@ -1,0 +1,1 @@
+"""Model definitions icepop builds itself (the tiny offline family)."""

@@ -1,0 +1,40 @@
+"""The `RolloutEngine` seam: what the RL loop needs from an inference engine, nothing more.
+
+One small Protocol; `vllm.py` is the only implementation and the only module that imports vLLM.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from icepop.types import Completion, SamplingSettings
+
+
+class RolloutEngine(Protocol):
+    """An inference engine holding one copy of the policy's weights."""
+
+    def generate(
+        self, prompt_ids: list[list[int]], samples_per_prompt: int, sampling: SamplingSettings
+    ) -> list[list[Completion]]:
+        """Sample `samples_per_prompt` responses for each prompt; result[i] belongs to prompt i.
+
+        Each completion carries ℓ_inf for every sampled token under the processed sampling
+        distribution (temperature applied, the same support the trainer uses).
+        """
+        ...
+
+    def score(self, token_ids: list[int], prompt_len: int) -> list[float]:
+        """Log-probs of token_ids[prompt_len:] given their prefixes (temperature 1): the sync probe."""
+        ...
+
+    def load_weights(self, path: str) -> None:
+        """Replace the weights with the full state dict (Hugging Face names) in a safetensors file."""
+        ...
+
+    def sleep(self) -> None:
+        """Release accelerator memory (weights and KV cache) until `wake`; a no-op on CPU."""
+        ...
+
+    def wake(self) -> None:
+        """Undo `sleep`."""
+        ...

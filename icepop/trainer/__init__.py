@@ -1,0 +1,1 @@
+"""Trainer backends: log-probs, RL and SFT updates, weight export, checkpoints."""

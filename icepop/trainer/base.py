@@ -1,0 +1,43 @@
+"""The `TrainerBackend` seam: one data-parallel rank of the policy trainer.
+
+One small Protocol; `deepspeed.py` is the only implementation and the only module that imports
+DeepSpeed. Every rank of a trainer group runs the same calls on its own shard of the batch; the
+global counts that make the loss exact across ranks and micro-batches come with the call.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch import Tensor
+
+from icepop.algo import PolicyLossOptions
+from icepop.types import RLBatch, SFTBatch
+
+
+class TrainerBackend(Protocol):
+    """One rank of a trainer group (a torch.distributed process group of `world_size` ranks)."""
+
+    def logprobs(self, input_ids: Tensor, attention_mask: Tensor, temperature: float) -> Tensor:
+        """ℓ of every label position, [B, L-1], with the current weights and no gradient."""
+        ...
+
+    def train_rl(
+        self, batch: RLBatch, options: PolicyLossOptions, global_token_count: int, global_seq_count: int
+    ) -> dict[str, float]:
+        """One optimizer step of the policy loss on this rank's shard; returns metrics."""
+        ...
+
+    def train_sft(self, batch: SFTBatch, global_token_count: int) -> dict[str, float]:
+        """One optimizer step of the token-mean cross-entropy on assistant tokens; returns metrics."""
+        ...
+
+    def export_weights(self, path: str) -> None:
+        """Write the full weights (gathered under ZeRO-3) as one safetensors file with the names an
+        inference engine loads; collective: every rank calls it, rank 0 writes."""
+        ...
+
+    def save(self, directory: str) -> None:
+        """Save a Hugging Face checkpoint (config, tokenizer, weights) that vLLM and transformers load;
+        collective like `export_weights`."""
+        ...

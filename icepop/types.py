@@ -1,0 +1,74 @@
+"""Plain data passed between the layers: prompts, completions, and the padded training batches.
+
+Token-level tensors in training batches are *label-aligned*: for input_ids [B, L], position j of a
+[B, L-1] tensor describes token input_ids[:, j+1] as predicted from the prefix up to j, which is how
+logits[:, :-1] line up with labels input_ids[:, 1:]. Sequences are right-padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class Prompt:
+    """One prompt to sample from, with what its reward function needs to score an answer."""
+
+    prompt_ids: list[int]
+    """Token ids of the chat-templated prompt, ending where the assistant's reply begins."""
+    answer: Any = None
+    """Ground truth for the verifier (a number, a target and numbers for countdown, a string)."""
+    task: str = ""
+    """Name of the task or dataset the prompt came from (selects the verifier)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Anything else a custom reward function wants (passed through untouched)."""
+
+
+@dataclass
+class Completion:
+    """One sampled response as the inference engine produced it."""
+
+    token_ids: list[int]
+    """Response token ids (EOS included when the engine stopped on it)."""
+    logprobs: list[float]
+    """ℓ_inf per response token under the processed sampling distribution; len == len(token_ids)."""
+    finish_reason: str
+    """"stop" (EOS or a stop string) or "length" (truncated at max_new_tokens)."""
+    text: str = ""
+    """Detokenised response."""
+
+
+@dataclass
+class SamplingSettings:
+    """How the engine samples; the trainer must apply the same temperature (docs/algorithm.md §1)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    seed: int | None = None
+
+
+@dataclass
+class RLBatch:
+    """A padded batch for the RL update. input_ids/attention_mask are [B, L]; the rest [B, L-1]."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    rollout_logprobs: Tensor
+    advantages: Tensor
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+
+
+@dataclass
+class SFTBatch:
+    """A padded batch for supervised fine-tuning; loss_mask [B, L-1] marks assistant tokens."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    loss_mask: Tensor
