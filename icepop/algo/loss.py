@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from icepop.algo.aggregation import AGGREGATIONS, Count, aggregate
-from icepop.algo.corrections import CORRECTIONS, correction_weights, log_ratio
+from icepop.algo.corrections import CORRECTIONS, Correction, correction_weights, log_ratio
 from icepop.algo.kl import KL_ESTIMATORS, kl_estimate
 from icepop.algo.metrics import Metrics, correction_metrics, masked_mean, mismatch_metrics
 from icepop.algo.surrogates import OBJECTIVES, cispo, gspo_ratio, ppo_clip
@@ -84,6 +84,15 @@ class PolicyLossOptions:
         if self.max_response_length is not None and self.max_response_length < 1:
             raise ValueError(f"max_response_length must be >= 1 or None; got {self.max_response_length}")
 
+    def correction_weights(
+        self, numerator: Tensor, rollout_logprobs: Tensor, response_mask: Tensor
+    ) -> Correction:
+        """This correction's per-token weights and masks (numerator: ℓ_old, or ℓ_θ for "icepop-online")."""
+        return correction_weights(
+            self.correction, numerator, rollout_logprobs, response_mask,
+            ratio_low=self.ratio_low, ratio_high=self.ratio_high, kpop_threshold=self.kpop_threshold,
+        )  # fmt: skip
+
 
 def policy_loss(
     logprobs: Tensor,
@@ -115,9 +124,14 @@ def policy_loss(
         agg=agg,
     )
     return pg_loss(
-        logprobs, old_logprobs, rollout_logprobs, advantages, response_mask, options,
+        logprobs,
+        old_logprobs,
+        rollout_logprobs,
+        advantages,
+        response_mask,
+        options,
         global_token_count=global_token_count,
-    )  # fmt: skip
+    )
 
 
 def pg_loss(
@@ -145,10 +159,7 @@ def pg_loss(
     online = options.correction == "icepop-online"
     # The mask never depends on ℓ_θ, except in the online variant, where that is its definition.
     numerator = logprobs.detach() if online else old_logprobs
-    corr = correction_weights(
-        options.correction, numerator, rollout_logprobs, response_mask,
-        ratio_low=options.ratio_low, ratio_high=options.ratio_high, kpop_threshold=options.kpop_threshold,
-    )  # fmt: skip
+    corr = options.correction_weights(numerator, rollout_logprobs, response_mask)
     active = corr.keep
     zero = torch.zeros_like(logprobs)
     lp = torch.where(active, logprobs, zero)
@@ -170,9 +181,13 @@ def pg_loss(
         token_loss = token_loss + options.kl_coef * torch.where(response_mask, kl, zero)
         metrics["actor/kl"] = masked_mean(kl, response_mask)
     loss = aggregate(
-        token_loss, response_mask, options.agg, global_token_count=global_token_count,
-        global_seq_count=global_seq_count, max_response_length=options.max_response_length,
-    )  # fmt: skip
+        token_loss,
+        response_mask,
+        options.agg,
+        global_token_count=global_token_count,
+        global_seq_count=global_seq_count,
+        max_response_length=options.max_response_length,
+    )
     metrics["actor/pg_loss"] = loss.detach().double()
     return loss, metrics
 

@@ -38,3 +38,12 @@ class RolloutEngine(Protocol):
     def wake(self) -> None:
         """Undo `sleep`."""
         ...
+
+
+def engine_class(backend: str) -> type:
+    """The RolloutEngine implementation named by `rollout.backend` (imported only when chosen)."""
+    if backend == "vllm":
+        from icepop.rollout.vllm import VllmEngine
+
+        return VllmEngine
+    raise ValueError(f"rollout.backend={backend!r} is not one of: vllm")

@@ -41,3 +41,12 @@ class TrainerBackend(Protocol):
         """Save a Hugging Face checkpoint (config, tokenizer, weights) that vLLM and transformers load;
         collective like `export_weights`."""
         ...
+
+
+def backend_class(backend: str) -> type:
+    """The TrainerBackend implementation named by `trainer.backend` (imported only when chosen)."""
+    if backend == "deepspeed":
+        from icepop.trainer.deepspeed import DeepSpeedTrainer
+
+        return DeepSpeedTrainer
+    raise ValueError(f"trainer.backend={backend!r} is not one of: deepspeed")

@@ -1,0 +1,373 @@
+"""Typed configuration: the only home of defaults.
+
+Dataclasses registered in Hydra's ConfigStore as the schema of `conf/config.yaml`; the YAML files in
+conf/ and recipes/ hold only differences. Every field has a one-line docstring. Value checks run
+when the composed config becomes these objects (`OmegaConf.to_object`), with messages naming the
+field. Quantities derived from several fields (samples per step, micro-batches, gradient
+accumulation) are computed by `derived`, printed at start-up and never configured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from icepop.algo import AGGREGATIONS, PolicyLossOptions
+
+STAGES = ("sft", "rlvr")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+DTYPES = ("float32", "bfloat16")
+
+
+def _one_of(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(**values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0; got {value}")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${oc.select:stage,none}-${now:%Y%m%d-%H%M%S}"
+    """Run directory: config.yaml, metrics.jsonl and checkpoints/ are written here."""
+    seed: int = 0
+    """Seed of data order, sampling and initialisation; step-count budgets reproduce exactly."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny:dense"
+    """A Hugging Face folder or hub id, or "tiny:dense" / "tiny:moe" for the built-in offline models."""
+    sft_warmup: bool = True
+    """RLVR on a built-in tiny model: start from its cached SFT checkpoint, running SFT first if missing."""
+    dtype: str = "float32"
+    """Trainer parameter dtype: "float32" or "bfloat16"."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (large models)."""
+
+    def __post_init__(self) -> None:
+        _one_of("model.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class DataConfig:
+    source: str = "countdown"
+    """Built-in task ("countdown", "arithmetic"), a local .jsonl/.json/.parquet file, or a hub dataset."""
+    prompt_field: str = "prompt"
+    """Dataset column with the prompt: a string (one user message) or a list of chat messages."""
+    answer_field: str = "answer"
+    """Dataset column with the ground truth the verifier checks against."""
+    task_field: str | None = None
+    """Dataset column naming each row's verifier; None uses `reward.task` for every row."""
+    split: str = "train"
+    """Dataset split to read."""
+    max_prompt_tokens: int = 256
+    """Prompts longer than this (after the chat template) are dropped and counted."""
+    size: int = 20000
+    """Number of problems generated for a built-in task."""
+    eval_size: int = 64
+    """Held-out problems for evaluation (built-in tasks: generated with another seed)."""
+
+    def __post_init__(self) -> None:
+        _positive(**{"data.max_prompt_tokens": self.max_prompt_tokens, "data.size": self.size})
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "vllm"
+    """Inference engine implementation (icepop.rollout.base.engine_class)."""
+    engines: int = 1
+    """Number of vLLM engines (Ray actors); prompts are split across them, groups kept together."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer scores tokens under the same processed distribution."""
+    top_p: float = 1.0
+    """Nucleus sampling; keep 1.0 for RL unless the trainer applies the same truncation."""
+    top_k: int = 0
+    """Top-k sampling, 0 = off; keep 0 for RL for the same reason."""
+    max_new_tokens: int = 32
+    """Longest response; longer ones are truncated and counted."""
+    dtype: str = "float32"
+    """Engine weight dtype; "bfloat16" against a float32 trainer gives a real, small mismatch."""
+    kv_cache_gib: float = 0.25
+    """KV-cache size per engine on CPU (vLLM's default asks for most of the RAM)."""
+    gpu_memory_utilization: float = 0.5
+    """Fraction of a GPU's memory an engine may take (GPU only)."""
+    cpus_per_engine: int = 1
+    """CPUs reserved per engine in the placement group."""
+    gpus_per_engine: int = 0
+    """GPUs per engine (tensor parallel size); 0 on CPU machines."""
+    probe_tolerance: float | None = None
+    """Largest |Δ log p| allowed on the sync probe; None: 1e-3 for float32 engines, 0.1 for bfloat16."""
+
+    def __post_init__(self) -> None:
+        _one_of("rollout.dtype", self.dtype, DTYPES)
+        _positive(
+            **{
+                "rollout.engines": self.engines,
+                "rollout.temperature": self.temperature,
+                "rollout.max_new_tokens": self.max_new_tokens,
+                "rollout.kv_cache_gib": self.kv_cache_gib,
+            }
+        )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"rollout.top_p must be in (0, 1]; got {self.top_p}")
+
+
+@dataclass
+class TrainerConfig:
+    backend: str = "deepspeed"
+    """Trainer implementation (icepop.trainer.base.backend_class)."""
+    ranks: int = 2
+    """Data-parallel trainer ranks (Ray actors in one torch.distributed group)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1, 2 or 3 (3 shards parameters; weights are gathered for sync)."""
+    offload: bool = False
+    """Offload optimizer state to CPU memory (ZeRO-Offload)."""
+    lr: float = 2e-6
+    """Peak learning rate of AdamW (Ring-1T RLVR: 2e-6)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up, in optimizer steps."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank; gradients accumulate over the rank's share."""
+    cpus_per_rank: int = 1
+    """CPUs reserved per trainer rank."""
+    gpus_per_rank: int = 0
+    """GPUs per trainer rank; 0 on CPU machines."""
+
+    def __post_init__(self) -> None:
+        _one_of("trainer.zero_stage", self.zero_stage, (1, 2, 3))
+        _positive(
+            **{
+                "trainer.ranks": self.ranks,
+                "trainer.lr": self.lr,
+                "trainer.micro_batch_size": self.micro_batch_size,
+            }
+        )
+
+
+@dataclass
+class AlgoConfig:
+    prompts_per_step: int = 16
+    """Prompts sampled per RL step."""
+    samples_per_prompt: int = 8
+    """Responses per prompt (the GRPO group size)."""
+    updates_per_step: int = 1
+    """Optimizer steps per RL step (the batch is split into this many mini-batches)."""
+    advantage: str = "grpo"
+    """Advantage estimator: "grpo", "dr_grpo", "rloo" or "reinforce_pp"."""
+    correction: str = "icepop"
+    """Train/inference mismatch correction (see icepop.algo.CORRECTIONS)."""
+    ratio_low: float = 0.5
+    """α, the lower bound of the kept ratio band (or unused by one-sided corrections)."""
+    ratio_high: float = 5.0
+    """β, the upper bound (the cap C for "tis", "token-mis", "seq-tis", "seq-mis")."""
+    kpop_threshold: float = 0.05
+    """φ for "kpop"."""
+    objective: str = "ppo"
+    """"ppo", "gspo" or "cispo"."""
+    clip_low: float = 0.2
+    """ε_low of the PPO clip."""
+    clip_high: float = 0.28
+    """ε_high of the PPO clip (DAPO clip-higher)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1, or None."""
+    agg: str = "token-mean"
+    """Loss aggregation (see icepop.algo.AGGREGATIONS); the paper uses "seq-mean-token-mean"."""
+    kl_coef: float = 0.0
+    """γ, weight of KL(π_θ ‖ π_ref) (the paper uses 0); > 0 computes reference log-probs each step."""
+    kl_estimator: str = "k3"
+    """"k1", "k2" or "k3"."""
+
+    def __post_init__(self) -> None:
+        _one_of("algo.advantage", self.advantage, ADVANTAGES)
+        _one_of("algo.agg", self.agg, AGGREGATIONS)
+        _positive(
+            **{
+                "algo.prompts_per_step": self.prompts_per_step,
+                "algo.samples_per_prompt": self.samples_per_prompt,
+                "algo.updates_per_step": self.updates_per_step,
+            }
+        )
+        self.loss_options()  # raises ValueError naming the field if the loss options are inconsistent
+
+    def loss_options(self, max_response_length: int | None = None) -> PolicyLossOptions:
+        """The loss's options as the pure loss library takes them."""
+        return PolicyLossOptions(
+            correction=self.correction,
+            ratio_low=self.ratio_low,
+            ratio_high=self.ratio_high,
+            kpop_threshold=self.kpop_threshold,
+            objective=self.objective,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            dual_clip=self.dual_clip,
+            agg=self.agg,
+            max_response_length=max_response_length,
+            kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator,
+        )
+
+
+@dataclass
+class RewardConfig:
+    function: str | None = None
+    """Custom reward as a dotted path "pkg.module:function"; None uses the built-in verifier of the task."""
+    task: str | None = None
+    """Verifier for dataset rows without a task column; None: the data source's name."""
+    workers: int = 2
+    """Reward worker processes."""
+    timeout_seconds: float = 10.0
+    """Per-sample time limit; a sample past it scores 0 and is counted."""
+
+    def __post_init__(self) -> None:
+        _positive(**{"reward.workers": self.workers, "reward.timeout_seconds": self.timeout_seconds})
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None
+    """Ray address to join ("auto" or "host:port"); None starts a local cluster on 127.0.0.1."""
+    num_cpus: int | None = None
+    """Logical CPUs of the local cluster; None: enough for every bundle plus one for the driver's tasks."""
+    placement: str = "disaggregated"
+    """"disaggregated" (separate bundles) or "colocated" (GPU only: shared GPUs, vLLM asleep in training)."""
+
+    def __post_init__(self) -> None:
+        _one_of("cluster.placement", self.placement, ("disaggregated", "colocated"))
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "console"
+    """"console" (progress bar + metrics.jsonl) or "wandb" (the same, also sent to wandb)."""
+    project: str = "icepop"
+    """wandb project name."""
+    wandb_mode: str = "offline"
+    """wandb mode: "offline" (sync later with `wandb sync`) or "online"."""
+
+    def __post_init__(self) -> None:
+        _one_of("logger.backend", self.backend, ("console", "wandb"))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    """RL steps (one batch of rollouts and its update each)."""
+    checkpoint_every: int = 0
+    """Write a Hugging Face checkpoint every this many steps (0: only at the end)."""
+    eval_every: int = 0
+    """Evaluate greedy accuracy on the held-out problems every this many steps (0: before and after)."""
+
+    def __post_init__(self) -> None:
+        _positive(**{"train.steps": self.steps})
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 400
+    """Optimizer steps of supervised fine-tuning."""
+    batch_size: int = 64
+    """Conversations per optimizer step (over all ranks)."""
+    lr: float = 1e-3
+    """Peak learning rate of the SFT stage."""
+    warmup_steps: int = 20
+    """Linear warm-up of the SFT learning rate."""
+
+    def __post_init__(self) -> None:
+        _positive(**{"sft.steps": self.steps, "sft.batch_size": self.batch_size, "sft.lr": self.lr})
+
+
+@dataclass
+class Config:
+    stage: str = MISSING
+    """What to run: "sft" or "rlvr" (set by the recipe: `+recipe=rlvr`)."""
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    def __post_init__(self) -> None:
+        _one_of("stage", self.stage, STAGES)
+        derived(self)  # refuses inconsistent batch sizes
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Quantities computed from the config, printed at start-up."""
+
+    samples_per_step: int
+    samples_per_rank: int
+    micro_batches_per_update: int
+    sft_samples_per_rank: int
+    sft_micro_batches: int
+
+    def describe(self, config: Config) -> str:
+        rollout, trainer = config.rollout, config.trainer
+        return (
+            f"samples/step {self.samples_per_step} = {config.algo.prompts_per_step} prompts × "
+            f"{config.algo.samples_per_prompt}; per trainer rank {self.samples_per_rank}; "
+            f"{config.algo.updates_per_step} update(s)/step of {self.micro_batches_per_update} "
+            f"micro-batch(es) × {trainer.micro_batch_size} sequences (gradient accumulation "
+            f"{self.micro_batches_per_update}); "
+            f"placement {config.cluster.placement}: {rollout.engines} engine(s) × "
+            f"{rollout.cpus_per_engine} CPU/{rollout.gpus_per_engine} GPU, {trainer.ranks} trainer rank(s) × "
+            f"{trainer.cpus_per_rank} CPU/{trainer.gpus_per_rank} GPU"
+        )
+
+
+def derived(config: Config) -> Derived:
+    """Compute the derived batch quantities; ValueError with one clear message if they do not divide."""
+    algo, trainer = config.algo, config.trainer
+    samples = algo.prompts_per_step * algo.samples_per_prompt
+    per_update = samples // algo.updates_per_step
+    per_rank_update = per_update // trainer.ranks
+    sft_per_rank = config.sft.batch_size // trainer.ranks
+    if (
+        samples % algo.updates_per_step
+        or per_update % trainer.ranks
+        or per_rank_update % trainer.micro_batch_size
+        or sft_per_rank * trainer.ranks != config.sft.batch_size
+        or sft_per_rank % trainer.micro_batch_size
+    ):
+        raise ValueError(
+            "inconsistent batch sizes: algo.prompts_per_step × algo.samples_per_prompt = "
+            f"{samples} samples per "
+            f"step must split into algo.updates_per_step={algo.updates_per_step} updates × trainer.ranks="
+            f"{trainer.ranks} ranks × whole micro-batches of "
+            f"trainer.micro_batch_size={trainer.micro_batch_size}, "
+            f"and sft.batch_size={config.sft.batch_size} into {trainer.ranks} ranks × micro-batches of "
+            f"{trainer.micro_batch_size}; e.g. make {samples} and {config.sft.batch_size} multiples of "
+            f"{algo.updates_per_step * trainer.ranks * trainer.micro_batch_size}"
+        )
+    return Derived(
+        samples_per_step=samples,
+        samples_per_rank=samples // trainer.ranks,
+        micro_batches_per_update=per_rank_update // trainer.micro_batch_size,
+        sft_samples_per_rank=sft_per_rank,
+        sft_micro_batches=sft_per_rank // trainer.micro_batch_size,
+    )
+
+
+def register() -> None:
+    """Register the schema in Hydra's ConfigStore (the recipes are registered by icepop.train)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="icepop_schema", node=Config)

@@ -1,0 +1,210 @@
+"""RL prompts: built-in tasks or dataset rows → chat-templated `Prompt`s, and the per-step sampler.
+
+Key design choices: every prompt is tokenized once, up front, with the tokenizer's own chat template
+(what the inference engine will be fed, token for token), and overlong prompts are dropped there and
+counted rather than truncated mid-question. Malformed rows raise a ValueError naming the row index
+and the field (or, with `skip_malformed=True`, are dropped and counted). `ShuffledBatches` draws each
+epoch's order from (seed, epoch) alone, so its state is two integers a checkpoint can hold.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from icepop.data.tasks import TASKS, generate_problems
+from icepop.types import Prompt
+
+T = TypeVar("T")
+Messages = list[dict[str, str]]
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class PromptSet:
+    """Prompts ready for rollout, and how many source rows did not make it."""
+
+    prompts: list[Prompt]
+    num_overlong: int = 0
+    """Dropped because the templated prompt had more than max_prompt_tokens tokens."""
+    num_malformed: int = 0
+    """Dropped for a missing/empty prompt or answer (only with skip_malformed=True)."""
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "data/prompts": float(len(self.prompts)),
+            "data/overlong_dropped": float(self.num_overlong),
+            "data/malformed_dropped": float(self.num_malformed),
+        }
+
+
+def chat_ids(tokenizer: Any, messages: Messages, add_generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` under the tokenizer's chat template (a plain list, not a BatchEncoding)."""
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, return_dict=False
+    )
+    return [int(i) for i in ids]
+
+
+def load_rows(source: str, split: str = "train") -> Any:  # -> datasets.Dataset
+    """A `datasets.Dataset` from a local .jsonl/.json/.parquet file or a hub name (online only)."""
+    import datasets
+
+    path = Path(source)
+    file_format = FILE_FORMATS.get(path.suffix)
+    if file_format is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file {source!r} does not exist")
+        return datasets.load_dataset(file_format, data_files=str(path), split="train")
+    if path.exists():
+        raise ValueError(f"dataset file {source!r} must end in one of {', '.join(FILE_FORMATS)}")
+    return datasets.load_dataset(source, split=split)
+
+
+def row_messages(value: Any, index: int, field: str) -> Messages | None:
+    """A row's prompt as chat messages: a string becomes one user message; None when empty."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}] if value.strip() else None
+    if value is None or (isinstance(value, list) and not value):
+        return None
+    well_formed = isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    )
+    if not well_formed:
+        raise ValueError(
+            f"row {index}: field {field!r} must be a string or a list of "
+            f'{{"role": str, "content": str}} messages, got {value!r:.200}'
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def builtin_prompts(
+    task: str, tokenizer: Any, count: int, seed: int, max_prompt_tokens: int, **task_options: Any
+) -> PromptSet:
+    """`count` problems of a built-in task (see icepop.data.tasks) as prompts."""
+    prompts, overlong = [], 0
+    for problem in generate_problems(task, seed, count, **task_options):
+        ids = chat_ids(tokenizer, problem.messages, add_generation_prompt=True)
+        if len(ids) > max_prompt_tokens:
+            overlong += 1
+            continue
+        meta = {"messages": problem.messages, "reference": problem.target_reply}
+        prompts.append(Prompt(ids, problem.answer, problem.task, meta))
+    return PromptSet(prompts, num_overlong=overlong)
+
+
+def dataset_prompts(
+    source: str,
+    tokenizer: Any,
+    max_prompt_tokens: int,
+    prompt_field: str = "prompt",
+    answer_field: str | None = "answer",
+    task_field: str | None = None,
+    task: str = "math",
+    split: str = "train",
+    skip_malformed: bool = False,
+) -> PromptSet:
+    """Prompts from dataset rows. The prompt field holds a string or a messages list; answer_field=None
+    means rows carry no answer (a reward model scores them); the task comes from task_field or `task`.
+    Other columns are kept in `Prompt.meta` for custom reward functions."""
+    rows = load_rows(source, split)
+    for name in (prompt_field, answer_field, task_field):
+        if name is not None and name not in rows.column_names:
+            raise ValueError(f"{source!r} has no column {name!r}; its columns are {rows.column_names}")
+    used = {prompt_field, answer_field, task_field}
+    prompts, overlong, malformed = [], 0, 0
+    for index, row in enumerate(rows):
+        messages = row_messages(row[prompt_field], index, prompt_field)
+        answer = row[answer_field] if answer_field is not None else None
+        row_task = row[task_field] if task_field is not None else task
+        checks = (
+            (prompt_field, messages is None),
+            (answer_field, _is_empty(answer)),
+            (task_field, not row_task),
+        )
+        missing = [name for name, empty in checks if name is not None and empty]
+        if missing and not skip_malformed:
+            raise ValueError(
+                f"{source!r} row {index}: field {missing[0]!r} is missing or empty; every row needs one "
+                "(map the right column with the field names, or set skip_malformed to drop such rows)"
+            )
+        if missing:
+            malformed += 1
+            continue
+        ids = chat_ids(tokenizer, messages, add_generation_prompt=True)
+        if len(ids) > max_prompt_tokens:
+            overlong += 1
+            continue
+        meta = {key: value for key, value in row.items() if key not in used} | {"messages": messages}
+        prompts.append(Prompt(ids, answer, row_task, meta))
+    return PromptSet(prompts, num_overlong=overlong, num_malformed=malformed)
+
+
+def load_prompts(
+    source: str, tokenizer: Any, max_prompt_tokens: int, count: int = 1000, seed: int = 0, **options: Any
+) -> PromptSet:
+    """A built-in task by name ("arithmetic", "countdown"; count/seed/options shape it), else a dataset
+    file or hub name (options go to `dataset_prompts`; count and seed are not used)."""
+    if source in TASKS:
+        return builtin_prompts(source, tokenizer, count, seed, max_prompt_tokens, **options)
+    else:
+        return dataset_prompts(source, tokenizer, max_prompt_tokens, **options)
+
+
+class ShuffledBatches(Generic[T]):
+    """Endless fixed-size batches of `items`, reshuffled every epoch from (seed, epoch).
+
+    For RL, batch_size is prompts_per_step. A batch that reaches the end of an epoch is completed
+    from the next one, so every batch is full. `state_dict()`/`load_state_dict()` save and restore the
+    position exactly (the order itself is recomputed from the seed).
+    """
+
+    def __init__(self, items: Sequence[T], batch_size: int, seed: int) -> None:
+        if not 1 <= batch_size <= len(items):
+            raise ValueError(
+                f"batch_size={batch_size} must be between 1 and the {len(items)} items available"
+            )
+        self.items, self.batch_size, self.seed = items, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self.items)))
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order
+
+    def __iter__(self) -> ShuffledBatches[T]:
+        return self
+
+    def __next__(self) -> list[T]:
+        return self.next_batch()
+
+    def next_batch(self, size: int | None = None) -> list[T]:
+        """The next `size` items (default: batch_size) in this epoch's order, continuing into the next."""
+        size = self.batch_size if size is None else size
+        batch = []
+        while len(batch) < size:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffled(self.epoch)
+            batch.append(self.items[self._order[self.position]])
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The position: epoch and index into that epoch's order."""
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not 0 <= state["position"] <= len(self.items):
+            raise ValueError(f"position {state['position']} is outside the {len(self.items)} items")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._shuffled(self.epoch)

@@ -1,0 +1,1 @@
+"""Ray layer: cluster start/join, placement groups, and thin actors around engines and trainer ranks."""

@@ -1,0 +1,142 @@
+"""Ray for a run: start a local cluster on 127.0.0.1 or join one, reserve bundles, shut down.
+
+Key design choice: every process of a run (driver, engines, trainer ranks) gets the same small set
+of environment variables from `process_env`, so users never have to know them, and placement groups
+reserve all bundles up front, so a cluster that is too small fails at start-up with one message
+instead of hanging half-way through the first step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from icepop.config import Config
+
+PLACEMENT_TIMEOUT_SECONDS = 120.0
+
+
+def process_env(on_gpu: bool) -> dict[str, str]:
+    """Environment every process of the run needs (set where unset; never overrides the user)."""
+    env = {
+        "RAY_AUTH_MODE": "disabled",  # Ray 2.60's token auth must match across every process and CLI call
+        "VLLM_HOST_IP": "127.0.0.1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in the actor's process: 2 s start, no /dev/shm leaks
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",  # one thread per trainer rank / engine; the cores are shared
+        "VLLM_LOGGING_LEVEL": "WARNING",  # per-request INFO lines would drown the progress bar
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    if not on_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return {key: os.environ.get(key, value) for key, value in env.items()}
+
+
+def needed_resources(config: Config) -> dict[str, float]:
+    """Total CPUs and GPUs the run's bundles reserve."""
+    rollout, trainer = config.rollout, config.trainer
+    return {
+        "CPU": rollout.engines * rollout.cpus_per_engine + trainer.ranks * trainer.cpus_per_rank,
+        "GPU": rollout.engines * rollout.gpus_per_engine + trainer.ranks * trainer.gpus_per_rank,
+    }
+
+
+def start(config: Config) -> None:
+    """Join `cluster.address`, or start a local single-node cluster whose listeners stay on 127.0.0.1."""
+    import ray
+
+    need = needed_resources(config)
+    env = process_env(on_gpu=need["GPU"] > 0)
+    os.environ.update(env)
+    runtime_env = {"env_vars": env}
+    if config.cluster.address is not None:
+        ray.init(address=config.cluster.address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    # Single node: this variable keeps Ray from rewriting 127.0.0.1 to the machine's routable address.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    num_cpus = config.cluster.num_cpus or int(need["CPU"]) + 1  # + 1 for the driver's own tasks
+    ray.init(
+        _node_ip_address="127.0.0.1",
+        num_cpus=num_cpus,
+        num_gpus=int(need["GPU"]) or None,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+    )
+
+
+def shutdown() -> None:
+    """Stop Ray (and with it every actor of the run); safe to call when Ray is not running."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@dataclass
+class Placement:
+    """The run's placement groups; bundle i of a group hosts engine i or trainer rank i."""
+
+    rollout: Any
+    trainer: Any
+
+
+def reserve(config: Config, rollout: bool = True) -> Placement:
+    """Create and wait for the placement groups (rollout=False: trainer only, for SFT), or explain
+    what the cluster lacks."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    engines, trainer = config.rollout, config.trainer
+    if config.cluster.placement == "colocated" and (
+        engines.gpus_per_engine == 0 or trainer.gpus_per_rank == 0
+    ):
+        raise ValueError(
+            "cluster.placement=colocated shares GPUs between vLLM (asleep during training) and the "
+            "trainer; it needs rollout.gpus_per_engine and trainer.gpus_per_rank > 0. "
+            "Use disaggregated on CPU machines."
+        )
+    _check_capacity(config, ray.cluster_resources())
+    engine_bundle = {"CPU": engines.cpus_per_engine, **_gpus(engines.gpus_per_engine)}
+    rank_bundle = {"CPU": trainer.cpus_per_rank, **_gpus(trainer.gpus_per_rank)}
+    trainer_pg = placement_group([rank_bundle] * trainer.ranks, strategy="PACK")
+    rollout_pg = placement_group([engine_bundle] * engines.engines, strategy="PACK") if rollout else None
+    groups = [pg for pg in (trainer_pg, rollout_pg) if pg is not None]
+    ready, _ = ray.wait(
+        [pg.ready() for pg in groups], num_returns=len(groups), timeout=PLACEMENT_TIMEOUT_SECONDS
+    )
+    if len(ready) != len(groups):
+        raise RuntimeError(
+            f"placement groups not ready after {PLACEMENT_TIMEOUT_SECONDS:.0f} s: the cluster has "
+            f"{ray.available_resources()} available, the run needs {needed_resources(config)}"
+        )
+    return Placement(rollout=rollout_pg, trainer=trainer_pg)
+
+
+def _gpus(count: int) -> dict[str, float]:
+    return {"GPU": float(count)} if count else {}
+
+
+def _check_capacity(config: Config, total: dict[str, float]) -> None:
+    need = needed_resources(config)
+    short = [kind for kind in ("CPU", "GPU") if need[kind] > total.get(kind, 0.0)]
+    if short:
+        rollout, trainer = config.rollout, config.trainer
+        parts = [
+            f"rollout needs {rollout.engines * rollout.cpus_per_engine} CPUs/"
+            f"{rollout.engines * rollout.gpus_per_engine} GPUs",
+            f"trainer {trainer.ranks * trainer.cpus_per_rank} CPUs/"
+            f"{trainer.ranks * trainer.gpus_per_rank} GPUs",
+            f"cluster has {total.get('CPU', 0):.0f} CPUs/{total.get('GPU', 0):.0f} GPUs",
+        ]
+        raise RuntimeError(f"the cluster is too small ({', '.join(short)}): " + ", ".join(parts))
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for the trainer group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,209 @@
+"""Worker groups: vLLM engines and DeepSpeed trainer ranks as Ray actors on their bundles.
+
+The actors are thin: each holds one plain object (a `RolloutEngine` or a `TrainerBackend`) built
+inside the actor's process, and forwards calls to it. Group methods that return object refs are
+named `async_*`; the RL loop does the `ray.get`, so every blocking point is visible there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from icepop.config import Config
+from icepop.ray.cluster import Placement
+from icepop.rollout.base import engine_class
+from icepop.trainer.base import backend_class
+from icepop.types import Completion, Prompt, RLBatch, SamplingSettings, SFTBatch
+
+
+class _Host:
+    """The Ray actor class: builds its object in `setup` (inside the actor's own process, so heavy
+    imports happen there) and forwards `call(method, ...)` to it."""
+
+    def __init__(self) -> None:
+        self.obj: Any = None
+
+    def node_address(self) -> tuple[str, int]:
+        import ray
+
+        from icepop.ray.cluster import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, cls: type, kwargs: dict[str, Any]) -> None:
+        self.obj = cls(**kwargs)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.obj, method)(*args, **kwargs)
+
+
+def _actors(count: int, placement_group: Any, cpus: int, gpus: int, name: str) -> list[Any]:
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    host = ray.remote(_Host)
+    return [
+        host.options(
+            num_cpus=cpus,
+            num_gpus=gpus,
+            name=f"{name}-{i}-{id(placement_group):x}",
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group, placement_group_bundle_index=i
+            ),
+        ).remote()
+        for i in range(count)
+    ]
+
+
+class RolloutGroup:
+    """N vLLM engines; prompts are split across them in contiguous blocks (a group never splits)."""
+
+    def __init__(self, config: Config, model_path: str, placement: Placement) -> None:
+        import ray
+
+        rollout = config.rollout
+        self.actors = _actors(
+            rollout.engines, placement.rollout, rollout.cpus_per_engine, rollout.gpus_per_engine, "rollout"
+        )
+        kwargs = {
+            "model_path": model_path,
+            "dtype": rollout.dtype,
+            "seed": config.run.seed,
+            "kv_cache_bytes": int(rollout.kv_cache_gib * 2**30),
+            "gpu_memory_utilization": rollout.gpu_memory_utilization,
+            "enable_sleep_mode": config.cluster.placement == "colocated",
+            # On CPU vLLM's worker pins its own thread count; more threads than the bundle's cores stall it.
+            "cpu_threads": rollout.cpus_per_engine if rollout.gpus_per_engine == 0 else None,
+        }
+        engine = engine_class(rollout.backend)
+        ray.get([a.setup.remote(engine, kwargs) for a in self.actors])
+
+    def _split(self, items: list[Any]) -> list[list[Any]]:
+        n = len(self.actors)
+        bounds = [len(items) * i // n for i in range(n + 1)]
+        return [items[bounds[i] : bounds[i + 1]] for i in range(n)]
+
+    def async_generate(
+        self, prompts: list[Prompt], samples_per_prompt: int, sampling: SamplingSettings
+    ) -> list[Any]:
+        """One ref per engine, each resolving to list[list[Completion]] for its block of prompts."""
+        blocks = self._split([p.prompt_ids for p in prompts])
+        return [
+            actor.call.remote("generate", block, samples_per_prompt, sampling)
+            for actor, block in zip(self.actors, blocks, strict=True)
+            if block
+        ]
+
+    @staticmethod
+    def merge(results: list[list[list[Completion]]]) -> list[list[Completion]]:
+        return [group for block in results for group in block]
+
+    def async_load_weights(self, path: str) -> list[Any]:
+        return [a.call.remote("load_weights", path) for a in self.actors]
+
+    def async_score(self, token_ids: list[int], prompt_len: int) -> list[Any]:
+        return [a.call.remote("score", token_ids, prompt_len) for a in self.actors]
+
+    def async_call(self, method: str) -> list[Any]:
+        return [a.call.remote(method) for a in self.actors]
+
+
+class TrainerGroup:
+    """DeepSpeed ranks forming one torch.distributed group; rank 0's node hosts the rendezvous."""
+
+    def __init__(
+        self,
+        config: Config,
+        model_path: str,
+        placement: Placement,
+        total_steps: int,
+        lr: float,
+        warmup_steps: int,
+        temperature: float,
+    ) -> None:
+        import ray
+
+        trainer = config.trainer
+        self.actors = _actors(
+            trainer.ranks, placement.trainer, trainer.cpus_per_rank, trainer.gpus_per_rank, "trainer"
+        )
+        master_addr, master_port = ray.get(self.actors[0].node_address.remote())
+        backend = backend_class(trainer.backend)
+        common = {
+            "model_path": model_path,
+            "world_size": trainer.ranks,
+            "master_addr": master_addr,
+            "master_port": master_port,
+            "zero_stage": trainer.zero_stage,
+            "offload": trainer.offload,
+            "dtype": config.model.dtype,
+            "lr": lr,
+            "weight_decay": trainer.weight_decay,
+            "betas": tuple(trainer.betas),
+            "warmup_steps": warmup_steps,
+            "total_steps": total_steps,
+            "grad_clip": trainer.grad_clip,
+            "micro_batch_size": trainer.micro_batch_size,
+            "gradient_checkpointing": config.model.gradient_checkpointing,
+            "seed": config.run.seed,
+            "temperature": temperature,  # the sampling temperature: ℓ under the processed distribution
+        }
+        ray.get([a.setup.remote(backend, {**common, "rank": rank}) for rank, a in enumerate(self.actors)])
+
+    @property
+    def ranks(self) -> int:
+        return len(self.actors)
+
+    def async_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float
+    ) -> list[Any]:
+        """One ref per rank for its contiguous block of rows; concatenate the results in order."""
+        n = self.ranks
+        bounds = [input_ids.shape[0] * i // n for i in range(n + 1)]
+        return [
+            a.call.remote(
+                "logprobs",
+                input_ids[bounds[i] : bounds[i + 1]],
+                attention_mask[bounds[i] : bounds[i + 1]],
+                temperature,
+            )
+            for i, a in enumerate(self.actors)
+        ]
+
+    def async_train_rl(self, shards: list[RLBatch], **kwargs: Any) -> list[Any]:
+        return [
+            a.call.remote("train_rl", shard, **kwargs) for a, shard in zip(self.actors, shards, strict=True)
+        ]
+
+    def async_train_sft(self, shards: list[SFTBatch], **kwargs: Any) -> list[Any]:
+        return [
+            a.call.remote("train_sft", shard, **kwargs) for a, shard in zip(self.actors, shards, strict=True)
+        ]
+
+    def async_call(self, method: str, *args: Any) -> list[Any]:
+        """The same call on every rank (collectives such as export_weights, save, close)."""
+        return [a.call.remote(method, *args) for a in self.actors]
+
+
+class ReferenceGroup:
+    """One actor holding the frozen starting policy (KL term), beside trainer rank 0 on its bundle."""
+
+    def __init__(self, config: Config, model_path: str, placement: Placement) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from icepop.trainer.reference import ReferencePolicy
+
+        strategy = PlacementGroupSchedulingStrategy(placement.trainer, placement_group_bundle_index=0)
+        self.actor = ray.remote(_Host).options(num_cpus=0, scheduling_strategy=strategy).remote()
+        kwargs = {
+            "model_path": model_path,
+            "dtype": config.model.dtype,
+            "micro_batch_size": config.trainer.micro_batch_size,
+        }
+        ray.get(self.actor.setup.remote(ReferencePolicy, kwargs))
+
+    def async_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        return self.actor.call.remote("logprobs", input_ids, attention_mask)

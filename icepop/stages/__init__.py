@@ -1,0 +1,1 @@
+"""The stages: SFT and RLVR loops over the Ray worker groups."""

@@ -1,0 +1,77 @@
+"""Padded, label-aligned training batches from prompts and completions, and their rank shards.
+
+Layout (see icepop/types.py): input_ids/attention_mask are [B, L], right-padded; every per-token
+tensor is [B, L-1] and position j describes token j+1, so a response that starts at prompt length P
+occupies label positions P-1 … P-1+len(response)-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from icepop.types import Completion, Prompt, RLBatch, SFTBatch
+
+Batch = TypeVar("Batch", RLBatch, SFTBatch)
+
+
+def rl_batch(
+    prompts: list[Prompt], groups: list[list[Completion]], advantages: Tensor, pad_id: int
+) -> RLBatch:
+    """One row per completion, in prompt order; `advantages` is [rows], one value per completion."""
+    rows = [
+        (prompt.prompt_ids, completion)
+        for prompt, group in zip(prompts, groups, strict=True)
+        for completion in group
+    ]
+    if advantages.shape != (len(rows),):
+        raise ValueError(
+            f"advantages must be [{len(rows)}] (one per completion); got {tuple(advantages.shape)}"
+        )
+    length = max(len(p) + len(c.token_ids) for p, c in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    response_mask = torch.zeros(len(rows), length - 1, dtype=torch.bool)
+    rollout_logprobs = torch.zeros(len(rows), length - 1, dtype=torch.float32)
+    token_advantages = torch.zeros(len(rows), length - 1, dtype=torch.float32)
+    for i, (prompt_ids, completion) in enumerate(rows):
+        ids = prompt_ids + completion.token_ids
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        span = slice(len(prompt_ids) - 1, len(ids) - 1)
+        response_mask[i, span] = True
+        rollout_logprobs[i, span] = torch.tensor(completion.logprobs, dtype=torch.float32)
+        token_advantages[i, span] = float(advantages[i])
+    return RLBatch(input_ids, attention_mask, response_mask, rollout_logprobs, token_advantages)
+
+
+def select_rows(batch: Batch, rows: slice) -> Batch:
+    """Rows of every tensor field, trimmed to the longest sequence among them."""
+    length = int(batch.attention_mask[rows].sum(dim=1).max())
+    values = {}
+    for f in fields(batch):
+        tensor = getattr(batch, f.name)
+        if tensor is None:
+            values[f.name] = None
+        elif f.name in ("input_ids", "attention_mask"):
+            values[f.name] = tensor[rows, :length]
+        else:
+            values[f.name] = tensor[rows, : length - 1]
+    return replace(batch, **values)
+
+
+def split_rows(batch: Batch, parts: int) -> list[Batch]:
+    """`parts` contiguous blocks of rows of (almost) equal size, each trimmed; rows must divide evenly."""
+    rows = batch.input_ids.shape[0]
+    if rows % parts:
+        raise ValueError(f"{rows} rows do not split into {parts} equal parts")
+    size = rows // parts
+    return [select_rows(batch, slice(i * size, (i + 1) * size)) for i in range(parts)]
+
+
+def sequence_count(mask: Tensor) -> int:
+    """Sequences with at least one valid token."""
+    return int((mask.sum(dim=-1) > 0).sum())

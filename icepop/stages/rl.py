@@ -1,0 +1,242 @@
+"""The RLVR stage: GRPO with the IcePop correction on vLLM rollouts and DeepSpeed trainer ranks.
+
+`rl_step` is the whole algorithm and reads top to bottom: generate → reward → advantages → old
+log-probs → train → sync weights → log → checkpoint, with every blocking `ray.get` in plain sight.
+`run_rlvr` sets up the cluster, workers, data and rewards around it and tears them down whatever
+happens (success, error, Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from icepop import weights
+from icepop.algo import (
+    correction_metrics,
+    dr_grpo_advantages,
+    grpo_advantages,
+    log_ratio,
+    mismatch_metrics,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+)
+from icepop.config import Config, derived
+from icepop.ray import cluster
+from icepop.ray.workers import ReferenceGroup, RolloutGroup, TrainerGroup
+from icepop.stages import setup
+from icepop.stages.batch import rl_batch, select_rows, sequence_count, split_rows
+from icepop.stages.evaluate import evaluate
+from icepop.tracking import Tracker
+from icepop.types import Prompt
+
+
+@dataclass
+class RLRun:
+    """Everything one RL step touches."""
+
+    config: Config
+    run_dir: Path
+    rollout: RolloutGroup
+    trainer: TrainerGroup
+    reference: ReferenceGroup | None
+    data: Any  # a prompt stream with next_batch(n) (icepop.data.prompts)
+    rewards: Any  # a reward pool with score(prompts, texts) (icepop.rewards.pool)
+    pad_id: int
+    probe: list[int]
+    weights_path: Path
+    tracker: Tracker
+
+
+def rl_step(step: int, run: RLRun) -> dict[str, float]:
+    """One RL step; returns its metrics (also logged)."""
+    config, algo = run.config, run.config.algo
+    timings: dict[str, float] = {}
+    start = clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[f"timing/{name}_seconds"] = now - clock
+        clock = now
+
+    # 1. Generate: every sampled token carries ℓ_inf under the processed sampling distribution.
+    prompts: list[Prompt] = run.data.next_batch(algo.prompts_per_step)
+    sampling = setup.sampling_settings(config, seed=config.run.seed * 100_003 + step)
+    groups = RolloutGroup.merge(
+        ray.get(run.rollout.async_generate(prompts, algo.samples_per_prompt, sampling))
+    )
+    lap("generate")
+
+    # 2. Reward: verifiers in worker processes, with a per-sample timeout.
+    flat_prompts = [p for p, group in zip(prompts, groups, strict=True) for _ in group]
+    texts = [c.text for group in groups for c in group]
+    scored = run.rewards.score(flat_prompts, texts)
+    rewards = torch.tensor(scored.rewards, dtype=torch.float32)
+    lap("reward")
+
+    # 3. Advantages, group-relative; then the padded, label-aligned batch.
+    group_ids = torch.arange(len(prompts)).repeat_interleave(algo.samples_per_prompt)
+    batch = rl_batch(prompts, groups, _sequence_advantages(algo.advantage, rewards, group_ids), run.pad_id)
+    if algo.advantage == "reinforce_pp":  # REINFORCE++-baseline: whiten over the batch's valid tokens
+        batch.advantages = reinforce_pp_baseline_advantages(rewards, group_ids, batch.response_mask)
+
+    # 4. ℓ_old: the trainer's log-probs at the rollout weights θ_old, before any update.
+    refs = run.trainer.async_logprobs(batch.input_ids, batch.attention_mask, config.rollout.temperature)
+    batch.old_logprobs = _concat_rows(ray.get(refs), batch.response_mask.shape[1])
+    if run.reference is not None:  # kl_coef ≠ 0: log π_ref of the frozen starting policy
+        batch.ref_logprobs = ray.get(run.reference.async_logprobs(batch.input_ids, batch.attention_mask))
+    lap("old_logprobs")
+
+    # 5. Train: `updates_per_step` optimizer steps, each over all ranks with the mini-batch's global counts.
+    options = algo.loss_options(max_response_length=config.rollout.max_new_tokens)
+    rows = batch.input_ids.shape[0] // algo.updates_per_step
+    train_metrics = []
+    for update in range(algo.updates_per_step):
+        mini = select_rows(batch, slice(update * rows, (update + 1) * rows))
+        counts = {
+            "global_token_count": int(mini.response_mask.sum()),
+            "global_seq_count": sequence_count(mini.response_mask),
+        }
+        shards = split_rows(mini, run.trainer.ranks)
+        train_metrics += ray.get(run.trainer.async_train_rl(shards, options=options, **counts))
+    lap("train")
+
+    # 6. Sync the new weights into every engine, then check engine and trainer agree on the probe.
+    ray.get(run.trainer.async_call("export_weights", str(run.weights_path)))
+    ray.get(run.rollout.async_load_weights(str(run.weights_path)))
+    probe_diff = weights.probe_difference(run.rollout, run.trainer, run.probe)
+    weights.check_probe(probe_diff, config.rollout, step)
+    lap("sync")
+
+    # 7. Log: mismatch and mask statistics over the whole batch, computed here from ℓ_old and ℓ_inf.
+    mask = batch.response_mask
+    corr = options.correction_weights(batch.old_logprobs, batch.rollout_logprobs, mask)
+    lengths = torch.tensor([len(c.token_ids) for group in groups for c in group], dtype=torch.float32)
+    step_seconds = time.perf_counter() - start
+    metrics = {
+        **_mean_over_ranks(
+            train_metrics
+        ),  # first: the exact whole-batch statistics below replace per-rank means
+        **{
+            k: float(v) for k, v in mismatch_metrics(batch.old_logprobs, batch.rollout_logprobs, mask).items()
+        },
+        **{
+            k: float(v)
+            for k, v in correction_metrics(
+                corr, log_ratio(batch.old_logprobs, batch.rollout_logprobs, mask), mask
+            ).items()
+        },
+        **_reward_metrics(rewards, group_ids, scored.stats),
+        "response_length/mean": float(lengths.mean()),
+        "response_length/truncated_frac": sum(c.finish_reason == "length" for g in groups for c in g)
+        / len(texts),
+        "sync/probe_abs_logp_diff": probe_diff,
+        "perf/step_seconds": step_seconds,
+        "perf/rollout_tokens_per_second": float(lengths.sum()) / timings["timing/generate_seconds"],
+        **timings,
+    }
+    run.tracker.log(step, metrics, status=f"reward {metrics['reward/mean']:.3f}  {step_seconds:.1f} s/step")
+
+    # 8. Checkpoint.
+    every = config.train.checkpoint_every
+    if step == config.train.steps or (every and step % every == 0):
+        ray.get(run.trainer.async_call("save", str(run.run_dir / "checkpoints" / f"step-{step}")))
+    return metrics
+
+
+def _sequence_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """One advantage per response (REINFORCE++ is only centred here; it is whitened per token later)."""
+    if name == "grpo":
+        return grpo_advantages(rewards, group_ids)
+    elif name == "rloo":
+        return rloo_advantages(rewards, group_ids)
+    return dr_grpo_advantages(rewards, group_ids)  # "dr_grpo", and the centring of "reinforce_pp"
+
+
+def _concat_rows(blocks: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Stack per-rank [rows, width_r] blocks (each trimmed to its own longest row) into [rows, width]."""
+    return torch.cat([torch.nn.functional.pad(b, (0, width - b.shape[1])) for b in blocks])
+
+
+def _mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Trainer metrics averaged over ranks and updates (every rank holds the same number of rows)."""
+    return {key: sum(m[key] for m in per_rank) / len(per_rank) for key in per_rank[0]}
+
+
+def _reward_metrics(
+    rewards: torch.Tensor, group_ids: torch.Tensor, stats: dict[str, float]
+) -> dict[str, float]:
+    """Reward mean/std, and the fraction of groups whose rewards are all equal (no learning signal)."""
+    groups = rewards.view(-1, int((group_ids == 0).sum()))
+    zero_variance = (groups.max(dim=1).values == groups.min(dim=1).values).float().mean()
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        "reward/zero_variance_group_frac": float(zero_variance),
+        **{k: float(v) for k, v in stats.items()},
+    }
+
+
+def run_rlvr(config: Config, run_dir: Path) -> Path:
+    """Run the RLVR stage; returns the final checkpoint directory."""
+    model_path = setup.resolve_model(config, run_dir)
+    tokenizer = setup.load_tokenizer(model_path)
+    counts = derived(config)
+    print(f"icepop rlvr: model {config.model.path} ({model_path}); {counts.describe(config)}")
+    weights_dir = Path(tempfile.mkdtemp(prefix="icepop-weights-", dir=weights.shm_dir()))
+    cluster.start(config)
+    try:
+        placement = cluster.reserve(config)
+        rollout = RolloutGroup(config, model_path, placement)
+        trainer = TrainerGroup(
+            config,
+            model_path,
+            placement,
+            total_steps=config.train.steps * config.algo.updates_per_step,
+            lr=config.trainer.lr,
+            warmup_steps=config.trainer.warmup_steps,
+            temperature=config.rollout.temperature,
+        )
+        reference = ReferenceGroup(config, model_path, placement) if config.algo.kl_coef != 0.0 else None
+        data, eval_prompts = setup.prompt_streams(config, tokenizer)
+        with (
+            setup.reward_pool(config) as rewards,
+            Tracker(config, run_dir, config.train.steps, "rlvr") as tracker,
+        ):
+            run = RLRun(
+                config,
+                run_dir,
+                rollout,
+                trainer,
+                reference,
+                data,
+                rewards,
+                tokenizer.pad_token_id,
+                weights.probe_sequence(eval_prompts),
+                weights_dir / "weights.safetensors",
+                tracker,
+            )
+            evaluate(run, eval_prompts, step=0)
+            for step in range(1, config.train.steps + 1):
+                rl_step(step, run)
+                if (
+                    config.train.eval_every
+                    and step % config.train.eval_every == 0
+                    and step != config.train.steps
+                ):
+                    evaluate(run, eval_prompts, step=step)
+            evaluate(run, eval_prompts, step=config.train.steps)
+            ray.get(trainer.async_call("close"))
+            ray.get(rollout.async_call("close"))
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(weights_dir, ignore_errors=True)
+    return run_dir / "checkpoints" / f"step-{config.train.steps}"

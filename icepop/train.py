@@ -1,0 +1,84 @@
+"""Entry point: `python -m icepop.train +recipe=rlvr [group=option ...] [key=value ...]`.
+
+Hydra composes conf/config.yaml (the schema and defaults live in icepop/config.py) with the chosen
+recipe from recipes/ and the command-line overrides; the result is checked, printed with its
+derived quantities, saved as run.dir/config.yaml, and handed to the stage the recipe names.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from icepop.config import Config, register
+
+
+def config_dirs() -> tuple[Path, Path]:
+    """conf/ and recipes/: inside the installed package (wheel), else at the repository's top level."""
+    package = Path(__file__).resolve().parent
+    if (package / "_conf" / "config.yaml").is_file():
+        return package / "_conf", package / "_recipes"
+    return package.parent / "conf", package.parent / "recipes"
+
+
+def register_recipes(directory: Path) -> list[str]:
+    """Make each recipes/*.yaml an option of the `recipe` group, applied at the global package."""
+    names = []
+    for path in sorted(directory.glob("*.yaml")):
+        ConfigStore.instance().store(
+            group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_"
+        )
+        names.append(path.stem)
+    return names
+
+
+CONF_DIR, RECIPES_DIR = config_dirs()
+register()
+RECIPES = register_recipes(RECIPES_DIR)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The composed config as checked dataclasses; exits with one clear message when it is wrong."""
+    if OmegaConf.is_missing(cfg, "stage"):
+        sys.exit(
+            f"icepop: choose what to run with a recipe, e.g. `python -m icepop.train +recipe=rlvr` "
+            f"(recipes: {', '.join(RECIPES)})"
+        )
+    try:
+        config = OmegaConf.to_object(cfg)
+    except Exception as error:  # value checks raise ValueError; OmegaConf wraps some of them
+        cause = error.__cause__ or error
+        sys.exit(f"icepop: invalid configuration: {cause}")
+    assert isinstance(config, Config)
+    return config
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SystemExit unwinds through every `finally`, so the stage stops its Ray cluster and workers.
+    sys.exit(128 + signum)
+
+
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    config = to_config(cfg)
+    run_dir = Path(config.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if config.stage == "sft":
+        from icepop.stages.sft import run_sft
+
+        run_sft(config, run_dir)
+    else:
+        from icepop.stages.rl import run_rlvr
+
+        run_rlvr(config, run_dir)
+
+
+if __name__ == "__main__":
+    main()

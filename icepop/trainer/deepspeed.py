@@ -1,0 +1,364 @@
+"""DeepSpeed ZeRO trainer backend: one data-parallel rank of the policy trainer; the only module that
+imports deepspeed (lazily, so importing this one stays cheap).
+
+Key design choice: the caller owns the gradient-accumulation boundary. One `train_*` call is one
+optimizer step however many micro-batches it holds: the boundary is set by hand on the last one,
+backward never divides by gradient_accumulation_steps, and each micro-batch loss — already divided
+by the *global* token or sequence count (docs/algorithm.md §5) — is multiplied by world_size to
+undo DeepSpeed's mean over ranks, so the gradient is Σ_ranks Σ_micro ∇loss_micro = ∇L_full exactly.
+
+Every public method is collective (ZeRO-2 reduces in every backward, ZeRO-3 gathers in every
+forward): ranks pad to the same number of micro-batches with dummies whose loss and gradient are 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import importlib
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from icepop.algo import PolicyLossOptions, logprobs_and_entropy, pg_loss
+from icepop.trainer.inputs import DTYPES, check_args, check_batch, lr_factor, rows_of
+from icepop.types import RLBatch, SFTBatch
+
+GATHER_BUCKET_BYTES = 256 * 2**20  # ZeRO-3 export: one all-gather per bucket, never the whole model
+ONE_FILE = 2**62  # max_shard_size for save_pretrained: never shard the exported file
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")  # not copied by save()
+
+
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _deep_merge(merged[key], value) if nested else value
+    return merged
+
+
+class DeepSpeedTrainer:
+    """One rank of a ZeRO-1/2/3 data-parallel trainer (see the module docstring)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        rank: int,
+        world_size: int,
+        master_port: int,
+        master_addr: str = "127.0.0.1",
+        local_rank: int | None = None,
+        zero_stage: int = 2,
+        offload: bool = False,
+        dtype: str = "float32",
+        lr: float = 1e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        total_steps: int | None = None,
+        grad_clip: float = 1.0,
+        micro_batch_size: int = 1,
+        temperature: float = 1.0,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+        ds_config_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        """Join the process group and build the ZeRO engine. `temperature` is the rollout's sampling
+        temperature, applied by `train_rl` (docs/algorithm.md §1); `ds_config_overrides` is merged
+        last into the generated DeepSpeed config (e.g. ZeRO-3 bucket sizes)."""
+        check_args(zero_stage, dtype, micro_batch_size, lr_schedule, total_steps)
+        self.model_path, self.rank, self.world_size = model_path, rank, world_size
+        self.zero_stage, self.micro_batch_size, self.temperature = zero_stage, micro_batch_size, temperature
+        torch.manual_seed(seed)
+        self.device = self._init_distributed(master_addr, master_port, local_rank)
+        adamw = {"lr": lr, "betas": list(betas), "eps": eps, "torch_adam": True}  # plain torch, no JIT op
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_clipping": grad_clip,
+            "gradient_accumulation_steps": 1,  # bookkeeping only: train_* sets the boundary itself
+            "optimizer": {"type": "AdamW", "params": adamw},
+            "zero_optimization": {"stage": zero_stage},
+            "bf16": {"enabled": dtype == "bfloat16"},
+            "steps_per_print": 2**31 - 1,
+        }
+        if offload:
+            # Keeps torch AdamW (DeepSpeedCPUAdam would need a compiled op) with state on the CPU.
+            config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+            config["zero_force_ds_cpu_optimizer"] = False
+        config = _deep_merge(config, ds_config_overrides or {})
+        model = self._build_model(config, DTYPES[dtype], gradient_checkpointing)
+        self.engine = self._build_engine(model, config, weight_decay, warmup_steps, lr_schedule, total_steps)
+
+    def _init_distributed(self, addr: str, port: int, local_rank: int | None) -> torch.device:
+        cuda = torch.cuda.is_available()
+        local_rank = self.rank % max(1, torch.cuda.device_count()) if local_rank is None else local_rank
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(local_rank),
+            MASTER_ADDR=addr,
+            MASTER_PORT=str(port),
+        )
+        if not cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, at deepspeed's first import
+        importlib.import_module("torch._dynamo")  # before deepspeed: ZeRO-3 + transformers 5 (ENVIRONMENT.md)
+        import deepspeed
+
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        else:
+            # On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op (≈ 70 s,
+            # needs g++) that only its inference path uses; marking it incompatible skips that.
+            importlib.import_module("deepspeed.ops").__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(
+            dist_backend="nccl" if cuda else "gloo",
+            auto_mpi_discovery=False,
+            distributed_port=port,
+            rank=self.rank,
+            world_size=self.world_size,
+            verbose=False,
+        )
+        return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+    def _build_model(self, config: dict[str, Any], dtype: torch.dtype, checkpointing: bool) -> Any:
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        # ZeRO-3: building under HfDeepSpeedConfig makes transformers create the parameters already
+        # partitioned (zero.Init) and load each shard. The global is unset right after, or any later
+        # single-rank from_pretrained in this process (a reference model, vLLM) would deadlock.
+        hf_config = HfDeepSpeedConfig(config) if self.zero_stage == 3 else None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        finally:
+            if hf_config is not None:
+                unset_hf_deepspeed_config()
+        model.config.use_cache = False
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def _build_engine(
+        self, model: Any, config: dict[str, Any], weight_decay: float, warmup: int, schedule: str, total: Any
+    ) -> Any:
+        import deepspeed
+
+        # No decay on biases and norm gains (1-D); ZeRO-3 parameters are flat, their shape is ds_shape.
+        params = [p for p in model.parameters() if p.requires_grad]
+        matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
+        groups = [
+            {"params": [p for p, m in zip(params, matrix, strict=True) if m], "weight_decay": weight_decay},
+            {"params": [p for p, m in zip(params, matrix, strict=True) if not m], "weight_decay": 0.0},
+        ]
+        factor = functools.partial(lr_factor, warmup_steps=warmup, schedule=schedule, total_steps=total)
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=groups,
+            config=config,
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor),
+        )
+        return engine
+
+    def _all_reduce(self, values: list[float], op: str) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def _micro_batches(self, rows: int) -> list[slice | None]:
+        """This rank's micro-batch row slices, padded with None (dummy) to the largest count of any
+        rank, so every rank runs the same number of forwards and backwards (their collectives)."""
+        size = self.micro_batch_size
+        slices: list[slice | None] = [slice(i, min(rows, i + size)) for i in range(0, rows, size)]
+        count = int(self._all_reduce([len(slices)], "max")[0])
+        return slices + [None] * (count - len(slices))
+
+    def _forward(
+        self, input_ids: Tensor, attention_mask: Tensor, temperature: float, inplace_backward: bool
+    ) -> tuple[Tensor, Tensor]:
+        """(ℓ, entropy) of the labels input_ids[:, 1:], [b, L-1]. Feeding input_ids[:, :-1] gives exactly
+        logits[:, :-1] (causal: logits at j see tokens ≤ j), contiguous and without a [b, L-1, V]
+        slice copy, so the in-place backward really writes into the logits' own storage."""
+        out = self.engine(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=False)
+        return logprobs_and_entropy(
+            out.logits, input_ids[:, 1:], temperature=temperature, inplace_backward=inplace_backward
+        )
+
+    def _backward(self, loss: Tensor, is_last: bool) -> None:
+        # × world_size undoes DeepSpeed's mean over ranks (the loss already carries the global
+        # denominator); scale_wrt_gas=False keeps it from dividing by gradient_accumulation_steps.
+        # A non-finite loss makes the *whole* gradient NaN, so that DeepSpeed's overflow check
+        # (collective: every rank agrees) skips the step instead of applying a partly-NaN update.
+        poison = torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
+        self.engine.set_gradient_accumulation_boundary(is_last)
+        self.engine.backward(loss * (self.world_size * poison), scale_wrt_gas=False)
+
+    def _step(self, local_loss: float, prefix: str) -> dict[str, float]:
+        """Apply the accumulated gradient (or skip it if non-finite) and return the step metrics."""
+        lr, skipped_before = float(self.engine.get_lr()[0]), self.engine.skipped_steps
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()  # before clipping; inf when the step was skipped
+        values = {
+            "loss": self._all_reduce([local_loss], "sum")[0],  # Σ over ranks: the full-batch loss
+            "grad_norm": math.inf if norm is None else float(norm),
+            "lr": lr,
+            "nonfinite_skipped": float(self.engine.skipped_steps > skipped_before),
+        }
+        return {f"{prefix}/{key}": value for key, value in values.items()}
+
+    @torch.no_grad()
+    def logprobs(self, input_ids: Tensor, attention_mask: Tensor, temperature: float) -> Tensor:
+        """ℓ of every label position, [B, L-1] float32 on the CPU, no gradient; collective."""
+        batch = SFTBatch(input_ids, attention_mask, torch.zeros_like(input_ids[:, 1:], dtype=torch.bool))
+        check_batch(batch)
+        self.engine.eval()
+        parts = [torch.empty(0, input_ids.shape[1] - 1)]
+        for rows in self._micro_batches(input_ids.shape[0]):
+            mb = rows_of(batch, rows, self.device)
+            logprobs = self._forward(mb["input_ids"], mb["attention_mask"], temperature, False)[0]
+            if rows is not None:
+                parts.append(logprobs.float().cpu())
+        self.engine.train()
+        return torch.cat(parts)
+
+    def train_rl(
+        self, batch: RLBatch, options: PolicyLossOptions, global_token_count: int, global_seq_count: int
+    ) -> dict[str, float]:
+        """One optimizer step of `pg_loss` on this rank's shard; collective. The counts are those of
+        the whole batch over all ranks. old_logprobs=None means on-policy (θ_old = θ): ℓ_old is the
+        detached current ℓ. Metrics: actor/loss is the full-batch loss (same on every rank);
+        pg_loss's metrics are means over this rank's micro-batches; actor/entropy is the token
+        mean over this rank's response tokens at the sampling temperature."""
+        check_batch(batch, options)
+        self.engine.train()
+        slices = self._micro_batches(batch.input_ids.shape[0])
+        sums: dict[str, float] = {}
+        local_loss, entropy_sum, tokens = 0.0, 0.0, 0.0
+        for i, rows in enumerate(slices):
+            mb = rows_of(batch, rows, self.device)
+            logprobs, entropy = self._forward(mb["input_ids"], mb["attention_mask"], self.temperature, True)
+            old = logprobs.detach() if mb["old_logprobs"] is None else mb["old_logprobs"]
+            loss, metrics = pg_loss(
+                logprobs,
+                old,
+                mb["rollout_logprobs"],
+                mb["advantages"],
+                mb["response_mask"],
+                options,
+                global_token_count=global_token_count,
+                global_seq_count=global_seq_count,
+                ref_logprobs=mb["ref_logprobs"],
+            )
+            self._backward(loss, is_last=i == len(slices) - 1)
+            local_loss += float(loss.detach())
+            if rows is not None:
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                entropy_sum += float(torch.where(mb["response_mask"], entropy.detach(), 0.0).sum())
+                tokens += float(mb["response_mask"].sum())
+        real = max(1, sum(rows is not None for rows in slices))
+        result = {key: value / real for key, value in sums.items()}
+        result["actor/pg_loss"] = local_loss  # this rank's share of actor/loss, not a mean
+        result["actor/entropy"] = entropy_sum / max(1.0, tokens)
+        result["actor/micro_batches"] = float(len(slices))
+        return {**result, **self._step(local_loss, "actor")}
+
+    def train_sft(self, batch: SFTBatch, global_token_count: int) -> dict[str, float]:
+        """One optimizer step of Σ −ℓ·loss_mask / global_token_count (temperature 1); collective.
+        sft/loss is the full-batch token-mean cross-entropy, the same on every rank."""
+        check_batch(batch)
+        self.engine.train()
+        slices = self._micro_batches(batch.input_ids.shape[0])
+        local_loss = 0.0
+        for i, rows in enumerate(slices):
+            mb = rows_of(batch, rows, self.device)
+            logprobs, _ = self._forward(mb["input_ids"], mb["attention_mask"], 1.0, inplace_backward=True)
+            # Select, don't multiply: padded positions may hold anything, 0·NaN = NaN.
+            loss = torch.where(mb["loss_mask"], -logprobs, 0.0).sum() / max(1, global_token_count)
+            self._backward(loss, is_last=i == len(slices) - 1)
+            local_loss += float(loss.detach())
+        return {**self._step(local_loss, "sft"), "sft/micro_batches": float(len(slices))}
+
+    def _full_state_dict(self) -> dict[str, Tensor]:
+        """Every parameter and persistent buffer, full-size, on the CPU, on rank 0 ({} elsewhere);
+        collective under ZeRO-3. Tied weights appear once (named_parameters deduplicates them)."""
+        module = self.engine.module
+        params = list(module.named_parameters())
+        state: dict[str, Tensor] = {}
+        if self.zero_stage == 3:
+            import deepspeed
+
+            for bucket in _buckets(params, GATHER_BUCKET_BYTES):
+                with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+                    if self.rank == 0:
+                        state.update({name: p.detach().to("cpu", copy=True) for name, p in bucket})
+        elif self.rank == 0:  # ZeRO-1/2 keep full, updated parameters on every rank
+            state = {name: p.detach().to("cpu", copy=True) for name, p in params}
+        if self.rank == 0:
+            persistent = set(module.state_dict().keys())  # without the non-persistent (rotary) buffers
+            state.update({n: b.to("cpu", copy=True) for n, b in module.named_buffers() if n in persistent})
+        return state
+
+    def export_weights(self, path: str) -> None:
+        """One safetensors file with exactly the names and shapes `save_pretrained` writes (MoE
+        experts per expert, the layout vLLM loads); collective, rank 0 writes. transformers' own
+        save path does the conversion, into a scratch folder beside `path` (same file system: the
+        final rename is atomic, and no assumption about the size of /dev/shm)."""
+        state = self._full_state_dict()
+        if self.rank == 0:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".export-") as folder:
+                self.engine.module.save_pretrained(folder, state_dict=state, max_shard_size=ONE_FILE)
+                os.replace(os.path.join(folder, "model.safetensors"), path)
+        dist.barrier()  # when export_weights returns on any rank, the file is complete
+
+    def save(self, directory: str) -> None:
+        """A Hugging Face folder (config, generation config, tokenizer files copied from model_path,
+        safetensors) that AutoModelForCausalLM and vLLM load; collective, rank 0 writes."""
+        state = self._full_state_dict()
+        if self.rank == 0:
+            target = Path(directory)
+            target.mkdir(parents=True, exist_ok=True)
+            for source in Path(self.model_path).iterdir():  # tokenizer files; config is rewritten below
+                if source.is_file() and not source.name.endswith(WEIGHT_SUFFIXES):
+                    shutil.copy2(source, target / source.name)
+            self.engine.module.save_pretrained(target, state_dict=state)
+        dist.barrier()
+
+    def close(self) -> None:
+        """Free the engine and leave the process group (also avoids a rare SIGABRT at exit)."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        # DeepSpeed caches its clone of the world group in a module global; a trainer built later
+        # in this process (after a new init_distributed) would otherwise use the destroyed group.
+        importlib.import_module("deepspeed.utils.groups")._WORLD_GROUP = None
+
+
+def _buckets(params: list[tuple[str, Tensor]], max_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
+    """Consecutive groups of parameters of at most max_bytes full-size bytes (at least one each)."""
+    bucket, size = [], 0
+    for name, param in params:
+        nbytes = getattr(param, "ds_numel", param.numel()) * param.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, param))
+        size += nbytes
+    if bucket:
+        yield bucket

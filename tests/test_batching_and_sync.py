@@ -1,0 +1,129 @@
+"""Batch layout for the trainer, rank shards, the weight-sync probe check, and placement messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from icepop.config import Config, RolloutConfig
+from icepop.ray.cluster import _check_capacity, needed_resources, process_env
+from icepop.stages.batch import rl_batch, sequence_count, split_rows
+from icepop.train import CONF_DIR
+from icepop.types import Completion, Prompt
+from icepop.weights import WeightSyncError, check_probe
+
+PAD = 0
+
+
+def example_batch():
+    prompts = [Prompt([5, 6, 7]), Prompt([8, 9])]
+    groups = [
+        [Completion([11, 12], [-0.1, -0.2], "stop"), Completion([13], [-0.3], "length")],
+        [Completion([14, 15, 16], [-0.4, -0.5, -0.6], "stop"), Completion([17], [-0.7], "stop")],
+    ]
+    return rl_batch(prompts, groups, torch.tensor([1.0, -1.0, 0.5, -0.5]), PAD)
+
+
+def test_rl_batch_is_right_padded_and_label_aligned() -> None:
+    batch = example_batch()
+    # Row 0: prompt [5, 6, 7] + response [11, 12] → length 5; the longest row is 2 + 3 = 5.
+    assert batch.input_ids.tolist() == [
+        [5, 6, 7, 11, 12],
+        [5, 6, 7, 13, PAD],
+        [8, 9, 14, 15, 16],
+        [8, 9, 17, PAD, PAD],
+    ]
+    assert batch.attention_mask.tolist() == [
+        [1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1],
+        [1, 1, 1, 0, 0],
+    ]
+    # Label position j predicts token j+1: row 0's response tokens 11, 12 sit at positions 2 and 3.
+    assert batch.response_mask.tolist() == [
+        [False, False, True, True],
+        [False, False, True, False],
+        [False, True, True, True],
+        [False, True, False, False],
+    ]
+    assert batch.rollout_logprobs[0, 2:4].tolist() == pytest.approx([-0.1, -0.2])
+    assert batch.rollout_logprobs[2, 1:4].tolist() == pytest.approx([-0.4, -0.5, -0.6])
+    assert batch.advantages[1].tolist() == [0.0, 0.0, -1.0, 0.0]  # advantage only on response tokens
+    labels = batch.input_ids[:, 1:][batch.response_mask].tolist()
+    assert labels == [11, 12, 13, 14, 15, 16, 17]
+
+
+def test_split_rows_trims_each_shard_and_keeps_every_token() -> None:
+    batch = example_batch()
+    first, second = split_rows(batch, 2)
+    assert first.input_ids.shape == (2, 5) and second.input_ids.shape == (2, 5)
+    last = split_rows(batch, 4)[3]
+    assert last.input_ids.tolist() == [[8, 9, 17]] and last.response_mask.tolist() == [[False, True]]
+    total = sum(int(s.response_mask.sum()) for s in split_rows(batch, 4))
+    assert total == int(batch.response_mask.sum()) == 7
+    assert sequence_count(batch.response_mask) == 4
+    with pytest.raises(ValueError, match="do not split"):
+        split_rows(batch, 3)
+
+
+def test_rl_batch_refuses_advantages_of_the_wrong_size() -> None:
+    with pytest.raises(ValueError, match="one per completion"):
+        rl_batch([Prompt([1, 2])], [[Completion([3], [-1.0], "stop")]], torch.tensor([1.0, 2.0]), PAD)
+
+
+def test_probe_check_raises_beyond_the_dtype_noise() -> None:
+    check_probe(5e-7, RolloutConfig(dtype="float32"), step=1)
+    check_probe(0.05, RolloutConfig(dtype="bfloat16"), step=1)
+    for bad, rollout in [
+        (0.01, RolloutConfig()),
+        (float("nan"), RolloutConfig()),
+        (0.5, RolloutConfig(dtype="bfloat16")),
+    ]:
+        with pytest.raises(WeightSyncError, match="stale or corrupted"):
+            check_probe(bad, rollout, step=3)
+    with pytest.raises(WeightSyncError):
+        check_probe(2e-4, RolloutConfig(probe_tolerance=1e-4), step=3)
+
+
+def compose_config(*overrides: str) -> Config:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=["+recipe=rlvr", *overrides])
+    return OmegaConf.to_object(cfg)
+
+
+def test_a_too_small_cluster_is_explained_in_one_message() -> None:
+    config = compose_config("cluster=gpu", "rollout.engines=8", "trainer.ranks=8", "algo.prompts_per_step=32")
+    assert needed_resources(config) == {"CPU": 16, "GPU": 16}
+    with pytest.raises(
+        RuntimeError, match="rollout needs 8 CPUs/8 GPUs, trainer 8 CPUs/8 GPUs, cluster has 16 CPUs/12 GPUs"
+    ):
+        _check_capacity(config, {"CPU": 16.0, "GPU": 12.0})
+    _check_capacity(config, {"CPU": 16.0, "GPU": 16.0})
+
+
+def test_process_env_keeps_the_users_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    env = process_env(on_gpu=False)
+    assert env["VLLM_LOGGING_LEVEL"] == "DEBUG" and env["VLLM_HOST_IP"] == "127.0.0.1"
+    assert env["DS_ACCELERATOR"] == "cpu" and "DS_ACCELERATOR" not in process_env(on_gpu=True)
+
+
+def test_reference_policy_scores_like_transformers(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from icepop.models.tiny import build_tiny_model
+    from icepop.trainer.reference import ReferencePolicy
+
+    folder = build_tiny_model(tmp_path / "m", "dense")
+    ids = torch.tensor([[1, 30, 40, 50, 60], [1, 31, 41, 0, 0], [1, 32, 42, 52, 0]])
+    mask = (torch.arange(5) < torch.tensor([[5], [3], [4]])).long()
+    got = ReferencePolicy(str(folder), micro_batch_size=2).logprobs(ids, mask)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    expected = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    valid = mask[:, 1:].bool()
+    assert got.shape == (3, 4)
+    torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=0)

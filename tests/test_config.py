@@ -1,0 +1,102 @@
+"""Configuration: every recipe and every group option composes into checked dataclasses; bad values
+and inconsistent batch sizes are refused with a message naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from icepop.config import Config, derived
+from icepop.train import CONF_DIR, RECIPES, RECIPES_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_config(*overrides: str) -> Config:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    config = OmegaConf.to_object(cfg)
+    assert isinstance(config, Config)
+    return config
+
+
+def test_recipes_are_found_where_the_repository_keeps_them() -> None:
+    assert RECIPES_DIR == ROOT / "recipes" and CONF_DIR == ROOT / "conf"
+    assert {"sft", "rlvr"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes(recipe: str) -> None:
+    config = compose_config(f"+recipe={recipe}")
+    assert config.stage == recipe
+    # Each recipe starts with a comment giving its purpose and its run command.
+    text = (RECIPES_DIR / f"{recipe}.yaml").read_text()
+    assert text.startswith("#") and f"python -m icepop.train +recipe={recipe}" in text
+
+
+@pytest.mark.parametrize("group", sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()))
+def test_every_group_option_composes(group: str) -> None:
+    for option in sorted((CONF_DIR / group).glob("*.yaml")):
+        compose_config("+recipe=rlvr", f"{group}={option.stem}")
+
+
+def test_defaults_of_the_embedded_rlvr_run() -> None:
+    config = compose_config("+recipe=rlvr")
+    assert config.model.path == "tiny:dense" and config.data.source == "countdown"
+    assert (config.algo.correction, config.algo.ratio_low, config.algo.ratio_high) == ("icepop", 0.5, 5.0)
+    assert config.algo.kl_coef == 0.0 and config.rollout.temperature == 1.0 and config.rollout.top_p == 1.0
+    d = derived(config)
+    assert d.samples_per_step == config.algo.prompts_per_step * config.algo.samples_per_prompt
+    assert d.samples_per_rank * config.trainer.ranks == d.samples_per_step
+
+
+def test_group_options_change_what_they_should() -> None:
+    moe = compose_config("+recipe=rlvr", "model=tiny-moe", "algo=tis", "cluster=gpu")
+    assert moe.model.path == "tiny:moe"
+    assert (moe.algo.correction, moe.algo.ratio_high) == ("tis", 2.0)
+    assert moe.rollout.gpus_per_engine == 1 and moe.trainer.gpus_per_rank == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.zero_stage=4", "trainer.zero_stage=4 is not one of 1, 2, 3"),
+        ("algo.correction=icepop2", "correction='icepop2' is not one of"),
+        ("algo.ratio_low=6.0", "ratio_low must satisfy"),
+        ("rollout.top_p=0", "rollout.top_p must be in"),
+        ("rollout.dtype=fp8", "rollout.dtype='fp8' is not one of"),
+        ("algo.prompts_per_step=3", "inconsistent batch sizes"),
+        ("trainer.micro_batch_size=7", "inconsistent batch sizes"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_field(override: str, message: str) -> None:
+    with pytest.raises(Exception) as error:
+        compose_config("+recipe=rlvr", override)
+    assert message in str(error.value) or message in str(error.value.__cause__)
+
+
+def test_command_line_reports_errors_in_one_line(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "icepop.train", *args], capture_output=True, text=True, cwd=tmp_path
+        )
+
+    no_recipe = run()
+    assert no_recipe.returncode != 0 and "+recipe=rlvr" in no_recipe.stderr
+    inconsistent = run("+recipe=rlvr", "algo.prompts_per_step=3", "algo.samples_per_prompt=3")
+    assert inconsistent.returncode != 0
+    assert "icepop: invalid configuration: inconsistent batch sizes" in inconsistent.stderr
+    assert "Traceback" not in inconsistent.stderr
+    assert not list(tmp_path.iterdir())  # nothing written for a refused run
+
+
+def test_every_package_is_listed_in_pyproject() -> None:
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "icepop").rglob("__init__.py")}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
