@@ -48,7 +48,13 @@ SMALL = [
 
 
 def icepop_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ICEPOP_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    pythonpath = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    env = {
+        **os.environ,
+        "ICEPOP_CACHE": str(tmp_path / "cache"),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": pythonpath,
+    }
     result = subprocess.run(
         [sys.executable, "-m", "icepop.train", *overrides],
         cwd=tmp_path,
@@ -78,6 +84,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "train.steps=3",
         "trainer.zero_stage=2",
         "trainer.lr=1e-4",
+        "reward.function=e2e_rewards:shorter",  # a custom reward by dotted path, never zero-variance
         *SMALL,
     )
     return {"sft": tmp / "sft", "rl": tmp / "rl", "start": sft_checkpoint}

@@ -6,8 +6,8 @@ Countdown targets are picked among the values an exhaustive search over the draw
 so every problem is solvable and carries its simplest solution as the SFT reply.
 
 Reply formats (what `icepop.rewards.verify` checks and the SFT targets teach):
-- arithmetic: the integer alone, e.g. "432". Subtraction puts the larger operand first, so answers
-  are never negative.
+- arithmetic: the integer alone, e.g. "432". Operands have exactly `digits` digits; subtraction puts
+  the larger operand first, so answers are never negative.
 - countdown: the expression alone, in + - * / and parentheses, without spaces, e.g. "(3+5)*7".
   Each given number may be used at most once; not all of them have to be used.
 Prompts are short on purpose (with the tiny tokenizer ≈ 30 tokens for arithmetic, ≈ 60 for countdown):

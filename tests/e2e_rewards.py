@@ -1,0 +1,13 @@
+"""A custom reward for the end-to-end test, loaded by dotted path (`reward.function=e2e_rewards:shorter`).
+
+It varies within every group, so each RL step has a non-zero advantage and a real update, whatever
+the barely trained policy answers."""
+
+from __future__ import annotations
+
+from icepop.types import Prompt
+
+
+def shorter(prompt: Prompt, response_text: str) -> float:
+    """1 / (1 + characters): shorter answers score higher."""
+    return 1.0 / (1.0 + len(response_text))
