@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench demo clean
 
 $(STAMP): pyproject.toml
 	rm -rf $(VENV)
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m icepop.demo
+	$(PY) -m icepop.train +recipe=rlvr
 
 test: $(STAMP) lint
 	$(PY) -m pytest
@@ -32,6 +32,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/logprobs.py
+	$(PY) bench/rlvr_step.py
+
+demo: $(STAMP)
+	$(PY) -m icepop.demo
 
 clean:
 	rm -rf $(VENV)

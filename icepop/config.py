@@ -69,7 +69,7 @@ class DataConfig:
     max_prompt_tokens: int = 256
     """Prompts longer than this (after the chat template) are dropped and counted."""
     size: int = 20000
-    """Number of problems generated for a built-in task."""
+    """RL prompts generated for a built-in task (the pool each step samples from)."""
     eval_size: int = 64
     """Held-out problems for evaluation (built-in tasks: generated with another seed)."""
 
@@ -262,11 +262,11 @@ class LoggerConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 20
+    steps: int = 150
     """RL steps (one batch of rollouts and its update each)."""
     checkpoint_every: int = 0
     """Write a Hugging Face checkpoint every this many steps (0: only at the end)."""
-    eval_every: int = 0
+    eval_every: int = 50
     """Evaluate greedy accuracy on the held-out problems every this many steps (0: before and after)."""
 
     def __post_init__(self) -> None:
@@ -277,6 +277,8 @@ class TrainConfig:
 class SFTConfig:
     steps: int = 400
     """Optimizer steps of supervised fine-tuning."""
+    examples: int = 20000
+    """Conversations generated for a built-in task's SFT set (datasets use all their rows)."""
     batch_size: int = 64
     """Conversations per optimizer step (over all ranks)."""
     lr: float = 1e-3
@@ -285,7 +287,13 @@ class SFTConfig:
     """Linear warm-up of the SFT learning rate."""
 
     def __post_init__(self) -> None:
-        _positive(**{"sft.steps": self.steps, "sft.batch_size": self.batch_size, "sft.lr": self.lr})
+        values = {
+            "steps": self.steps,
+            "examples": self.examples,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+        }
+        _positive(**{f"sft.{name}": value for name, value in values.items()})
 
 
 @dataclass

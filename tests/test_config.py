@@ -49,6 +49,7 @@ def test_every_group_option_composes(group: str) -> None:
 def test_defaults_of_the_embedded_rlvr_run() -> None:
     config = compose_config("+recipe=rlvr")
     assert config.model.path == "tiny:dense" and config.data.source == "countdown"
+    assert config.trainer.lr == 1e-4 and config.data.size == 256  # tiny-model choices of the group files
     assert (config.algo.correction, config.algo.ratio_low, config.algo.ratio_high) == ("icepop", 0.5, 5.0)
     assert config.algo.kl_coef == 0.0 and config.rollout.temperature == 1.0 and config.rollout.top_p == 1.0
     d = derived(config)

@@ -42,6 +42,7 @@ SMALL = [
     "sft.batch_size=8",
     "rollout.max_new_tokens=12",
     "data.size=200",
+    "sft.examples=200",
     "data.eval_size=8",
     "reward.workers=1",
 ]

@@ -31,7 +31,7 @@ def run_sft(config: Config, run_dir: Path, model_path: str | None = None) -> Pat
         f"icepop sft: model {model_path}; {sft.steps} steps × {sft.batch_size} conversations over "
         f"{config.trainer.ranks} rank(s), {derived(config).sft_micro_batches} micro-batch(es) per rank"
     )
-    dataset = load_sft_examples(config.data.source, tokenizer, count=config.data.size, seed=config.run.seed)
+    dataset = load_sft_examples(config.data.source, tokenizer, count=sft.examples, seed=config.run.seed)
     batches = ShuffledBatches(dataset.examples, sft.batch_size, config.run.seed)
     final = run_dir / "checkpoints" / f"step-{sft.steps}"
     run_dir.mkdir(parents=True, exist_ok=True)
