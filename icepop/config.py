@@ -224,7 +224,7 @@ class RewardConfig:
     function: str | None = None
     """Custom reward as a dotted path "pkg.module:function"; None uses the built-in verifier of the task."""
     task: str | None = None
-    """Verifier for dataset rows without a task column; None: the data source's name."""
+    """Verifier for dataset rows without a task column ("math", "arithmetic", "countdown"); None: "math"."""
     workers: int = 2
     """Reward worker processes."""
     timeout_seconds: float = 10.0

@@ -86,6 +86,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "trainer.zero_stage=2",
         "trainer.lr=1e-4",
         "reward.function=e2e_rewards:shorter",  # a custom reward by dotted path, never zero-variance
+        "logger=wandb",  # offline by default: a local run that `wandb sync` uploads later
         *SMALL,
     )
     return {"sft": tmp / "sft", "rl": tmp / "rl", "start": sft_checkpoint}
@@ -113,6 +114,8 @@ def test_rl_metrics_present_and_finite_every_step(runs: dict[str, Path]) -> None
     assert config["stage"] == "rlvr" and config["train"]["steps"] == 3
     evaluations = rows(runs["rl"] / "eval.jsonl")
     assert [e["step"] for e in evaluations] == [0, 3]
+    offline_runs = list((runs["rl"] / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and any(offline_runs[0].glob("*.wandb"))
 
 
 def test_weights_changed_and_checkpoint_loads_in_transformers_and_vllm(runs: dict[str, Path]) -> None:

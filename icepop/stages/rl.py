@@ -20,6 +20,7 @@ import torch
 
 from icepop import weights
 from icepop.algo import (
+    PolicyLossOptions,
     correction_metrics,
     dr_grpo_advantages,
     grpo_advantages,
@@ -35,7 +36,7 @@ from icepop.stages import setup
 from icepop.stages.batch import rl_batch, select_rows, sequence_count, split_rows
 from icepop.stages.evaluate import evaluate
 from icepop.tracking import Tracker
-from icepop.types import Prompt
+from icepop.types import Prompt, RLBatch
 
 
 @dataclass
@@ -116,24 +117,12 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     weights.check_probe(probe_diff, config.rollout, step)
     lap("sync")
 
-    # 7. Log: mismatch and mask statistics over the whole batch, computed here from ℓ_old and ℓ_inf.
-    mask = batch.response_mask
-    corr = options.correction_weights(batch.old_logprobs, batch.rollout_logprobs, mask)
+    # 7. Log: the ranks' means first, then exact whole-batch mismatch and mask statistics over them.
     lengths = torch.tensor([len(c.token_ids) for group in groups for c in group], dtype=torch.float32)
     step_seconds = time.perf_counter() - start
     metrics = {
-        **_mean_over_ranks(
-            train_metrics
-        ),  # first: the exact whole-batch statistics below replace per-rank means
-        **{
-            k: float(v) for k, v in mismatch_metrics(batch.old_logprobs, batch.rollout_logprobs, mask).items()
-        },
-        **{
-            k: float(v)
-            for k, v in correction_metrics(
-                corr, log_ratio(batch.old_logprobs, batch.rollout_logprobs, mask), mask
-            ).items()
-        },
+        **_mean_over_ranks(train_metrics),
+        **_mismatch_statistics(batch, options),
         **_reward_metrics(rewards, group_ids, scored.stats),
         "response_length/mean": float(lengths.mean()),
         "response_length/truncated_frac": sum(c.finish_reason == "length" for g in groups for c in g)
@@ -159,6 +148,18 @@ def _sequence_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tens
     elif name == "rloo":
         return rloo_advantages(rewards, group_ids)
     return dr_grpo_advantages(rewards, group_ids)  # "dr_grpo", and the centring of "reinforce_pp"
+
+
+def _mismatch_statistics(batch: RLBatch, options: PolicyLossOptions) -> dict[str, float]:
+    """Train/inference mismatch and the correction's mask fractions over every token of the batch."""
+    old, rollout, mask = batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
+    assert old is not None
+    corr = options.correction_weights(old, rollout, mask)
+    stats = {
+        **mismatch_metrics(old, rollout, mask),
+        **correction_metrics(corr, log_ratio(old, rollout, mask), mask),
+    }
+    return {key: float(value) for key, value in stats.items()}
 
 
 def _concat_rows(blocks: list[torch.Tensor], width: int) -> torch.Tensor:
