@@ -98,6 +98,12 @@ def timed(fn: Any, *args: Any) -> tuple[Any, float]:
 # ---- the spawned run ------------------------------------------------------------------------
 
 
+TRAINER_ARGS: dict[str, Any] = {
+    "lr": LR, "warmup_steps": WARMUP, "grad_clip": CLIP, "micro_batch_size": MICRO,
+    "temperature": TEMPERATURE, "eps": EPS,
+}  # fmt: skip
+
+
 def _dense_part(rank: int, world_size: int, port: int, model_dir: str, out: str) -> None:
     from icepop.trainer.deepspeed import DeepSpeedTrainer
 
@@ -107,12 +113,7 @@ def _dense_part(rank: int, world_size: int, port: int, model_dir: str, out: str)
         world_size=world_size,
         master_port=port,
         zero_stage=2,
-        lr=LR,
-        warmup_steps=WARMUP,
-        grad_clip=CLIP,
-        micro_batch_size=MICRO,
-        temperature=TEMPERATURE,
-        eps=EPS,
+        **TRAINER_ARGS,
     )
     res: dict[str, Any] = {}
     probe = rl_batch(0, 4)
@@ -172,12 +173,7 @@ def _moe_part(rank: int, world_size: int, ports: list[int], model_dir: str, out:
             rank=rank,
             world_size=world_size,
             master_port=port,
-            lr=LR,
-            warmup_steps=WARMUP,
-            grad_clip=CLIP,
-            micro_batch_size=MICRO,
-            temperature=TEMPERATURE,
-            eps=EPS,
+            **TRAINER_ARGS,
             **config,
         )
         res[f"{tag}_logprobs_before"] = trainer.logprobs(probe.input_ids, probe.attention_mask, TEMPERATURE)
