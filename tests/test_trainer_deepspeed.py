@@ -408,3 +408,21 @@ assert "deepspeed" not in sys.modules and "transformers" not in sys.modules
     assert done.returncode == 0, done.stderr
     for field in ("zero_stage", "dtype", "micro_batch_size", "total_steps"):
         assert field in done.stdout
+
+
+def _contract_worker(rank: int, world_size: int, port: int, model_dir: str, out: str) -> None:
+    from trainer_contract import check_trainer_backend_contract
+
+    from icepop.trainer.deepspeed import DeepSpeedTrainer
+
+    trainer = DeepSpeedTrainer(model_dir, rank=rank, world_size=world_size, master_port=port, **TRAINER_ARGS)
+    try:
+        check_trainer_backend_contract(trainer, rank, world_size, rl_batch(7, 6), sft_batch(8, 4), out)
+    finally:
+        trainer.close()
+
+
+def test_deepspeed_trainer_passes_the_trainer_backend_contract(tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path / "model", "dense")
+    run_ranks(_contract_worker, 2, free_port(), str(model), str(tmp_path), error_dir=tmp_path / "errors",
+              timeout_s=TIMEOUT_S)  # fmt: skip

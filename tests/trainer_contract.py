@@ -1,0 +1,53 @@
+"""The contract every TrainerBackend implementation passes, checked from inside each of its ranks.
+
+Call `check_trainer_backend_contract(trainer, rank, world_size, rl, sft, out_dir)` on every rank with
+the same full batches; each rank takes its contiguous share of rows, as the Ray trainer group does.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from icepop.algo import PolicyLossOptions
+from icepop.trainer.base import TrainerBackend
+from icepop.types import RLBatch, SFTBatch
+
+RL_KEYS = ("actor/loss", "actor/grad_norm", "actor/lr", "actor/entropy", "icepop/mask_frac")
+
+
+def _share(batch, rank: int, world_size: int):  # type: ignore[no-untyped-def]
+    rows = batch.input_ids.shape[0]
+    part = slice(rows * rank // world_size, rows * (rank + 1) // world_size)
+    return type(batch)(**{k: None if v is None else v[part] for k, v in vars(batch).items()})
+
+
+def check_trainer_backend_contract(
+    trainer: TrainerBackend, rank: int, world_size: int, rl: RLBatch, sft: SFTBatch, out_dir: str
+) -> None:
+    mine = _share(rl, rank, world_size)
+    before = trainer.logprobs(mine.input_ids, mine.attention_mask, 1.0)
+    assert before.shape == (mine.input_ids.shape[0], mine.input_ids.shape[1] - 1)
+    valid = mine.attention_mask[:, 1:].bool()
+    assert torch.isfinite(before[valid]).all() and (before[valid] <= 0).all()
+
+    tokens, seqs = int(rl.response_mask.sum()), int((rl.response_mask.sum(-1) > 0).sum())
+    metrics = trainer.train_rl(mine, PolicyLossOptions(), tokens, seqs)
+    assert all(key in metrics for key in RL_KEYS), sorted(metrics)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values()), metrics
+    after = trainer.logprobs(mine.input_ids, mine.attention_mask, 1.0)
+    assert not torch.equal(before, after), "train_rl did not change the weights"
+
+    sft_metrics = trainer.train_sft(_share(sft, rank, world_size), int(sft.loss_mask.sum()))
+    assert math.isfinite(sft_metrics["sft/loss"]) and sft_metrics["sft/loss"] > 0
+
+    weights = Path(out_dir) / "weights.safetensors"
+    trainer.export_weights(str(weights))  # collective: returns on every rank once the file is complete
+    state = load_file(weights)
+    assert state and all(torch.isfinite(t.float()).all() for t in state.values())
+    trainer.save(str(Path(out_dir) / "checkpoint"))
+    assert (Path(out_dir) / "checkpoint" / "config.json").is_file()
+    assert load_file(Path(out_dir) / "checkpoint" / "model.safetensors").keys() == state.keys()
