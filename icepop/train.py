@@ -7,7 +7,6 @@ derived quantities, saved as run.dir/config.yaml, and handed to the stage the re
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
@@ -58,14 +57,8 @@ def to_config(cfg: DictConfig) -> Config:
     return config
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    # SystemExit unwinds through every `finally`, so the stage stops its Ray cluster and workers.
-    sys.exit(128 + signum)
-
-
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     config = to_config(cfg)
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,10 @@ instead of hanging half-way through the first step.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +57,7 @@ def start(config: Config) -> None:
     runtime_env = {"env_vars": env}
     if config.cluster.address is not None:
         ray.init(address=config.cluster.address, runtime_env=runtime_env, log_to_driver=True)
+        _graceful_sigterm()
         return
     # Single node: this variable keeps Ray from rewriting 127.0.0.1 to the machine's routable address.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -66,6 +70,14 @@ def start(config: Config) -> None:
         runtime_env=runtime_env,
         log_to_driver=True,
     )
+    _graceful_sigterm()
+
+
+def _graceful_sigterm() -> None:
+    """ray.init installs a SIGTERM handler that aborts the driver on the spot; put back one that raises
+    SystemExit, which unwinds through the stages' `finally` blocks (Ray shutdown, temp files)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def shutdown() -> None:
