@@ -71,10 +71,16 @@ class DataConfig:
     size: int = 20000
     """RL prompts generated for a built-in task (the pool each step samples from)."""
     eval_size: int = 64
-    """Held-out problems for evaluation (built-in tasks: generated with another seed)."""
+    """Held-out problems for evaluation and the weight-sync probe (built-in tasks: another seed)."""
 
     def __post_init__(self) -> None:
-        _positive(**{"data.max_prompt_tokens": self.max_prompt_tokens, "data.size": self.size})
+        _positive(
+            **{
+                "data.max_prompt_tokens": self.max_prompt_tokens,
+                "data.size": self.size,
+                "data.eval_size": self.eval_size,
+            }
+        )
 
 
 @dataclass

@@ -72,6 +72,7 @@ def test_group_options_change_what_they_should() -> None:
         ("algo.ratio_low=6.0", "ratio_low must satisfy"),
         ("rollout.top_p=0", "rollout.top_p must be in"),
         ("rollout.dtype=fp8", "rollout.dtype='fp8' is not one of"),
+        ("data.eval_size=0", "data.eval_size must be > 0"),
         ("algo.prompts_per_step=3", "inconsistent batch sizes"),
         ("trainer.micro_batch_size=7", "inconsistent batch sizes"),
     ],
