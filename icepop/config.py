@@ -107,11 +107,15 @@ class RolloutConfig:
     """CPUs reserved per engine in the placement group."""
     gpus_per_engine: int = 0
     """GPUs per engine (tensor parallel size); 0 on CPU machines."""
+    weight_sync: str = "broadcast"
+    """How new weights reach the engines: "broadcast" (trainer rank 0 → engines over a gloo/NCCL group,
+    any number of nodes) or "file" (a safetensors file in /dev/shm; one node only)."""
     probe_tolerance: float | None = None
     """Largest |Δ log p| allowed on the sync probe; None: 1e-3 for float32 engines, 0.1 for bfloat16."""
 
     def __post_init__(self) -> None:
         _one_of("rollout.dtype", self.dtype, DTYPES)
+        _one_of("rollout.weight_sync", self.weight_sync, ("broadcast", "file"))
         _positive(
             **{
                 "rollout.engines": self.engines,

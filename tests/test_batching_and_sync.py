@@ -105,9 +105,11 @@ def test_a_too_small_cluster_is_explained_in_one_message() -> None:
 
 def test_process_env_keeps_the_users_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
-    env = process_env(on_gpu=False)
+    env = process_env(on_gpu=False, local=True)
     assert env["VLLM_LOGGING_LEVEL"] == "DEBUG" and env["VLLM_HOST_IP"] == "127.0.0.1"
-    assert env["DS_ACCELERATOR"] == "cpu" and "DS_ACCELERATOR" not in process_env(on_gpu=True)
+    assert env["DS_ACCELERATOR"] == "cpu" and "DS_ACCELERATOR" not in process_env(on_gpu=True, local=True)
+    assert env["GLOO_SOCKET_IFNAME"] == "lo"  # a local cluster binds loopback only
+    assert "GLOO_SOCKET_IFNAME" not in process_env(on_gpu=False, local=False)  # a cluster's own choice
 
 
 def test_reference_policy_scores_like_transformers(tmp_path) -> None:

@@ -8,11 +8,13 @@ wrong temperature, wrong support, stale weights — not rounding.
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from dist_helpers import free_port
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -193,8 +195,38 @@ def test_score_matches_transformers(engine: VllmEngine, hf_model: torch.nn.Modul
         engine.score(PROMPTS[0], 0)
 
 
-def test_load_weights_syncs_changed_weights_exactly(
-    engine: VllmEngine, hf_model: torch.nn.Module, model_dir: Path, tmp_path: Path
+def _send_file(port: int, path: str) -> None:
+    """A stand-in for trainer rank 0 (spawned): broadcast a safetensors file's tensors in two buckets."""
+    from icepop import comm
+
+    group = comm.weight_group("127.0.0.1", port, 0, 2, torch.device("cpu"))
+    state = load_file(path)
+    names = sorted(state)
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    comm.send_tensors(group, [{n: state[n] for n in half} for half in halves], torch.device("cpu"))
+
+
+def push(engine: VllmEngine, path: Path, sync: str) -> None:
+    """Put the weights in `path` into the engine by file, or by broadcast from another process."""
+    if sync == "file":
+        engine.load_weights(str(path))
+        return
+    port = free_port()
+    sender = multiprocessing.get_context("spawn").Process(target=_send_file, args=(port, str(path)))
+    sender.start()
+    try:
+        engine.join_weight_group("127.0.0.1", port, 1, 2)
+        engine.receive_weights()
+    finally:
+        sender.join(timeout=60)
+        if sender.is_alive():
+            sender.kill()
+    assert sender.exitcode == 0
+
+
+@pytest.mark.parametrize("sync", ["file", "broadcast"])
+def test_weight_sync_replaces_changed_weights_exactly(
+    engine: VllmEngine, hf_model: torch.nn.Module, model_dir: Path, tmp_path: Path, sync: str
 ) -> None:
     probe, prompt_len = PROMPTS[2] + list(range(200, 230)), 4
     old = hf_logprobs(hf_model, probe, prompt_len)
@@ -205,27 +237,29 @@ def test_load_weights_syncs_changed_weights_exactly(
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
     changed.save_pretrained(tmp_path)
     new = hf_logprobs(changed, probe, prompt_len)
-    engine.load_weights(str(tmp_path / "model.safetensors"))
+    push(engine, tmp_path / "model.safetensors", sync)
     scores = engine.score(probe, prompt_len)
     new_error, old_error = max_abs_diff(scores, new), max_abs_diff(scores, old)
-    print(f"load_weights: max |Δ| vs new weights {new_error:.2e}, vs old weights {old_error:.2f}")
+    print(f"{sync} sync: max |Δ| vs new weights {new_error:.2e}, vs old weights {old_error:.2f}")
     assert new_error < 1e-5 and old_error > 0.1
     # Generation uses the new weights too (no stale prefix cache), and reloading the originals is exact.
     (sample,) = engine.generate([PROMPTS[2]], 1, SamplingSettings(max_new_tokens=8, seed=0))[0]
     assert max_abs_diff(sample.logprobs, hf_logprobs(changed, PROMPTS[2] + sample.token_ids, 4)) < 1e-4
-    engine.load_weights(str(model_dir / "model.safetensors"))
+    push(engine, model_dir / "model.safetensors", sync)
     assert max_abs_diff(engine.score(probe, prompt_len), old) < 1e-5
 
 
-def test_load_weights_refuses_an_incomplete_state_dict(
-    engine: VllmEngine, model_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("sync", ["file", "broadcast"])
+def test_weight_sync_refuses_an_incomplete_state_dict(
+    engine: VllmEngine, model_dir: Path, tmp_path: Path, sync: str
 ) -> None:
     state = load_file(model_dir / "model.safetensors")
     dropped = sorted(state)[-1]
     del state[dropped]
     save_file(state, tmp_path / "partial.safetensors")
     with pytest.raises(ValueError, match="lacks 1 of the model's"):
-        engine.load_weights(str(tmp_path / "partial.safetensors"))
+        push(engine, tmp_path / "partial.safetensors", sync)
+    push(engine, model_dir / "model.safetensors", sync)  # and the engine is usable again
 
 
 def test_one_engine_per_process_and_no_use_while_asleep(engine: VllmEngine, model_dir: Path) -> None:

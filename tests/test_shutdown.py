@@ -1,8 +1,10 @@
 """A run interrupted mid-training (Ctrl-C or SIGTERM) stops its Ray cluster and workers and removes its
-weight-sync files: no orphaned process, nothing left in shared memory."""
+weight-sync files: no orphaned process, nothing left in shared memory. While it runs, every one of its
+servers listens on 127.0.0.1 only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +30,17 @@ def ray_processes() -> set[int]:
     return found
 
 
+def listening_addresses(pid: int) -> set[str]:
+    """(address) of every listening TCP socket of a process and its descendants (Ray's daemons and
+    workers included: they descend from the driver)."""
+    root = psutil.Process(pid)
+    addresses = set()
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            addresses |= {c.laddr.ip for c in proc.net_connections(kind="tcp") if c.status == "LISTEN"}
+    return addresses
+
+
 def weight_dirs() -> set[str]:
     return {p.name for p in Path(shm_dir()).glob("icepop-weights-*")}
 
@@ -38,20 +51,30 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path: Path, signum: int) -> N
     overrides = [
         "+recipe=rlvr", "run.dir=run", "model.sft_warmup=false", "train.steps=500", "algo.prompts_per_step=4",
         "algo.samples_per_prompt=4", "trainer.micro_batch_size=4", "rollout.max_new_tokens=8",
-        "data.eval_size=4", "reward.workers=1",
+        "data.eval_size=4", "reward.workers=1", "rollout.weight_sync=file",
     ]  # fmt: skip
     env = {**os.environ, "ICEPOP_CACHE": str(tmp_path / "cache")}
     run = subprocess.Popen([sys.executable, "-m", "icepop.train", *overrides], cwd=tmp_path, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and metrics.read_text().strip()) and run.poll() is None:
-        assert time.monotonic() < deadline, "the run never completed a step"
-        time.sleep(0.5)
-    assert run.poll() is None, run.stderr.read() if run.stderr else ""
-    assert weight_dirs() - before_dirs, "the running job should hold a weight-sync directory"
-    run.send_signal(signum)
-    _, stderr = run.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and metrics.read_text().strip()) and run.poll() is None:
+            assert time.monotonic() < deadline, "the run never completed a step"
+            time.sleep(0.5)
+        assert run.poll() is None, run.stderr.read() if run.stderr else ""
+        held_weight_dirs = weight_dirs() - before_dirs
+        listeners = listening_addresses(run.pid)
+        run.send_signal(signum)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:  # a failed assertion above: stop the run before reporting it
+            run.terminate()
+            run.communicate(timeout=120)
+    assert held_weight_dirs, "the running job should hold a weight-sync directory"
+    # Every server of the run (Ray's daemons and agents, the trainer group's store, gloo, vLLM)
+    # listened on loopback only, never on 0.0.0.0, :: or the machine's other addresses.
+    assert listeners and listeners <= {"127.0.0.1", "::ffff:127.0.0.1"}, listeners
     # SIGTERM exits through SystemExit(128 + 15); Python re-raises SIGINT after KeyboardInterrupt (-2).
     assert run.returncode in (128 + signum, -signum), stderr[-3000:]
     assert json.loads(metrics.read_text().splitlines()[0])["step"] == 1

@@ -21,6 +21,7 @@ import pytest
 import torch
 from dist_helpers import free_port, run_ranks
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from icepop.algo import PolicyLossOptions, pg_loss
@@ -410,19 +411,35 @@ assert "deepspeed" not in sys.modules and "transformers" not in sys.modules
         assert field in done.stdout
 
 
-def _contract_worker(rank: int, world_size: int, port: int, model_dir: str, out: str) -> None:
-    from trainer_contract import check_trainer_backend_contract
+def _contract_worker(rank: int, _: int, ports: list[int], model_dir: str, out: str, zero: int) -> None:
+    from trainer_contract import check_trainer_backend_contract, receive_broadcast
 
     from icepop.trainer.deepspeed import DeepSpeedTrainer
 
-    trainer = DeepSpeedTrainer(model_dir, rank=rank, world_size=world_size, master_port=port, **TRAINER_ARGS)
+    if rank == 2:  # not a trainer rank: an engine's end of the weight group
+        receive_broadcast(ports[1], out)
+        return
+    zero_config = {"zero_stage": zero, "ds_config_overrides": PARTITION_ALL if zero == 3 else None}
+    trainer = DeepSpeedTrainer(model_dir, rank=rank, world_size=2, master_port=ports[0], **TRAINER_ARGS,
+                               **zero_config)  # fmt: skip
     try:
-        check_trainer_backend_contract(trainer, rank, world_size, rl_batch(7, 6), sft_batch(8, 4), out)
+        rl, sft = rl_batch(7, 6), sft_batch(8, 4)
+        check_trainer_backend_contract(trainer, rank, 2, rl, sft, out, weight_port=ports[1])
     finally:
         trainer.close()
 
 
-def test_deepspeed_trainer_passes_the_trainer_backend_contract(tmp_path: Path) -> None:
-    model = build_tiny_model(tmp_path / "model", "dense")
-    run_ranks(_contract_worker, 2, free_port(), str(model), str(tmp_path), error_dir=tmp_path / "errors",
+@pytest.mark.parametrize(("arch", "zero"), [("dense", 2), ("moe", 3)])
+def test_deepspeed_trainer_passes_the_trainer_backend_contract(tmp_path: Path, arch: str, zero: int) -> None:
+    model = build_tiny_model(tmp_path / "model", arch)
+    ports = [free_port(), free_port()]
+    run_ranks(_contract_worker, 3, ports, str(model), str(tmp_path), zero, error_dir=tmp_path / "errors",
               timeout_s=TIMEOUT_S)  # fmt: skip
+    # The broadcast carried exactly the exported file: names (per expert for MoE), dtypes, values.
+    exported = load_file(tmp_path / "weights.safetensors")
+    received = torch.load(tmp_path / "broadcast.pt")
+    assert received.keys() == exported.keys()
+    for name, tensor in exported.items():
+        assert received[name].dtype == tensor.dtype and torch.equal(received[name], tensor), name
+    if arch == "moe":
+        assert "model.layers.0.mlp.experts.3.down_proj.weight" in received

@@ -1,7 +1,9 @@
 """The contract every TrainerBackend implementation passes, checked from inside each of its ranks.
 
-Call `check_trainer_backend_contract(trainer, rank, world_size, rl, sft, out_dir)` on every rank with
-the same full batches; each rank takes its contiguous share of rows, as the Ray trainer group does.
+Call `check_trainer_backend_contract(trainer, rank, world_size, rl, sft, out_dir, weight_port)` on every
+rank with the same full batches; each rank takes its contiguous share of rows, as the Ray trainer group
+does. Meanwhile one more process runs `receive_broadcast(weight_port, out_dir)`: an engine's side of the
+weight group, whose tensors must equal the exported file's.
 """
 
 from __future__ import annotations
@@ -25,8 +27,22 @@ def _share(batch, rank: int, world_size: int):  # type: ignore[no-untyped-def]
     return type(batch)(**{k: None if v is None else v[part] for k, v in vars(batch).items()})
 
 
+def receive_broadcast(weight_port: int, out_dir: str) -> None:
+    from icepop import comm
+
+    group = comm.weight_group("127.0.0.1", weight_port, 1, 2, torch.device("cpu"))
+    received = {name: t.clone() for name, t in comm.receive_tensors(group, torch.device("cpu"))}
+    torch.save(received, Path(out_dir) / "broadcast.pt")
+
+
 def check_trainer_backend_contract(
-    trainer: TrainerBackend, rank: int, world_size: int, rl: RLBatch, sft: SFTBatch, out_dir: str
+    trainer: TrainerBackend,
+    rank: int,
+    world_size: int,
+    rl: RLBatch,
+    sft: SFTBatch,
+    out_dir: str,
+    weight_port: int,
 ) -> None:
     mine = _share(rl, rank, world_size)
     before = trainer.logprobs(mine.input_ids, mine.attention_mask, 1.0)
@@ -48,6 +64,10 @@ def check_trainer_backend_contract(
     trainer.export_weights(str(weights))  # collective: returns on every rank once the file is complete
     state = load_file(weights)
     assert state and all(torch.isfinite(t.float()).all() for t in state.values())
+    # The same weights over the weight group: what `receive_broadcast` got must equal the file.
+    trainer.join_weight_group("127.0.0.1", weight_port, 2)
+    sent = trainer.broadcast_weights()
+    assert (sent > 0) == (rank == 0)
     trainer.save(str(Path(out_dir) / "checkpoint"))
     assert (Path(out_dir) / "checkpoint" / "config.json").is_file()
     assert load_file(Path(out_dir) / "checkpoint" / "model.safetensors").keys() == state.keys()

@@ -21,8 +21,11 @@ from icepop.config import Config
 PLACEMENT_TIMEOUT_SECONDS = 120.0
 
 
-def process_env(on_gpu: bool) -> dict[str, str]:
-    """Environment every process of the run needs (set where unset; never overrides the user)."""
+def process_env(on_gpu: bool, local: bool) -> dict[str, str]:
+    """Environment every process of the run needs (set where unset; never overrides the user).
+
+    local: a single-node cluster that we start; gloo and NCCL then bind the loopback interface only.
+    """
     env = {
         "RAY_AUTH_MODE": "disabled",  # Ray 2.60's token auth must match across every process and CLI call
         "VLLM_HOST_IP": "127.0.0.1",
@@ -35,6 +38,8 @@ def process_env(on_gpu: bool) -> dict[str, str]:
     }
     if not on_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    if local:
+        env.update(GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo")
     return {key: os.environ.get(key, value) for key, value in env.items()}
 
 
@@ -52,15 +57,14 @@ def start(config: Config) -> None:
     import ray
 
     need = needed_resources(config)
-    env = process_env(on_gpu=need["GPU"] > 0)
+    env = process_env(on_gpu=need["GPU"] > 0, local=config.cluster.address is None)
     os.environ.update(env)
     runtime_env = {"env_vars": env}
     if config.cluster.address is not None:
         ray.init(address=config.cluster.address, runtime_env=runtime_env, log_to_driver=True)
         _graceful_sigterm()
         return
-    # Single node: this variable keeps Ray from rewriting 127.0.0.1 to the machine's routable address.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _keep_ray_on_loopback()
     num_cpus = config.cluster.num_cpus or int(need["CPU"]) + 1  # + 1 for the driver's own tasks
     ray.init(
         _node_ip_address="127.0.0.1",
@@ -71,6 +75,17 @@ def start(config: Config) -> None:
         log_to_driver=True,
     )
     _graceful_sigterm()
+
+
+def _keep_ray_on_loopback() -> None:
+    """Keep a single-node Ray from rewriting 127.0.0.1 to the machine's routable address (its agents
+    and gRPC servers would then listen there and on 0.0.0.0). Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
+    once, when `ray` is first imported: the variable covers the processes Ray starts, and the constant
+    its driver-side copy, since `ray` is already imported here (icepop.stages imports it)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def _graceful_sigterm() -> None:

@@ -100,14 +100,12 @@ class RolloutGroup:
     def merge(results: list[list[list[Completion]]]) -> list[list[Completion]]:
         return [group for block in results for group in block]
 
-    def async_load_weights(self, path: str) -> list[Any]:
-        return [a.call.remote("load_weights", path) for a in self.actors]
-
     def async_score(self, token_ids: list[int], prompt_len: int) -> list[Any]:
         return [a.call.remote("score", token_ids, prompt_len) for a in self.actors]
 
-    def async_call(self, method: str) -> list[Any]:
-        return [a.call.remote(method) for a in self.actors]
+    def async_call(self, method: str, *args: Any) -> list[Any]:
+        """The same call on every engine."""
+        return [a.call.remote(method, *args) for a in self.actors]
 
 
 class TrainerGroup:
@@ -207,3 +205,35 @@ class ReferenceGroup:
 
     def async_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         return self.actor.call.remote("logprobs", input_ids, attention_mask)
+
+
+class WeightSync:
+    """Pushes the trainer's new weights into every engine, without restarting vLLM.
+
+    "broadcast": trainer rank 0 streams them over the weight group (icepop.comm; gloo on CPU, NCCL on
+    GPU), bucket by bucket under ZeRO-3, to engines on any node. "file": rank 0 writes one safetensors
+    file (on /dev/shm) that every engine reads; simple, but only for engines on the trainer's node.
+    """
+
+    def __init__(self, method: str, trainer: TrainerGroup, rollout: RolloutGroup, file_path: str) -> None:
+        import ray
+
+        self.method, self.trainer, self.rollout, self.file_path = method, trainer, rollout, file_path
+        if method == "broadcast":  # trainer rank 0 is member 0 of the group, engine i is member i + 1
+            addr, port = ray.get(trainer.actors[0].node_address.remote())
+            size = 1 + len(rollout.actors)
+            engines = [
+                actor.call.remote("join_weight_group", addr, port, i + 1, size)
+                for i, actor in enumerate(rollout.actors)
+            ]
+            ray.get([trainer.actors[0].call.remote("join_weight_group", addr, port, size), *engines])
+
+    def push(self) -> None:
+        """Blocks until every engine holds the trainer's current weights."""
+        import ray
+
+        if self.method == "broadcast":  # sender and receivers run together
+            ray.get(self.trainer.async_call("broadcast_weights") + self.rollout.async_call("receive_weights"))
+        else:  # the file must be complete before any engine reads it
+            ray.get(self.trainer.async_call("export_weights", self.file_path))
+            ray.get(self.rollout.async_call("load_weights", self.file_path))

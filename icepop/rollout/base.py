@@ -31,6 +31,15 @@ class RolloutEngine(Protocol):
         """Replace the weights with the full state dict (Hugging Face names) in a safetensors file."""
         ...
 
+    def join_weight_group(self, addr: str, port: int, rank: int, world_size: int) -> None:
+        """Join the weight group (icepop.comm) as member `rank` ≥ 1; trainer rank 0 is its sender."""
+        ...
+
+    def receive_weights(self) -> None:
+        """Replace the weights with those broadcast over the weight group (full state dict, Hugging
+        Face names); collective with the trainer's `broadcast_weights`."""
+        ...
+
     def sleep(self) -> None:
         """Release accelerator memory (weights and KV cache) until `wake`; a no-op on CPU."""
         ...

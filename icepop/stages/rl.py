@@ -31,7 +31,7 @@ from icepop.algo import (
 )
 from icepop.config import Config, derived
 from icepop.ray import cluster
-from icepop.ray.workers import ReferenceGroup, RolloutGroup, TrainerGroup
+from icepop.ray.workers import ReferenceGroup, RolloutGroup, TrainerGroup, WeightSync
 from icepop.stages import setup
 from icepop.stages.batch import rl_batch, select_rows, sequence_count, split_rows
 from icepop.stages.evaluate import evaluate
@@ -52,7 +52,7 @@ class RLRun:
     rewards: Any  # a reward pool with score(prompts, texts) (icepop.rewards.pool)
     pad_id: int
     probe: list[int]
-    weights_path: Path
+    weight_sync: WeightSync
     tracker: Tracker
 
 
@@ -111,8 +111,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     lap("train")
 
     # 6. Sync the new weights into every engine, then check engine and trainer agree on the probe.
-    ray.get(run.trainer.async_call("export_weights", str(run.weights_path)))
-    ray.get(run.rollout.async_load_weights(str(run.weights_path)))
+    run.weight_sync.push()  # blocks until every engine holds the new weights
     probe_diff = weights.probe_difference(run.rollout, run.trainer, run.probe)
     weights.check_probe(probe_diff, config.rollout, step)
     lap("sync")
@@ -193,6 +192,7 @@ def run_rlvr(config: Config, run_dir: Path) -> Path:
     counts = derived(config)
     print(f"icepop rlvr: model {config.model.path} ({model_path}); {counts.describe(config)}")
     weights_dir = Path(tempfile.mkdtemp(prefix="icepop-weights-", dir=weights.shm_dir()))
+    sync_file = str(weights_dir / "weights.safetensors")  # used by rollout.weight_sync=file
     cluster.start(config)
     try:
         placement = cluster.reserve(config)
@@ -222,7 +222,7 @@ def run_rlvr(config: Config, run_dir: Path) -> Path:
                 rewards,
                 tokenizer.pad_token_id,
                 weights.probe_sequence(eval_prompts),
-                weights_dir / "weights.safetensors",
+                WeightSync(config.rollout.weight_sync, trainer, rollout, sync_file),
                 tracker,
             )
             evaluate(run, eval_prompts, step=0)

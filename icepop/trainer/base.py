@@ -37,6 +37,15 @@ class TrainerBackend(Protocol):
         inference engine loads; collective: every rank calls it, rank 0 writes."""
         ...
 
+    def join_weight_group(self, addr: str, port: int, world_size: int) -> None:
+        """Rank 0 joins the weight group (icepop.comm) as its sender; collective with the engines."""
+        ...
+
+    def broadcast_weights(self) -> int:
+        """Send the full weights (names as for `export_weights`) over the weight group; collective over
+        the ranks and with the engines' `receive_weights`. Returns the bytes sent by this rank."""
+        ...
+
     def save(self, directory: str) -> None:
         """Save a Hugging Face checkpoint (config, tokenizer, weights) that vLLM and transformers load;
         collective like `export_weights`."""

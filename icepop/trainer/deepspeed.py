@@ -13,6 +13,7 @@ forward): ranks pad to the same number of micro-batches with dummies whose loss 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import importlib
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from icepop import comm
 from icepop.algo import PolicyLossOptions, logprobs_and_entropy, pg_loss
 from icepop.trainer.inputs import DTYPES, check_args, check_batch, lr_factor, rows_of
 from icepop.types import RLBatch, SFTBatch
@@ -82,6 +84,7 @@ class DeepSpeedTrainer:
         self.zero_stage, self.micro_batch_size, self.temperature = zero_stage, micro_batch_size, temperature
         torch.manual_seed(seed)
         self.device = self._init_distributed(master_addr, master_port, local_rank)
+        self._weight_group: dist.ProcessGroup | None = None  # rank 0 only, after join_weight_group
         adamw = {"lr": lr, "betas": list(betas), "eps": eps, "torch_adam": True}  # plain torch, no JIT op
         config = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -121,14 +124,10 @@ class DeepSpeedTrainer:
             # On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op (≈ 70 s,
             # needs g++) that only its inference path uses; marking it incompatible skips that.
             importlib.import_module("deepspeed.ops").__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(
-            dist_backend="nccl" if cuda else "gloo",
-            auto_mpi_discovery=False,
-            distributed_port=port,
-            rank=self.rank,
-            world_size=self.world_size,
-            verbose=False,
-        )
+        backend = "nccl" if cuda else "gloo"
+        # Our own store, listening on `addr` only; DeepSpeed then adopts the initialised group.
+        comm.init_world(addr, port, self.rank, self.world_size, backend)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
     def _build_model(self, config: dict[str, Any], dtype: torch.dtype, checkpointing: bool) -> Any:
@@ -289,25 +288,28 @@ class DeepSpeedTrainer:
             local_loss += float(loss.detach())
         return {**self._step(local_loss, "sft"), "sft/micro_batches": float(len(slices))}
 
-    def _full_state_dict(self) -> dict[str, Tensor]:
-        """Every parameter and persistent buffer, full-size, on the CPU, on rank 0 ({} elsewhere);
-        collective under ZeRO-3. Tied weights appear once (named_parameters deduplicates them)."""
+    def _state_buckets(self, device: torch.device | str) -> Iterator[dict[str, Tensor]]:
+        """Every parameter and persistent buffer, full-size, in buckets of about GATHER_BUCKET_BYTES,
+        as copies on `device`, on rank 0 (empty dicts elsewhere); collective under ZeRO-3 (one
+        all-gather per bucket, never the whole model). Tied weights appear once (named_parameters
+        deduplicates them)."""
         module = self.engine.module
-        params = list(module.named_parameters())
-        state: dict[str, Tensor] = {}
+        gathered: Any = contextlib.nullcontext  # ZeRO-1/2 keep full, updated parameters on every rank
         if self.zero_stage == 3:
             import deepspeed
 
-            for bucket in _buckets(params, GATHER_BUCKET_BYTES):
-                with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
-                    if self.rank == 0:
-                        state.update({name: p.detach().to("cpu", copy=True) for name, p in bucket})
-        elif self.rank == 0:  # ZeRO-1/2 keep full, updated parameters on every rank
-            state = {name: p.detach().to("cpu", copy=True) for name, p in params}
+            gathered = functools.partial(deepspeed.zero.GatheredParameters, modifier_rank=None)
+        for bucket in _buckets(list(module.named_parameters()), GATHER_BUCKET_BYTES):
+            with gathered([p for _, p in bucket]):
+                copies = {n: p.detach().to(device, copy=True) for n, p in bucket} if self.rank == 0 else {}
+            yield copies
         if self.rank == 0:
             persistent = set(module.state_dict().keys())  # without the non-persistent (rotary) buffers
-            state.update({n: b.to("cpu", copy=True) for n, b in module.named_buffers() if n in persistent})
-        return state
+            yield {n: b.to(device, copy=True) for n, b in module.named_buffers() if n in persistent}
+
+    def _full_state_dict(self) -> dict[str, Tensor]:
+        """The whole state of `_state_buckets` on the CPU, on rank 0 ({} elsewhere); collective."""
+        return {name: t for bucket in self._state_buckets("cpu") for name, t in bucket.items()}
 
     def export_weights(self, path: str) -> None:
         """One safetensors file with exactly the names and shapes `save_pretrained` writes (MoE
@@ -321,6 +323,29 @@ class DeepSpeedTrainer:
                 self.engine.module.save_pretrained(folder, state_dict=state, max_shard_size=ONE_FILE)
                 os.replace(os.path.join(folder, "model.safetensors"), path)
         dist.barrier()  # when export_weights returns on any rank, the file is complete
+
+    def join_weight_group(self, addr: str, port: int, world_size: int) -> None:
+        """Rank 0 joins the weight group as its rank 0 (the sender), beside the engines; the other
+        ranks have nothing to do. Collective with the engines' `join_weight_group`."""
+        if self.rank == 0:
+            self._weight_group = comm.weight_group(addr, port, 0, world_size, self.device)
+
+    def broadcast_weights(self) -> int:
+        """Stream the full weights, with the names and shapes `save_pretrained` writes, to every engine
+        of the weight group; collective over the trainer ranks (ZeRO-3 gathers) and with the engines'
+        `receive_weights`. Returns the bytes sent (0 on ranks other than 0)."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        if self.rank != 0:
+            for _ in self._state_buckets(self.device):  # take part in the ZeRO-3 gathers
+                pass
+            return 0
+        if self._weight_group is None:
+            raise RuntimeError("broadcast_weights before join_weight_group: there is no engine to send to")
+        # Bucket by bucket: each conversion (fused MoE experts → per-expert tensors) needs one parameter.
+        module = self.engine.module
+        buckets = (revert_weight_conversion(module, b) for b in self._state_buckets(self.device) if b)
+        return comm.send_tensors(self._weight_group, buckets, self.device)
 
     def save(self, directory: str) -> None:
         """A Hugging Face folder (config, generation config, tokenizer files copied from model_path,
@@ -337,6 +362,7 @@ class DeepSpeedTrainer:
 
     def close(self) -> None:
         """Free the engine and leave the process group (also avoids a rare SIGABRT at exit)."""
+        self._weight_group = None
         if self.engine is not None:
             self.engine.destroy()
             self.engine = None
