@@ -4,7 +4,7 @@ Dataclasses registered in Hydra's ConfigStore as the schema of `conf/config.yaml
 conf/ and recipes/ hold only differences. Every field has a one-line docstring. Value checks run
 when the composed config becomes these objects (`OmegaConf.to_object`), with messages naming the
 field. Quantities derived from several fields (samples per step, micro-batches, gradient
-accumulation) are computed by `derived`, printed at start-up and never configured.
+accumulation) are computed by `icepop.derived`, printed at start-up and never configured.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from omegaconf import MISSING
 
 from icepop.algo import AGGREGATIONS, PolicyLossOptions
 
-STAGES = ("sft", "rlvr")
+STAGES = ("sft", "rm", "rlvr", "rlhf", "eval", "pipeline")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 DTYPES = ("float32", "bfloat16")
 
@@ -108,8 +108,7 @@ class RolloutConfig:
     gpus_per_engine: int = 0
     """GPUs per engine (tensor parallel size); 0 on CPU machines."""
     weight_sync: str = "broadcast"
-    """How new weights reach the engines: "broadcast" (trainer rank 0 → engines over a gloo/NCCL group,
-    any number of nodes) or "file" (a safetensors file in /dev/shm; one node only)."""
+    """"broadcast" (rank 0 → engines over a gloo/NCCL group, multi-node) or "file" (/dev/shm, one node)."""
     probe_tolerance: float | None = None
     """Largest |Δ log p| allowed on the sync probe; None: 1e-3 for float32 engines, 0.1 for bfloat16."""
 
@@ -239,9 +238,32 @@ class RewardConfig:
     """Reward worker processes."""
     timeout_seconds: float = 10.0
     """Per-sample time limit; a sample past it scores 0 and is counted."""
+    rule_weight: float = 1.0
+    """Weight of the rule reward (verifier or `function`); 0 turns it off."""
+    model_path: str | None = None
+    """Reward model (a sequence-classification checkpoint, e.g. +recipe=rm's output); None: rule only."""
+    model_weight: float = 1.0
+    """Weight of the reward model's score (whitened over the step's batch when `normalize`)."""
+    normalize: bool = True
+    """Whiten reward-model scores over each step's batch (mean 0, std 1) before weighting."""
+    model_workers: int = 1
+    """Reward-model scoring actors (Ray), each with its own placement bundle."""
+    cpus_per_model_worker: int = 1
+    """CPUs reserved per reward-model actor."""
+    gpus_per_model_worker: int = 0
+    """GPUs per reward-model actor; 0 on CPU machines."""
+    model_batch_size: int = 32
+    """Conversations per reward-model forward."""
 
     def __post_init__(self) -> None:
-        _positive(**{"reward.workers": self.workers, "reward.timeout_seconds": self.timeout_seconds})
+        _positive(
+            **{
+                "reward.workers": self.workers,
+                "reward.timeout_seconds": self.timeout_seconds,
+                "reward.model_workers": self.model_workers,
+                "reward.model_batch_size": self.model_batch_size,
+            }
+        )
 
 
 @dataclass
@@ -295,6 +317,12 @@ class SFTConfig:
     """Peak learning rate of the SFT stage."""
     warmup_steps: int = 20
     """Linear warm-up of the SFT learning rate."""
+    group_by_length: bool = False
+    """Batch conversations of similar length: less padding, but less varied batches (slower SFT here)."""
+    eval_size: int = 256
+    """Held-out conversations for the validation loss (at most half the set)."""
+    eval_every: int = 100
+    """Validation loss every this many steps (0: before and after only)."""
 
     def __post_init__(self) -> None:
         values = {
@@ -307,9 +335,67 @@ class SFTConfig:
 
 
 @dataclass
+class RMConfig:
+    steps: int = 150
+    """Optimizer steps of reward-model training (+recipe=rm)."""
+    pairs: int = 4000
+    """Preference pairs generated for a built-in task (datasets use all their rows)."""
+    source: str = "countdown"
+    """Pairs: a built-in task, or a jsonl/json/parquet file or hub name with prompt/chosen/rejected."""
+    batch_size: int = 32
+    """Pairs per optimizer step (over all ranks); trainer.micro_batch_size pairs per forward."""
+    lr: float = 1e-3
+    """Peak learning rate of reward-model training."""
+    warmup_steps: int = 10
+    """Linear warm-up of the reward-model learning rate."""
+    eval_size: int = 256
+    """Held-out pairs for the pairwise accuracy reported before and after training."""
+    eval_every: int = 50
+    """Report held-out pairwise accuracy every this many steps (0: before and after only)."""
+
+    def __post_init__(self) -> None:
+        values = {"steps": self.steps, "pairs": self.pairs, "batch_size": self.batch_size, "lr": self.lr,
+                  "eval_size": self.eval_size}  # fmt: skip
+        _positive(**{f"rm.{name}": value for name, value in values.items()})
+
+
+@dataclass
+class EvalConfig:
+    samples_per_prompt: int = 4
+    """k: samples per held-out problem for avg@k and pass@k (+recipe=eval)."""
+    temperature: float = 1.0
+    """Sampling temperature of the k samples (0: greedy, then k is 1)."""
+
+    def __post_init__(self) -> None:
+        _positive(**{"eval.samples_per_prompt": self.samples_per_prompt})
+        if self.temperature < 0:
+            raise ValueError(f"eval.temperature must be >= 0; got {self.temperature}")
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: ["sft", "rm", "rlvr", "rlhf", "eval"])
+    """In order; each starts from the last policy; rm trains rlhf's and eval's reward model."""
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Per stage, overrides applied after its recipe and the pipeline's own, e.g. {rlvr: [train.steps=9]}."""
+
+    def __post_init__(self) -> None:
+        for stage in self.stages:
+            _one_of("pipeline.stages[...]", stage, ("sft", "rm", "rlvr", "rlhf", "eval"))
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"pipeline.stages={self.stages} names a stage twice")
+        if (
+            "rlhf" in self.stages
+            and "rm" in self.stages
+            and self.stages.index("rm") > self.stages.index("rlhf")
+        ):
+            raise ValueError("pipeline.stages: rm must come before rlhf, which uses its reward model")
+
+
+@dataclass
 class Config:
     stage: str = MISSING
-    """What to run: "sft" or "rlvr" (set by the recipe: `+recipe=rlvr`)."""
+    """What to run: sft, rm, rlvr, rlhf, eval or pipeline (set by the recipe: `+recipe=rlvr`)."""
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -321,67 +407,15 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self) -> None:
+        from icepop.derived import derived
+
         _one_of("stage", self.stage, STAGES)
         derived(self)  # refuses inconsistent batch sizes
-
-
-@dataclass(frozen=True)
-class Derived:
-    """Quantities computed from the config, printed at start-up."""
-
-    samples_per_step: int
-    samples_per_rank: int
-    micro_batches_per_update: int
-    sft_samples_per_rank: int
-    sft_micro_batches: int
-
-    def describe(self, config: Config) -> str:
-        rollout, trainer = config.rollout, config.trainer
-        return (
-            f"samples/step {self.samples_per_step} = {config.algo.prompts_per_step} prompts × "
-            f"{config.algo.samples_per_prompt}; per trainer rank {self.samples_per_rank}; "
-            f"{config.algo.updates_per_step} update(s)/step of {self.micro_batches_per_update} "
-            f"micro-batch(es) × {trainer.micro_batch_size} sequences (gradient accumulation "
-            f"{self.micro_batches_per_update}); "
-            f"placement {config.cluster.placement}: {rollout.engines} engine(s) × "
-            f"{rollout.cpus_per_engine} CPU/{rollout.gpus_per_engine} GPU, {trainer.ranks} trainer rank(s) × "
-            f"{trainer.cpus_per_rank} CPU/{trainer.gpus_per_rank} GPU"
-        )
-
-
-def derived(config: Config) -> Derived:
-    """Compute the derived batch quantities; ValueError with one clear message if they do not divide."""
-    algo, trainer = config.algo, config.trainer
-    samples = algo.prompts_per_step * algo.samples_per_prompt
-    per_update = samples // algo.updates_per_step
-    per_rank_update = per_update // trainer.ranks
-    sft_per_rank = config.sft.batch_size // trainer.ranks
-    if (
-        samples % algo.updates_per_step
-        or per_update % trainer.ranks
-        or per_rank_update % trainer.micro_batch_size
-        or sft_per_rank * trainer.ranks != config.sft.batch_size
-        or sft_per_rank % trainer.micro_batch_size
-    ):
-        raise ValueError(
-            "inconsistent batch sizes: algo.prompts_per_step × algo.samples_per_prompt = "
-            f"{samples} samples per "
-            f"step must split into algo.updates_per_step={algo.updates_per_step} updates × trainer.ranks="
-            f"{trainer.ranks} ranks × whole micro-batches of "
-            f"trainer.micro_batch_size={trainer.micro_batch_size}, "
-            f"and sft.batch_size={config.sft.batch_size} into {trainer.ranks} ranks × micro-batches of "
-            f"{trainer.micro_batch_size}; e.g. make {samples} and {config.sft.batch_size} multiples of "
-            f"{algo.updates_per_step * trainer.ranks * trainer.micro_batch_size}"
-        )
-    return Derived(
-        samples_per_step=samples,
-        samples_per_rank=samples // trainer.ranks,
-        micro_batches_per_update=per_rank_update // trainer.micro_batch_size,
-        sft_samples_per_rank=sft_per_rank,
-        sft_micro_batches=sft_per_rank // trainer.micro_batch_size,
-    )
 
 
 def register() -> None:

@@ -57,20 +57,25 @@ def to_config(cfg: DictConfig) -> Config:
     return config
 
 
+def compose(overrides: list[str]) -> Config:
+    """One stage's config, composed like a command line with these overrides (for the pipeline): the
+    pipeline command's own overrides come first, so a stage's recipe and its overrides win."""
+    from hydra.core.hydra_config import HydraConfig
+
+    own = ("+recipe=", "run.dir=", "pipeline.")  # the pipeline's own, not its stages'
+    given = [o for o in HydraConfig.get().overrides.task if not o.startswith(own)]
+    return to_config(hydra.compose(config_name="config", overrides=[overrides[0], *given, *overrides[1:]]))
+
+
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    from icepop.stages.pipeline import run_stage
+
     config = to_config(cfg)
     run_dir = Path(config.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    if config.stage == "sft":
-        from icepop.stages.sft import run_sft
-
-        run_sft(config, run_dir)
-    else:
-        from icepop.stages.rl import run_rlvr
-
-        run_rlvr(config, run_dir)
+    run_stage(config, run_dir, compose)
 
 
 if __name__ == "__main__":

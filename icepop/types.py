@@ -72,3 +72,13 @@ class SFTBatch:
     input_ids: Tensor
     attention_mask: Tensor
     loss_mask: Tensor
+
+
+@dataclass
+class PreferenceBatch:
+    """Preference pairs for a reward model, right-padded: rows 0..B-1 are the chosen conversations and
+    rows B..2B-1 the rejected ones, row B+i pairing with row i. The score is read at each row's last
+    non-padding token."""
+
+    input_ids: Tensor  # [2B, L]
+    attention_mask: Tensor  # [2B, L]

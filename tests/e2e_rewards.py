@@ -11,3 +11,10 @@ from icepop.types import Prompt
 def shorter(prompt: Prompt, response_text: str) -> float:
     """1 / (1 + characters): shorter answers score higher."""
     return 1.0 / (1.0 + len(response_text))
+
+
+def longer(prompt: Prompt, response_text: str) -> float:
+    """min(characters, 24) / 24: longer answers score higher, up to 24 characters. Used before RLHF in
+    the pipeline test, whose reward model prefers short replies, so the two stages pull apart and
+    each must move its own measure."""
+    return min(len(response_text), 24) / 24

@@ -12,7 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from icepop.config import Config, derived
+from icepop.config import Config
+from icepop.derived import derived
 from icepop.train import CONF_DIR, RECIPES, RECIPES_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +58,15 @@ def test_defaults_of_the_embedded_rlvr_run() -> None:
     assert d.samples_per_rank * config.trainer.ranks == d.samples_per_step
 
 
+def test_stage_recipes_hold_their_differences() -> None:
+    rlhf, rlvr = compose_config("+recipe=rlhf"), compose_config("+recipe=rlvr")
+    assert rlhf.rollout.max_new_tokens < rlvr.rollout.max_new_tokens  # RLHF rollouts are shorter
+    assert rlhf.reward.rule_weight == 0.0 and rlvr.reward.rule_weight == 1.0
+    pipeline = compose_config("+recipe=pipeline")
+    assert pipeline.pipeline.stages == ["sft", "rm", "rlvr", "rlhf", "eval"]
+    assert set(pipeline.pipeline.overrides) == set(pipeline.pipeline.stages)
+
+
 def test_group_options_change_what_they_should() -> None:
     moe = compose_config("+recipe=rlvr", "model=tiny-moe", "algo=tis", "cluster=gpu")
     assert moe.model.path == "tiny:moe"
@@ -75,6 +85,12 @@ def test_group_options_change_what_they_should() -> None:
         ("data.eval_size=0", "data.eval_size must be > 0"),
         ("algo.prompts_per_step=3", "inconsistent batch sizes"),
         ("trainer.micro_batch_size=7", "inconsistent batch sizes"),
+        ("rollout.weight_sync=nccl", "rollout.weight_sync='nccl' is not one of broadcast, file"),
+        ("rm.batch_size=0", "rm.batch_size must be > 0"),
+        ("eval.temperature=-1", "eval.temperature must be >= 0"),
+        ("pipeline.stages=[sft,ppo]", "pipeline.stages[...]='ppo' is not one of"),
+        ("pipeline.stages=[rlhf,rm]", "rm must come before rlhf"),
+        ("pipeline.stages=[sft,sft]", "names a stage twice"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(override: str, message: str) -> None:

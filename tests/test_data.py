@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from data_helpers import write_jsonl
 
 from icepop.data import (
     ShuffledBatches,
@@ -18,17 +18,6 @@ from icepop.data import (
     load_sft_examples,
     tokenize_conversation,
 )
-from icepop.models.tiny import build_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    return build_tokenizer()
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 def test_builtin_prompts_are_chat_templated_and_short(tokenizer: Any) -> None:
@@ -74,7 +63,7 @@ def test_jsonl_with_field_mapping(tmp_path: Path, tokenizer: Any) -> None:
     # A string prompt in one row and a messages list in another cannot share a json column type;
     # keep each file homogeneous as datasets requires: strings here, messages in the parquet test.
     rows = [ROWS[0], ROWS[2]]
-    path = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
     fields = {"prompt_field": "question", "answer_field": "solution", "task_field": "kind"}
     prompt_set = load_prompts(path, tokenizer, max_prompt_tokens=64, **fields)
     assert [(p.answer, p.task) for p in prompt_set.prompts] == [("4", "arithmetic"), ("2", "arithmetic")]
@@ -108,7 +97,7 @@ def test_parquet_with_messages_prompts(tmp_path: Path, tokenizer: Any) -> None:
 
 def test_malformed_rows_name_the_row_or_are_skipped(tmp_path: Path, tokenizer: Any) -> None:
     rows = [ROWS[0], {**ROWS[2], "solution": ""}, {**ROWS[0], "question": "  "}, ROWS[2]]
-    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
     fields = {"prompt_field": "question", "answer_field": "solution"}
     with pytest.raises(ValueError, match=r"row 1: field 'solution' is missing or empty"):
         load_prompts(path, tokenizer, 64, **fields)
@@ -118,7 +107,7 @@ def test_malformed_rows_name_the_row_or_are_skipped(tmp_path: Path, tokenizer: A
         load_prompts(path, tokenizer, 64, prompt_field="question")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_prompts(str(tmp_path / "missing.jsonl"), tokenizer, 64)
-    bad_messages = _write_jsonl(tmp_path / "msgs.jsonl", [{"prompt": [{"role": "user"}], "answer": "1"}])
+    bad_messages = write_jsonl(tmp_path / "msgs.jsonl", [{"prompt": [{"role": "user"}], "answer": "1"}])
     with pytest.raises(ValueError, match=r"row 0: field 'prompt' must be a string or a list"):
         load_prompts(bad_messages, tokenizer, 64)
 
@@ -184,7 +173,7 @@ def test_sft_multi_turn_masks_every_assistant_turn(tokenizer: Any) -> None:
 def test_sft_from_dataset_rows_and_collate(tmp_path: Path, tokenizer: Any) -> None:
     conversation = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "7"}]
     long = [{"role": "user", "content": "What is 10 + 20?"}, {"role": "assistant", "content": "30"}]
-    path = _write_jsonl(tmp_path / "sft.jsonl", [{"messages": conversation}, {"messages": long}])
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": conversation}, {"messages": long}])
     sft = load_sft_examples(path, tokenizer)
     assert [_masked_text(tokenizer, e.input_ids, e.loss_mask) for e in sft.examples] == [
         "7<|im_end|>",
@@ -199,9 +188,8 @@ def test_sft_from_dataset_rows_and_collate(tmp_path: Path, tokenizer: Any) -> No
     assert batch.loss_mask[0].tolist() == sft.examples[0].loss_mask + [False] * 3
     assert batch.loss_mask[1].tolist() == sft.examples[1].loss_mask
     assert int(batch.loss_mask.sum()) == 2 + 3  # "7" + <|im_end|>, "30" + <|im_end|>
-    # Too long conversations are dropped and counted; rows without an assistant turn name the row.
+    # Too long conversations and rows without an assistant turn are skipped and counted
+    # (tests/test_sft_data.py covers every reason and the log line).
     assert load_sft_examples(path, tokenizer, max_tokens=short_len).num_overlong == 1
-    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"messages": conversation}, {"messages": conversation[:1]}])
-    with pytest.raises(ValueError, match=r"row 1: field 'messages'"):
-        dataset_sft_examples(bad, tokenizer)
-    assert dataset_sft_examples(bad, tokenizer, skip_malformed=True).num_malformed == 1
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": conversation}, {"messages": conversation[:1]}])
+    assert dataset_sft_examples(bad, tokenizer).skipped == {"no_assistant": [1]}

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from e2e_helpers import SMALL, icepop_train
 from safetensors.torch import load_file
 
 REQUIRED = [
@@ -35,37 +33,6 @@ REQUIRED = [
     "perf/step_seconds",
     "perf/rollout_tokens_per_second",
 ]
-SMALL = [
-    "algo.prompts_per_step=4",
-    "algo.samples_per_prompt=4",
-    "trainer.micro_batch_size=4",
-    "sft.batch_size=8",
-    "rollout.max_new_tokens=12",
-    "data.size=200",
-    "sft.examples=200",
-    "data.eval_size=8",
-    "reward.workers=1",
-]
-
-
-def icepop_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    pythonpath = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
-    env = {
-        **os.environ,
-        "ICEPOP_CACHE": str(tmp_path / "cache"),
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": pythonpath,
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "icepop.train", *overrides],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}"
-    return result
 
 
 def rows(path: Path) -> list[dict]:

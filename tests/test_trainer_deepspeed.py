@@ -443,3 +443,55 @@ def test_deepspeed_trainer_passes_the_trainer_backend_contract(tmp_path: Path, a
         assert received[name].dtype == tensor.dtype and torch.equal(received[name], tensor), name
     if arch == "moe":
         assert "model.layers.0.mlp.experts.3.down_proj.weight" in received
+
+
+# ---- the reward model (model_kind="reward") ---------------------------------------------------
+
+
+def _reward_worker(rank: int, world_size: int, port: int, model_dir: str, out: str) -> None:
+    from icepop.algo import bradley_terry_loss
+    from icepop.data.preferences import builtin_preference_pairs, collate_pairs, tokenize_pairs
+    from icepop.trainer.deepspeed import DeepSpeedTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pairs, _ = tokenize_pairs(builtin_preference_pairs("arithmetic", 6, seed=0), tokenizer, None)
+    whole = collate_pairs(pairs, tokenizer.pad_token_id)
+    mine = collate_pairs(pairs[rank * 3 : rank * 3 + 3], tokenizer.pad_token_id)  # 3 pairs per rank
+    trainer = DeepSpeedTrainer(
+        model_dir, rank=rank, world_size=world_size, master_port=port, model_kind="reward", zero_stage=3,
+        ds_config_overrides=PARTITION_ALL, **{**TRAINER_ARGS, "micro_batch_size": 2},
+    )  # fmt: skip
+    res: dict[str, Any] = {"before": trainer.scores(whole.input_ids, whole.attention_mask)}
+    res["expected_first_loss"] = float(bradley_terry_loss(*res["before"].view(2, -1))[0])
+    res["metrics"] = [trainer.train_rm(mine, global_pair_count=6) for _ in range(8)]
+    res["after"] = trainer.scores(whole.input_ids, whole.attention_mask)
+    trainer.save(f"{out}/rm_ckpt")
+    trainer.close()
+    torch.save(res, f"{out}/rm_rank{rank}.pt")
+    torch.save(whole, f"{out}/rm_batch.pt")
+
+
+def test_reward_model_trains_bradley_terry_over_ranks_and_saves_a_loadable_classifier(tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    model = build_tiny_model(tmp_path / "model", "dense")
+    run_ranks(_reward_worker, 2, free_port(), str(model), str(tmp_path), error_dir=tmp_path / "errors",
+              timeout_s=TIMEOUT_S)  # fmt: skip
+    ranks = [torch.load(tmp_path / f"rm_rank{r}.pt", weights_only=False) for r in range(2)]
+    losses = [m["rm/loss"] for m in ranks[0]["metrics"]]
+    # The first step's loss is the mean over all 6 pairs (both ranks), at the initial weights.
+    assert losses[0] == pytest.approx(ranks[0]["expected_first_loss"], abs=1e-5)
+    assert [m["rm/loss"] for m in ranks[1]["metrics"]] == losses  # the same full-batch value on every rank
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert ranks[0]["metrics"][-1]["rm/accuracy"] == 1.0
+    chosen, rejected = ranks[0]["after"].view(2, -1)
+    assert bool((chosen > rejected).all())
+    # The checkpoint is a one-label sequence classifier that scores as the trainer did.
+    loaded = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "rm_ckpt", dtype=torch.float32
+    ).eval()
+    assert loaded.config.num_labels == 1
+    batch = torch.load(tmp_path / "rm_batch.pt", weights_only=False)
+    with torch.no_grad():
+        scores = loaded.eval()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
+    torch.testing.assert_close(scores, ranks[0]["after"], atol=1e-5, rtol=0)

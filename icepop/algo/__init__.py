@@ -24,6 +24,7 @@ from icepop.algo.metrics import (
     masked_mean,
     mismatch_metrics,
 )
+from icepop.algo.preference import bradley_terry_loss, pairwise_accuracy, whiten
 from icepop.algo.surrogates import OBJECTIVES
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "Correction",
     "PolicyLossOptions",
     "aggregate",
+    "bradley_terry_loss",
     "correction_metrics",
     "correction_weights",
     "dr_grpo_advantages",
@@ -48,9 +50,11 @@ __all__ = [
     "logprobs_and_entropy_naive",
     "masked_mean",
     "mismatch_metrics",
+    "pairwise_accuracy",
     "pg_loss",
     "policy_loss",
     "reinforce_pp_baseline_advantages",
     "rloo_advantages",
     "to_tokens",
+    "whiten",
 ]

@@ -5,12 +5,16 @@ Key design choices: every prompt is tokenized once, up front, with the tokenizer
 counted rather than truncated mid-question. Malformed rows raise a ValueError naming the row index
 and the field (or, with `skip_malformed=True`, are dropped and counted). `ShuffledBatches` draws each
 epoch's order from (seed, epoch) alone, so its state is two integers a checkpoint can hold.
+
+Also the pieces every data loader shares: chat-message validation that names what is wrong
+(`parse_messages`), the skipped-rows record (reason → row indices) with its stats, log line and
+"nothing usable" error, and the deterministic held-out split (`split_holdout`).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -21,6 +25,21 @@ from icepop.types import Prompt
 T = TypeVar("T")
 Messages = list[dict[str, str]]
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+ROLES = ("system", "user", "assistant")
+
+Skipped = dict[str, list[int]]
+"""Source rows left out of a data set: reason → every skipped row index (0-based), in row order."""
+OVERLONG = "overlong"
+"""The skip reason for rows over the token limit; every other reason counts as malformed."""
+MESSAGE_SKIP_REASONS = {
+    "no_messages": "no messages",
+    "bad_message": "a message without str role and content",
+    "bad_role": "a role other than system/user/assistant",
+    "empty_content": "empty content",
+}
+"""`parse_messages`' reasons and how a log line names them."""
+SHOWN_ROWS = 5
+"""Row indices a log line or error shows per reason."""
 
 
 @dataclass
@@ -84,6 +103,84 @@ def row_messages(value: Any, index: int, field: str) -> Messages | None:
 
 def _is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
+
+
+def parse_messages(value: Any) -> tuple[Messages | None, str | None]:
+    """(messages, None) for a non-empty list of {"role", "content"} dicts with a role in ROLES and
+    non-blank content, else (None, reason) with a key of MESSAGE_SKIP_REASONS. Never raises."""
+    if not isinstance(value, list) or not value:
+        return None, "no_messages"
+    if not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    ):
+        return None, "bad_message"
+    if any(m["role"] not in ROLES for m in value):
+        return None, "bad_role"
+    if any(not m["content"].strip() for m in value):
+        return None, "empty_content"
+    return [{"role": m["role"], "content": m["content"]} for m in value], None
+
+
+def _rows_text(indices: list[int]) -> str:
+    """ "row 90", "rows 4, 17" or "rows 1, 2, 3, 4, 5 and 7 more"."""
+    shown = ", ".join(str(i) for i in indices[:SHOWN_ROWS])
+    more = f" and {len(indices) - SHOWN_ROWS} more" if len(indices) > SHOWN_ROWS else ""
+    return f"row {shown}" if len(indices) == 1 else f"rows {shown}{more}"
+
+
+def describe_skipped(skipped: Skipped, labels: dict[str, str]) -> str:
+    """ "skipped 3 malformed (empty content: rows 4, 17; no assistant turn: row 90), 2 over-long (rows
+    5, 8)", or "none skipped"; `labels` names the reasons, in the order they are listed."""
+    malformed = [reason for reason in labels if reason != OVERLONG and skipped.get(reason)]
+    parts = []
+    if malformed:
+        count = sum(len(skipped[reason]) for reason in malformed)
+        details = "; ".join(f"{labels[reason]}: {_rows_text(skipped[reason])}" for reason in malformed)
+        parts.append(f"{count} malformed ({details})")
+    if skipped.get(OVERLONG):
+        parts.append(f"{len(skipped[OVERLONG])} over-long ({_rows_text(skipped[OVERLONG])})")
+    return "skipped " + ", ".join(parts) if parts else "none skipped"
+
+
+def describe_data(count: int, noun: str, source: str, skipped: Skipped, labels: dict[str, str]) -> str:
+    """One log line: "icepop data: 950 conversations from train.jsonl; skipped 3 malformed (…)"."""
+    return f"icepop data: {count} {noun} from {source}; {describe_skipped(skipped, labels)}"
+
+
+def skipped_stats(skipped: Skipped, labels: dict[str, str]) -> dict[str, float]:
+    """data/overlong_dropped, data/malformed_dropped, and data/skipped_<reason> for every reason."""
+    overlong = len(skipped.get(OVERLONG, []))
+    return {
+        "data/overlong_dropped": float(overlong),
+        "data/malformed_dropped": float(sum(len(rows) for rows in skipped.values()) - overlong),
+        **{f"data/skipped_{reason}": float(len(skipped.get(reason, []))) for reason in labels},
+    }
+
+
+def nothing_usable(
+    source: str, noun: str, skipped: Skipped, labels: dict[str, str], valid_row: str | None
+) -> ValueError:
+    """The error for a source none of whose rows can be used: what was skipped, and what a valid row
+    looks like (left out when None, for generated data)."""
+    found = describe_skipped(skipped, labels) if skipped else "it has no rows"
+    hint = " (raise max_tokens to keep the over-long ones)" if skipped.get(OVERLONG) else ""
+    example = f". A valid row looks like {valid_row}" if valid_row is not None else ""
+    return ValueError(
+        f"{source!r} has no usable {noun}: {found}{hint}; row indices count data rows from 0{example}"
+    )
+
+
+def split_holdout(examples: Sequence[T], count: int, seed: int) -> tuple[list[T], list[T]]:
+    """(train, held_out): `count` examples drawn at random from (seed) alone, but never more than half
+    of them (len // 2), so training always keeps at least as many. Both keep the input order and
+    are disjoint; together they are `examples`. For SFT validation loss and reward-model accuracy."""
+    if count < 0:
+        raise ValueError(f"held-out count={count} must be 0 or more")
+    size = min(count, len(examples) // 2)
+    held = set(random.Random(f"holdout/{seed}").sample(range(len(examples)), size))
+    train = [example for index, example in enumerate(examples) if index not in held]
+    return train, [example for index, example in enumerate(examples) if index in held]
 
 
 def builtin_prompts(
@@ -159,27 +256,38 @@ def load_prompts(
         return dataset_prompts(source, tokenizer, max_prompt_tokens, **options)
 
 
+def epoch_shuffle(size: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of range(size) drawn from (seed, epoch) alone."""
+    order = list(range(size))
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order
+
+
 class ShuffledBatches(Generic[T]):
     """Endless fixed-size batches of `items`, reshuffled every epoch from (seed, epoch).
 
     For RL, batch_size is prompts_per_step. A batch that reaches the end of an epoch is completed
     from the next one, so every batch is full. `state_dict()`/`load_state_dict()` save and restore the
-    position exactly (the order itself is recomputed from the seed).
+    position exactly (the order itself is recomputed from the seed). `epoch_order(epoch)` replaces
+    the plain shuffle with another permutation of the item indices that is a function of the epoch
+    alone (`icepop.data.sft.LengthGroupedBatches` groups by length that way).
     """
 
-    def __init__(self, items: Sequence[T], batch_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        items: Sequence[T],
+        batch_size: int,
+        seed: int,
+        epoch_order: Callable[[int], list[int]] | None = None,
+    ) -> None:
         if not 1 <= batch_size <= len(items):
             raise ValueError(
                 f"batch_size={batch_size} must be between 1 and the {len(items)} items available"
             )
         self.items, self.batch_size, self.seed = items, batch_size, seed
         self.epoch, self.position = 0, 0
+        self._shuffled = epoch_order or (lambda epoch: epoch_shuffle(len(items), seed, epoch))
         self._order = self._shuffled(0)
-
-    def _shuffled(self, epoch: int) -> list[int]:
-        order = list(range(len(self.items)))
-        random.Random(f"{self.seed}/{epoch}").shuffle(order)
-        return order
 
     def __iter__(self) -> ShuffledBatches[T]:
         return self

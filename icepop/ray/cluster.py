@@ -43,13 +43,17 @@ def process_env(on_gpu: bool, local: bool) -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in env.items()}
 
 
-def needed_resources(config: Config) -> dict[str, float]:
-    """Total CPUs and GPUs the run's bundles reserve."""
-    rollout, trainer = config.rollout, config.trainer
-    return {
-        "CPU": rollout.engines * rollout.cpus_per_engine + trainer.ranks * trainer.cpus_per_rank,
-        "GPU": rollout.engines * rollout.gpus_per_engine + trainer.ranks * trainer.gpus_per_rank,
-    }
+def needed_resources(config: Config, rollout: bool = True) -> dict[str, float]:
+    """Total CPUs and GPUs the run's bundles reserve (rollout=False: the trainer's alone)."""
+    engines, trainer, reward = config.rollout, config.trainer, config.reward
+    need = {"CPU": trainer.ranks * trainer.cpus_per_rank, "GPU": trainer.ranks * trainer.gpus_per_rank}
+    if rollout:
+        need["CPU"] += engines.engines * engines.cpus_per_engine
+        need["GPU"] += engines.engines * engines.gpus_per_engine
+    if rollout and reward.model_path is not None:
+        need["CPU"] += reward.model_workers * reward.cpus_per_model_worker
+        need["GPU"] += reward.model_workers * reward.gpus_per_model_worker
+    return need
 
 
 def start(config: Config) -> None:
@@ -109,56 +113,74 @@ class Placement:
 
     rollout: Any
     trainer: Any
+    reward: Any = None
+    """Bundle i hosts reward-model actor i (only when reward.model_path is set)."""
 
 
-def reserve(config: Config, rollout: bool = True) -> Placement:
-    """Create and wait for the placement groups (rollout=False: trainer only, for SFT), or explain
-    what the cluster lacks."""
+def reserve(config: Config, rollout: bool = True, trainer: bool = True) -> Placement:
+    """Create and wait for the placement groups (rollout=False: trainer only, for SFT and reward-model
+    training; trainer=False: engines and reward model only, for evaluation), or explain what the
+    cluster lacks."""
     import ray
     from ray.util.placement_group import placement_group
 
-    engines, trainer = config.rollout, config.trainer
-    if config.cluster.placement == "colocated" and (
-        engines.gpus_per_engine == 0 or trainer.gpus_per_rank == 0
-    ):
+    engines, ranks, reward = config.rollout, config.trainer, config.reward
+    if config.cluster.placement == "colocated" and (engines.gpus_per_engine == 0 or ranks.gpus_per_rank == 0):
         raise ValueError(
             "cluster.placement=colocated shares GPUs between vLLM (asleep during training) and the "
             "trainer; it needs rollout.gpus_per_engine and trainer.gpus_per_rank > 0. "
             "Use disaggregated on CPU machines."
         )
-    _check_capacity(config, ray.cluster_resources())
-    engine_bundle = {"CPU": engines.cpus_per_engine, **_gpus(engines.gpus_per_engine)}
-    rank_bundle = {"CPU": trainer.cpus_per_rank, **_gpus(trainer.gpus_per_rank)}
-    trainer_pg = placement_group([rank_bundle] * trainer.ranks, strategy="PACK")
-    rollout_pg = placement_group([engine_bundle] * engines.engines, strategy="PACK") if rollout else None
-    groups = [pg for pg in (trainer_pg, rollout_pg) if pg is not None]
+    _check_capacity(config, ray.cluster_resources(), rollout)
+
+    def bundles(wanted: bool, count: int, cpus: int, gpus: int) -> Any:
+        return placement_group([{"CPU": cpus, **_gpus(gpus)}] * count, strategy="PACK") if wanted else None
+
+    placement = Placement(
+        rollout=bundles(rollout, engines.engines, engines.cpus_per_engine, engines.gpus_per_engine),
+        trainer=bundles(trainer, ranks.ranks, ranks.cpus_per_rank, ranks.gpus_per_rank),
+        reward=bundles(
+            rollout and reward.model_path is not None,
+            reward.model_workers,
+            reward.cpus_per_model_worker,
+            reward.gpus_per_model_worker,
+        ),
+    )
+    groups = [pg for pg in (placement.rollout, placement.trainer, placement.reward) if pg is not None]
     ready, _ = ray.wait(
         [pg.ready() for pg in groups], num_returns=len(groups), timeout=PLACEMENT_TIMEOUT_SECONDS
     )
     if len(ready) != len(groups):
         raise RuntimeError(
             f"placement groups not ready after {PLACEMENT_TIMEOUT_SECONDS:.0f} s: the cluster has "
-            f"{ray.available_resources()} available, the run needs {needed_resources(config)}"
+            f"{ray.available_resources()} available, the run needs {needed_resources(config, rollout)}"
         )
-    return Placement(rollout=rollout_pg, trainer=trainer_pg)
+    return placement
 
 
 def _gpus(count: int) -> dict[str, float]:
     return {"GPU": float(count)} if count else {}
 
 
-def _check_capacity(config: Config, total: dict[str, float]) -> None:
-    need = needed_resources(config)
+def _check_capacity(config: Config, total: dict[str, float], rollout: bool = True) -> None:
+    need = needed_resources(config, rollout)
     short = [kind for kind in ("CPU", "GPU") if need[kind] > total.get(kind, 0.0)]
     if short:
-        rollout, trainer = config.rollout, config.trainer
+        engines, trainer, reward = config.rollout, config.trainer, config.reward
         parts = [
-            f"rollout needs {rollout.engines * rollout.cpus_per_engine} CPUs/"
-            f"{rollout.engines * rollout.gpus_per_engine} GPUs",
+            f"rollout needs {engines.engines * engines.cpus_per_engine} CPUs/"
+            f"{engines.engines * engines.gpus_per_engine} GPUs"
+            if rollout
+            else "no rollout",
             f"trainer {trainer.ranks * trainer.cpus_per_rank} CPUs/"
             f"{trainer.ranks * trainer.gpus_per_rank} GPUs",
-            f"cluster has {total.get('CPU', 0):.0f} CPUs/{total.get('GPU', 0):.0f} GPUs",
         ]
+        if rollout and reward.model_path is not None:
+            parts.append(
+                f"reward model {reward.model_workers * reward.cpus_per_model_worker} CPUs/"
+                f"{reward.model_workers * reward.gpus_per_model_worker} GPUs"
+            )
+        parts.append(f"cluster has {total.get('CPU', 0):.0f} CPUs/{total.get('GPU', 0):.0f} GPUs")
         raise RuntimeError(f"the cluster is too small ({', '.join(short)}): " + ", ".join(parts))
 
 

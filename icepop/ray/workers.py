@@ -15,7 +15,7 @@ from icepop.config import Config
 from icepop.ray.cluster import Placement
 from icepop.rollout.base import engine_class
 from icepop.trainer.base import backend_class
-from icepop.types import Completion, Prompt, RLBatch, SamplingSettings, SFTBatch
+from icepop.types import Completion, PreferenceBatch, Prompt, RLBatch, SamplingSettings, SFTBatch
 
 
 class _Host:
@@ -37,6 +37,12 @@ class _Host:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.obj, method)(*args, **kwargs)
+
+
+def _blocks(items: int, parts: int) -> list[slice]:
+    """`parts` contiguous slices covering range(items), sizes differing by at most one."""
+    bounds = [items * i // parts for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
 def _actors(count: int, placement_group: Any, cpus: int, gpus: int, name: str) -> list[Any]:
@@ -80,20 +86,15 @@ class RolloutGroup:
         engine = engine_class(rollout.backend)
         ray.get([a.setup.remote(engine, kwargs) for a in self.actors])
 
-    def _split(self, items: list[Any]) -> list[list[Any]]:
-        n = len(self.actors)
-        bounds = [len(items) * i // n for i in range(n + 1)]
-        return [items[bounds[i] : bounds[i + 1]] for i in range(n)]
-
     def async_generate(
         self, prompts: list[Prompt], samples_per_prompt: int, sampling: SamplingSettings
     ) -> list[Any]:
         """One ref per engine, each resolving to list[list[Completion]] for its block of prompts."""
-        blocks = self._split([p.prompt_ids for p in prompts])
+        ids = [p.prompt_ids for p in prompts]
         return [
-            actor.call.remote("generate", block, samples_per_prompt, sampling)
-            for actor, block in zip(self.actors, blocks, strict=True)
-            if block
+            actor.call.remote("generate", ids[rows], samples_per_prompt, sampling)
+            for actor, rows in zip(self.actors, _blocks(len(ids), len(self.actors)), strict=True)
+            if rows.stop > rows.start
         ]
 
     @staticmethod
@@ -120,6 +121,7 @@ class TrainerGroup:
         lr: float,
         warmup_steps: int,
         temperature: float,
+        model_kind: str = "policy",
     ) -> None:
         import ray
 
@@ -147,6 +149,7 @@ class TrainerGroup:
             "gradient_checkpointing": config.model.gradient_checkpointing,
             "seed": config.run.seed,
             "temperature": temperature,  # the sampling temperature: ℓ under the processed distribution
+            "model_kind": model_kind,
         }
         ray.get([a.setup.remote(backend, {**common, "rank": rank}) for rank, a in enumerate(self.actors)])
 
@@ -158,16 +161,10 @@ class TrainerGroup:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float
     ) -> list[Any]:
         """One ref per rank for its contiguous block of rows; concatenate the results in order."""
-        n = self.ranks
-        bounds = [input_ids.shape[0] * i // n for i in range(n + 1)]
+        blocks = _blocks(input_ids.shape[0], self.ranks)
         return [
-            a.call.remote(
-                "logprobs",
-                input_ids[bounds[i] : bounds[i + 1]],
-                attention_mask[bounds[i] : bounds[i + 1]],
-                temperature,
-            )
-            for i, a in enumerate(self.actors)
+            a.call.remote("logprobs", input_ids[rows], attention_mask[rows], temperature)
+            for a, rows in zip(self.actors, blocks, strict=True)
         ]
 
     def async_train_rl(self, shards: list[RLBatch], **kwargs: Any) -> list[Any]:
@@ -178,6 +175,20 @@ class TrainerGroup:
     def async_train_sft(self, shards: list[SFTBatch], **kwargs: Any) -> list[Any]:
         return [
             a.call.remote("train_sft", shard, **kwargs) for a, shard in zip(self.actors, shards, strict=True)
+        ]
+
+    def async_train_rm(self, shards: list[PreferenceBatch], global_pair_count: int) -> list[Any]:
+        return [
+            a.call.remote("train_rm", shard, global_pair_count)
+            for a, shard in zip(self.actors, shards, strict=True)
+        ]
+
+    def async_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Any]:
+        """Reward-model scores: one ref per rank for its contiguous block of rows; concatenate them."""
+        blocks = _blocks(input_ids.shape[0], self.ranks)
+        return [
+            a.call.remote("scores", input_ids[rows], attention_mask[rows])
+            for a, rows in zip(self.actors, blocks, strict=True)
         ]
 
     def async_call(self, method: str, *args: Any) -> list[Any]:
@@ -205,6 +216,39 @@ class ReferenceGroup:
 
     def async_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         return self.actor.call.remote("logprobs", input_ids, attention_mask)
+
+
+class RewardModelGroup:
+    """Reward-model actors on their own bundles; a batch of conversations is split across them."""
+
+    def __init__(self, config: Config, placement: Placement) -> None:
+        import ray
+
+        from icepop.rewards.model import RewardModelScorer
+
+        reward = config.reward
+        self.actors = _actors(
+            reward.model_workers,
+            placement.reward,
+            reward.cpus_per_model_worker,
+            reward.gpus_per_model_worker,
+            "reward-model",
+        )
+        kwargs = {
+            "model_path": reward.model_path,
+            "dtype": config.model.dtype,
+            "batch_size": reward.model_batch_size,
+        }
+        ray.get([a.setup.remote(RewardModelScorer, kwargs) for a in self.actors])
+
+    def async_score(self, conversations: list[list[dict[str, str]]], responses: list[str]) -> list[Any]:
+        """One ref per actor for its contiguous block; concatenate the lists in order."""
+        blocks = _blocks(len(responses), len(self.actors))
+        return [
+            a.call.remote("score", conversations[rows], responses[rows])
+            for a, rows in zip(self.actors, blocks, strict=True)
+            if rows.stop > rows.start
+        ]
 
 
 class WeightSync:

@@ -1,23 +1,89 @@
-"""Held-out evaluation through the rollout engines: greedy accuracy on problems never trained on."""
+"""Evaluation through the rollout engines: held-out measures during RL, and `+recipe=eval` on its own.
+
+During RL, `evaluate` scores greedy replies of the engines' current weights (rule accuracy, and the
+reward model's mean score when there is one). `run_eval` scores a checkpoint with k samples per
+problem: avg@k (mean reward over all samples) and pass@k (problems with at least one correct sample),
+as reported for reasoning models (e.g. DeepSeek-R1's pass@1 over k samples, arXiv 2501.12948 §3).
+"""
 
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import ray
 
-from icepop.ray.workers import RolloutGroup
+from icepop.config import Config
+from icepop.ray import cluster
+from icepop.ray.workers import RewardModelGroup, RolloutGroup
+from icepop.stages import setup
+from icepop.stages.rewards import Rewards
+from icepop.stages.summary import Summary, write_summary
 from icepop.types import Prompt, SamplingSettings
 
 
-def evaluate(run: Any, prompts: list[Prompt], step: int) -> float:
-    """Greedy accuracy (mean verifier score) of the engines' current weights; appended to eval.jsonl."""
+def evaluate(run: Any, prompts: list[Prompt], step: int) -> dict[str, float]:
+    """Greedy measures of the engines' current weights on held-out prompts; appended to eval.jsonl."""
     sampling = SamplingSettings(temperature=0.0, max_new_tokens=run.config.rollout.max_new_tokens, seed=0)
     groups = RolloutGroup.merge(ray.get(run.rollout.async_generate(prompts, 1, sampling)))
-    scores = run.rewards.score(prompts, [group[0].text for group in groups]).rewards
-    accuracy = sum(scores) / len(scores)
+    measures = run.rewards.measures(prompts, [group[0].text for group in groups])
+    record = {"step": step, **{f"eval/{k}": v for k, v in measures.items()}, "eval/problems": len(prompts)}
     with (run.run_dir / "eval.jsonl").open("a") as f:
-        f.write(json.dumps({"step": step, "eval/accuracy": accuracy, "eval/problems": len(scores)}) + "\n")
-    run.tracker.print(f"step {step}: held-out greedy accuracy {accuracy:.3f} on {len(scores)} problems")
-    return accuracy
+        f.write(json.dumps(record) + "\n")
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in measures.items())
+    run.tracker.print(f"step {step}: held-out greedy {shown} on {len(prompts)} problems")
+    return measures
+
+
+def sample_measures(rewards: Rewards, prompts: list[Prompt], groups: list[list[Any]]) -> dict[str, float]:
+    """avg@k and pass@k of the rule reward (a sample is correct when its reward is ≥ 1), and the mean
+    reward-model score, over k samples per prompt."""
+    flat_prompts = [p for p, group in zip(prompts, groups, strict=True) for _ in group]
+    texts = [c.text for group in groups for c in group]
+    k = len(groups[0])
+    out: dict[str, float] = {}
+    if rewards.rule is not None:
+        scores = rewards.rule.score(flat_prompts, texts).rewards
+        per_prompt = [scores[i * k : (i + 1) * k] for i in range(len(prompts))]
+        out[f"avg@{k}"] = sum(scores) / len(scores)
+        out[f"pass@{k}"] = sum(max(s) >= 1.0 for s in per_prompt) / len(prompts)
+    if rewards.model is not None:
+        out["model_score"] = float(rewards.model_scores(flat_prompts, texts).mean())
+    return out
+
+
+def run_eval(config: Config, run_dir: Path) -> Summary:
+    """Score `model.path` on the held-out problems with eval.samples_per_prompt samples each."""
+    start = time.perf_counter()
+    model_path = setup.resolve_model(config, run_dir)
+    tokenizer = setup.load_tokenizer(model_path)
+    _, prompts = setup.prompt_streams(config, tokenizer)
+    k = 1 if config.eval.temperature == 0 else config.eval.samples_per_prompt
+    sampling = SamplingSettings(
+        temperature=config.eval.temperature,
+        max_new_tokens=config.rollout.max_new_tokens,
+        seed=config.run.seed,
+    )
+    cluster.start(config)
+    try:
+        placement = cluster.reserve(config, trainer=False)
+        rollout = RolloutGroup(config, model_path, placement)
+        model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
+        with setup.reward_pool(config) as pool:
+            rewards = Rewards(config.reward, pool if config.reward.rule_weight else None, model)
+            groups = RolloutGroup.merge(ray.get(rollout.async_generate(prompts, k, sampling)))
+            measures = sample_measures(rewards, prompts, groups)
+        ray.get(rollout.async_call("close"))
+    finally:
+        cluster.shutdown()
+    shown = ", ".join(f"{key} {value:.3f}" for key, value in measures.items())
+    print(f"icepop eval: {model_path} on {len(prompts)} held-out problems of {config.data.source}: {shown}")
+    (run_dir / "eval.json").write_text(
+        json.dumps({"model": model_path, "problems": len(prompts), **measures})
+    )
+    headline = next(iter(measures))
+    return write_summary(
+        run_dir, "eval", 0, time.perf_counter() - start, headline, None, measures[headline], None
+    )

@@ -1,13 +1,14 @@
-"""The RLVR stage: GRPO with the IcePop correction on vLLM rollouts and DeepSpeed trainer ranks.
+"""The RL stages (RLVR, RLHF): GRPO with the IcePop correction on vLLM rollouts and DeepSpeed ranks.
 
 `rl_step` is the whole algorithm and reads top to bottom: generate → reward → advantages → old
 log-probs → train → sync weights → log → checkpoint, with every blocking `ray.get` in plain sight.
-`run_rlvr` sets up the cluster, workers, data and rewards around it and tears them down whatever
+`run_rl` sets up the cluster, workers, data and rewards around it and tears them down whatever
 happens (success, error, Ctrl-C).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -29,12 +30,15 @@ from icepop.algo import (
     reinforce_pp_baseline_advantages,
     rloo_advantages,
 )
-from icepop.config import Config, derived
+from icepop.config import Config
+from icepop.derived import derived
 from icepop.ray import cluster
-from icepop.ray.workers import ReferenceGroup, RolloutGroup, TrainerGroup, WeightSync
+from icepop.ray.workers import ReferenceGroup, RewardModelGroup, RolloutGroup, TrainerGroup, WeightSync
 from icepop.stages import setup
 from icepop.stages.batch import rl_batch, select_rows, sequence_count, split_rows
 from icepop.stages.evaluate import evaluate
+from icepop.stages.rewards import Rewards
+from icepop.stages.summary import Summary, write_summary
 from icepop.tracking import Tracker
 from icepop.types import Prompt, RLBatch
 
@@ -49,7 +53,7 @@ class RLRun:
     trainer: TrainerGroup
     reference: ReferenceGroup | None
     data: Any  # a prompt stream with next_batch(n) (icepop.data.prompts)
-    rewards: Any  # a reward pool with score(prompts, texts) (icepop.rewards.pool)
+    rewards: Rewards
     pad_id: int
     probe: list[int]
     weight_sync: WeightSync
@@ -76,7 +80,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     )
     lap("generate")
 
-    # 2. Reward: verifiers in worker processes, with a per-sample timeout.
+    # 2. Reward: verifiers in worker processes (per-sample timeout) and/or reward-model actors.
     flat_prompts = [p for p, group in zip(prompts, groups, strict=True) for _ in group]
     texts = [c.text for group in groups for c in group]
     scored = run.rewards.score(flat_prompts, texts)
@@ -131,7 +135,10 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         "perf/rollout_tokens_per_second": float(lengths.sum()) / timings["timing/generate_seconds"],
         **timings,
     }
-    run.tracker.log(step, metrics, status=f"reward {metrics['reward/mean']:.3f}  {step_seconds:.1f} s/step")
+    shown = "model_score_mean" if "reward/model_score_mean" in metrics else "mean"  # RLHF: the raw RM score
+    run.tracker.log(
+        step, metrics, status=f"reward {metrics[f'reward/{shown}']:.3f}  {step_seconds:.1f} s/step"
+    )
 
     # 8. Checkpoint.
     every = config.train.checkpoint_every
@@ -185,59 +192,80 @@ def _reward_metrics(
     }
 
 
-def run_rlvr(config: Config, run_dir: Path) -> Path:
-    """Run the RLVR stage; returns the final checkpoint directory."""
+def run_rl(config: Config, run_dir: Path) -> Summary:
+    """Run an RL stage — rlvr (rule rewards) or rlhf (a reward model, optionally mixed with rules) —
+    and return its summary (the final checkpoint, and the held-out measure before and after)."""
+    if config.reward.model_path is None and (config.stage == "rlhf" or config.reward.rule_weight == 0):
+        raise ValueError(
+            f"the {config.stage} stage has no reward: set reward.model_path to a reward model (train one "
+            "with +recipe=rm) or a non-zero reward.rule_weight"
+        )
+    started = time.perf_counter()
     model_path = setup.resolve_model(config, run_dir)
-    tokenizer = setup.load_tokenizer(model_path)
-    counts = derived(config)
-    print(f"icepop rlvr: model {config.model.path} ({model_path}); {counts.describe(config)}")
+    print(
+        f"icepop {config.stage}: model {config.model.path} ({model_path}); {derived(config).describe(config)}"
+    )
     weights_dir = Path(tempfile.mkdtemp(prefix="icepop-weights-", dir=weights.shm_dir()))
-    sync_file = str(weights_dir / "weights.safetensors")  # used by rollout.weight_sync=file
     cluster.start(config)
     try:
-        placement = cluster.reserve(config)
-        rollout = RolloutGroup(config, model_path, placement)
-        trainer = TrainerGroup(
-            config,
-            model_path,
-            placement,
-            total_steps=config.train.steps * config.algo.updates_per_step,
-            lr=config.trainer.lr,
-            warmup_steps=config.trainer.warmup_steps,
-            temperature=config.rollout.temperature,
-        )
-        reference = ReferenceGroup(config, model_path, placement) if config.algo.kl_coef != 0.0 else None
-        data, eval_prompts = setup.prompt_streams(config, tokenizer)
-        with (
-            setup.reward_pool(config) as rewards,
-            Tracker(config, run_dir, config.train.steps, "rlvr") as tracker,
-        ):
-            run = RLRun(
-                config,
-                run_dir,
-                rollout,
-                trainer,
-                reference,
-                data,
-                rewards,
-                tokenizer.pad_token_id,
-                weights.probe_sequence(eval_prompts),
-                WeightSync(config.rollout.weight_sync, trainer, rollout, sync_file),
-                tracker,
-            )
-            evaluate(run, eval_prompts, step=0)
+        with contextlib.ExitStack() as stack:
+            run, eval_prompts = _set_up(config, run_dir, model_path, weights_dir, stack)
+            before = evaluate(run, eval_prompts, step=0)
             for step in range(1, config.train.steps + 1):
                 rl_step(step, run)
-                if (
-                    config.train.eval_every
-                    and step % config.train.eval_every == 0
-                    and step != config.train.steps
-                ):
+                every = config.train.eval_every
+                if every and step % every == 0 and step != config.train.steps:
                     evaluate(run, eval_prompts, step=step)
-            evaluate(run, eval_prompts, step=config.train.steps)
-            ray.get(trainer.async_call("close"))
-            ray.get(rollout.async_call("close"))
+            after = evaluate(run, eval_prompts, step=config.train.steps)
+            ray.get(run.trainer.async_call("close"))
+            ray.get(run.rollout.async_call("close"))
     finally:
         cluster.shutdown()
         shutil.rmtree(weights_dir, ignore_errors=True)
-    return run_dir / "checkpoints" / f"step-{config.train.steps}"
+    key = "model_score" if config.stage == "rlhf" else "accuracy"
+    return write_summary(
+        run_dir,
+        config.stage,
+        config.train.steps,
+        time.perf_counter() - started,
+        f"held-out greedy {key.replace('_', ' ')}",
+        before[key],
+        after[key],
+        str(run_dir / "checkpoints" / f"step-{config.train.steps}"),
+    )
+
+
+def _set_up(
+    config: Config, run_dir: Path, model_path: str, weights_dir: Path, stack: contextlib.ExitStack
+) -> tuple[RLRun, list[Prompt]]:
+    """Workers on their bundles, data, rewards and the tracker (closed by `stack`) of one RL run."""
+    placement = cluster.reserve(config)
+    rollout = RolloutGroup(config, model_path, placement)
+    trainer = TrainerGroup(
+        config,
+        model_path,
+        placement,
+        total_steps=config.train.steps * config.algo.updates_per_step,
+        lr=config.trainer.lr,
+        warmup_steps=config.trainer.warmup_steps,
+        temperature=config.rollout.temperature,
+    )
+    reference = ReferenceGroup(config, model_path, placement) if config.algo.kl_coef != 0.0 else None
+    reward_model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
+    tokenizer = setup.load_tokenizer(model_path)
+    data, eval_prompts = setup.prompt_streams(config, tokenizer)
+    pool = stack.enter_context(setup.reward_pool(config)) if config.reward.rule_weight else None
+    run = RLRun(
+        config,
+        run_dir,
+        rollout,
+        trainer,
+        reference,
+        data,
+        Rewards(config.reward, pool, reward_model),
+        tokenizer.pad_token_id,
+        weights.probe_sequence(eval_prompts),
+        WeightSync(config.rollout.weight_sync, trainer, rollout, str(weights_dir / "weights.safetensors")),
+        stack.enter_context(Tracker(config, run_dir, config.train.steps, config.stage)),
+    )
+    return run, eval_prompts

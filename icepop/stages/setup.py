@@ -73,7 +73,7 @@ def resolve_model(config: Config, run_dir: Path) -> str:
     if not path.startswith(TINY_PREFIX):
         return path
     base = tiny_base_model(path.removeprefix(TINY_PREFIX), config.run.seed)
-    if config.stage != "rlvr" or not config.model.sft_warmup:
+    if config.stage not in ("rm", "rlvr", "rlhf", "eval") or not config.model.sft_warmup:
         return str(base)
     key = sft_warmup_key(config)
     digest_dir = cache_dir() / "sft"
@@ -87,8 +87,8 @@ def resolve_model(config: Config, run_dir: Path) -> str:
             f"({config.sft.steps} steps), cached for later runs"
         )
         sft_config = replace(config, stage="sft", run=replace(config.run, dir=str(run_dir / "sft-warmup")))
-        final = run_sft(sft_config, Path(sft_config.run.dir), model_path=str(base))
-        shutil.copytree(final, tmp, dirs_exist_ok=True)
+        summary = run_sft(sft_config, Path(sft_config.run.dir), model_path=str(base))
+        shutil.copytree(str(summary.checkpoint), tmp, dirs_exist_ok=True)
 
     return str(_cached(key, "sft", build))
 

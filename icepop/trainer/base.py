@@ -12,11 +12,12 @@ from typing import Protocol
 from torch import Tensor
 
 from icepop.algo import PolicyLossOptions
-from icepop.types import RLBatch, SFTBatch
+from icepop.types import PreferenceBatch, RLBatch, SFTBatch
 
 
 class TrainerBackend(Protocol):
-    """One rank of a trainer group (a torch.distributed process group of `world_size` ranks)."""
+    """One rank of a trainer group (a torch.distributed process group of `world_size` ranks), training a
+    policy (a causal LM) or, built with model_kind "reward", a reward model (one score per sequence)."""
 
     def logprobs(self, input_ids: Tensor, attention_mask: Tensor, temperature: float) -> Tensor:
         """ℓ of every label position, [B, L-1], with the current weights and no gradient."""
@@ -30,6 +31,14 @@ class TrainerBackend(Protocol):
 
     def train_sft(self, batch: SFTBatch, global_token_count: int) -> dict[str, float]:
         """One optimizer step of the token-mean cross-entropy on assistant tokens; returns metrics."""
+        ...
+
+    def train_rm(self, batch: PreferenceBatch, global_pair_count: int) -> dict[str, float]:
+        """One optimizer step of the Bradley–Terry loss on this rank's pairs (model_kind "reward")."""
+        ...
+
+    def scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Reward-model scores [B], read at each row's last token, no gradient (model_kind "reward")."""
         ...
 
     def export_weights(self, path: str) -> None:

@@ -19,10 +19,7 @@ import gc
 import importlib
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,21 +27,22 @@ import torch.distributed as dist
 from torch import Tensor
 
 from icepop import comm
-from icepop.algo import PolicyLossOptions, logprobs_and_entropy, pg_loss
-from icepop.trainer.inputs import DTYPES, check_args, check_batch, lr_factor, rows_of
-from icepop.types import RLBatch, SFTBatch
+from icepop.algo import PolicyLossOptions, bradley_terry_loss, logprobs_and_entropy, pg_loss
+from icepop.trainer.export import write_checkpoint, write_weights_file
+from icepop.trainer.inputs import (
+    DTYPES,
+    buckets,
+    check_args,
+    check_batch,
+    check_pairs,
+    decay_groups,
+    deepspeed_config,
+    lr_factor,
+    rows_of,
+)
+from icepop.types import PreferenceBatch, RLBatch, SFTBatch
 
 GATHER_BUCKET_BYTES = 256 * 2**20  # ZeRO-3 export: one all-gather per bucket, never the whole model
-ONE_FILE = 2**62  # max_shard_size for save_pretrained: never shard the exported file
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")  # not copied by save()
-
-
-def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _deep_merge(merged[key], value) if nested else value
-    return merged
 
 
 class DeepSpeedTrainer:
@@ -75,31 +73,23 @@ class DeepSpeedTrainer:
         gradient_checkpointing: bool = False,
         seed: int = 0,
         ds_config_overrides: dict[str, Any] | None = None,
+        model_kind: str = "policy",
     ) -> None:
         """Join the process group and build the ZeRO engine. `temperature` is the rollout's sampling
         temperature, applied by `train_rl` (docs/algorithm.md §1); `ds_config_overrides` is merged
-        last into the generated DeepSpeed config (e.g. ZeRO-3 bucket sizes)."""
-        check_args(zero_stage, dtype, micro_batch_size, lr_schedule, total_steps)
+        last into the generated DeepSpeed config (e.g. ZeRO-3 bucket sizes). `model_kind` "reward"
+        builds a sequence-classification model with one output (a reward model, `train_rm`/`scores`)
+        on top of the checkpoint instead of the causal LM policy."""
+        check_args(zero_stage, dtype, micro_batch_size, lr_schedule, total_steps, model_kind)
+        self.model_kind = model_kind
         self.model_path, self.rank, self.world_size = model_path, rank, world_size
         self.zero_stage, self.micro_batch_size, self.temperature = zero_stage, micro_batch_size, temperature
         torch.manual_seed(seed)
         self.device = self._init_distributed(master_addr, master_port, local_rank)
         self._weight_group: dist.ProcessGroup | None = None  # rank 0 only, after join_weight_group
-        adamw = {"lr": lr, "betas": list(betas), "eps": eps, "torch_adam": True}  # plain torch, no JIT op
-        config = {
-            "train_micro_batch_size_per_gpu": micro_batch_size,
-            "gradient_clipping": grad_clip,
-            "gradient_accumulation_steps": 1,  # bookkeeping only: train_* sets the boundary itself
-            "optimizer": {"type": "AdamW", "params": adamw},
-            "zero_optimization": {"stage": zero_stage},
-            "bf16": {"enabled": dtype == "bfloat16"},
-            "steps_per_print": 2**31 - 1,
-        }
-        if offload:
-            # Keeps torch AdamW (DeepSpeedCPUAdam would need a compiled op) with state on the CPU.
-            config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-            config["zero_force_ds_cpu_optimizer"] = False
-        config = _deep_merge(config, ds_config_overrides or {})
+        config = deepspeed_config(
+            micro_batch_size, grad_clip, zero_stage, dtype, offload, (lr, betas, eps), ds_config_overrides
+        )
         model = self._build_model(config, DTYPES[dtype], gradient_checkpointing)
         self.engine = self._build_engine(model, config, weight_decay, warmup_steps, lr_schedule, total_steps)
 
@@ -131,7 +121,7 @@ class DeepSpeedTrainer:
         return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
     def _build_model(self, config: dict[str, Any], dtype: torch.dtype, checkpointing: bool) -> Any:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
         from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
         # ZeRO-3: building under HfDeepSpeedConfig makes transformers create the parameters already
@@ -139,7 +129,14 @@ class DeepSpeedTrainer:
         # single-rank from_pretrained in this process (a reference model, vLLM) would deadlock.
         hf_config = HfDeepSpeedConfig(config) if self.zero_stage == 3 else None
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+            if self.model_kind == "reward":  # a new score head on the checkpoint's body (or its own head)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    self.model_path, dtype=dtype, num_labels=1
+                )
+                if model.config.pad_token_id is None:  # the score is read at the last non-pad token
+                    model.config.pad_token_id = AutoTokenizer.from_pretrained(self.model_path).pad_token_id
+            else:
+                model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         finally:
             if hf_config is not None:
                 unset_hf_deepspeed_config()
@@ -153,13 +150,7 @@ class DeepSpeedTrainer:
     ) -> Any:
         import deepspeed
 
-        # No decay on biases and norm gains (1-D); ZeRO-3 parameters are flat, their shape is ds_shape.
-        params = [p for p in model.parameters() if p.requires_grad]
-        matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
-        groups = [
-            {"params": [p for p, m in zip(params, matrix, strict=True) if m], "weight_decay": weight_decay},
-            {"params": [p for p, m in zip(params, matrix, strict=True) if not m], "weight_decay": 0.0},
-        ]
+        groups = decay_groups(model, weight_decay)
         factor = functools.partial(lr_factor, warmup_steps=warmup, schedule=schedule, total_steps=total)
         engine, *_ = deepspeed.initialize(
             model=model,
@@ -288,6 +279,52 @@ class DeepSpeedTrainer:
             local_loss += float(loss.detach())
         return {**self._step(local_loss, "sft"), "sft/micro_batches": float(len(slices))}
 
+    @torch.no_grad()
+    def scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Reward-model scores, [B] float32 on the CPU, read at each row's last non-pad token;
+        collective. Only for model_kind="reward"."""
+        self.engine.eval()
+        parts = [torch.empty(0)]
+        for rows in self._micro_batches(input_ids.shape[0]):
+            scores = self._score_rows(input_ids, attention_mask, rows)
+            if rows is not None:
+                parts.append(scores.float().cpu())
+        self.engine.train()
+        return torch.cat(parts)
+
+    def train_rm(self, batch: PreferenceBatch, global_pair_count: int) -> dict[str, float]:
+        """One optimizer step of the Bradley–Terry loss over this rank's pairs (micro_batch_size pairs
+        per forward, chosen and rejected together); collective. rm/loss and rm/accuracy are over the
+        whole batch of all ranks."""
+        pairs = check_pairs(batch)
+        self.engine.train()
+        slices = self._micro_batches(pairs)
+        local_loss, correct = 0.0, 0.0
+        index = torch.arange(pairs)
+        for i, rows in enumerate(slices):
+            both = None if rows is None else torch.cat([index[rows], index[rows] + pairs])  # chosen, rejected
+            scores = self._score_rows(batch.input_ids, batch.attention_mask, both)
+            chosen, rejected = scores.view(2, -1)
+            loss, metrics = bradley_terry_loss(chosen, rejected, global_pair_count)
+            loss = loss if rows is not None else loss * 0.0  # the padding micro-batch: no gradient
+            self._backward(loss, is_last=i == len(slices) - 1)
+            local_loss += float(loss.detach())
+            correct += float(metrics["accuracy"]) * chosen.numel() if rows is not None else 0.0
+        accuracy = self._all_reduce([correct], "sum")[0] / global_pair_count
+        return {**self._step(local_loss, "rm"), "rm/accuracy": accuracy}
+
+    def _score_rows(self, input_ids: Tensor, attention_mask: Tensor, rows: Any) -> Tensor:
+        """Scores of the selected rows (a slice or an index tensor), trimmed to their longest; rows None
+        scores two one-token dummy rows (the padding micro-batch still runs ZeRO-3's gathers)."""
+        if rows is None:
+            ids, mask = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long)
+        else:
+            ids, mask = input_ids[rows], attention_mask[rows]
+            width = int(mask.sum(-1).max())
+            ids, mask = ids[:, :width], mask[:, :width]
+        out = self.engine(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        return out.logits[:, 0]
+
     def _state_buckets(self, device: torch.device | str) -> Iterator[dict[str, Tensor]]:
         """Every parameter and persistent buffer, full-size, in buckets of about GATHER_BUCKET_BYTES,
         as copies on `device`, on rank 0 (empty dicts elsewhere); collective under ZeRO-3 (one
@@ -299,7 +336,7 @@ class DeepSpeedTrainer:
             import deepspeed
 
             gathered = functools.partial(deepspeed.zero.GatheredParameters, modifier_rank=None)
-        for bucket in _buckets(list(module.named_parameters()), GATHER_BUCKET_BYTES):
+        for bucket in buckets(list(module.named_parameters()), GATHER_BUCKET_BYTES):
             with gathered([p for _, p in bucket]):
                 copies = {n: p.detach().to(device, copy=True) for n, p in bucket} if self.rank == 0 else {}
             yield copies
@@ -312,16 +349,11 @@ class DeepSpeedTrainer:
         return {name: t for bucket in self._state_buckets("cpu") for name, t in bucket.items()}
 
     def export_weights(self, path: str) -> None:
-        """One safetensors file with exactly the names and shapes `save_pretrained` writes (MoE
-        experts per expert, the layout vLLM loads); collective, rank 0 writes. transformers' own
-        save path does the conversion, into a scratch folder beside `path` (same file system: the
-        final rename is atomic, and no assumption about the size of /dev/shm)."""
+        """One safetensors file in save_pretrained's layout (MoE experts per expert, what vLLM loads),
+        renamed into place when complete; collective, rank 0 writes."""
         state = self._full_state_dict()
         if self.rank == 0:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".export-") as folder:
-                self.engine.module.save_pretrained(folder, state_dict=state, max_shard_size=ONE_FILE)
-                os.replace(os.path.join(folder, "model.safetensors"), path)
+            write_weights_file(self.engine.module, state, path)
         dist.barrier()  # when export_weights returns on any rank, the file is complete
 
     def join_weight_group(self, addr: str, port: int, world_size: int) -> None:
@@ -344,20 +376,14 @@ class DeepSpeedTrainer:
             raise RuntimeError("broadcast_weights before join_weight_group: there is no engine to send to")
         # Bucket by bucket: each conversion (fused MoE experts → per-expert tensors) needs one parameter.
         module = self.engine.module
-        buckets = (revert_weight_conversion(module, b) for b in self._state_buckets(self.device) if b)
-        return comm.send_tensors(self._weight_group, buckets, self.device)
+        converted = (revert_weight_conversion(module, b) for b in self._state_buckets(self.device) if b)
+        return comm.send_tensors(self._weight_group, converted, self.device)
 
     def save(self, directory: str) -> None:
-        """A Hugging Face folder (config, generation config, tokenizer files copied from model_path,
-        safetensors) that AutoModelForCausalLM and vLLM load; collective, rank 0 writes."""
+        """A Hugging Face checkpoint folder (icepop.trainer.export); collective, rank 0 writes."""
         state = self._full_state_dict()
         if self.rank == 0:
-            target = Path(directory)
-            target.mkdir(parents=True, exist_ok=True)
-            for source in Path(self.model_path).iterdir():  # tokenizer files; config is rewritten below
-                if source.is_file() and not source.name.endswith(WEIGHT_SUFFIXES):
-                    shutil.copy2(source, target / source.name)
-            self.engine.module.save_pretrained(target, state_dict=state)
+            write_checkpoint(self.engine.module, state, self.model_path, directory)
         dist.barrier()
 
     def close(self) -> None:
@@ -374,17 +400,3 @@ class DeepSpeedTrainer:
         # DeepSpeed caches its clone of the world group in a module global; a trainer built later
         # in this process (after a new init_distributed) would otherwise use the destroyed group.
         importlib.import_module("deepspeed.utils.groups")._WORLD_GROUP = None
-
-
-def _buckets(params: list[tuple[str, Tensor]], max_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
-    """Consecutive groups of parameters of at most max_bytes full-size bytes (at least one each)."""
-    bucket, size = [], 0
-    for name, param in params:
-        nbytes = getattr(param, "ds_numel", param.numel()) * param.element_size()
-        if bucket and size + nbytes > max_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, param))
-        size += nbytes
-    if bucket:
-        yield bucket

@@ -5,16 +5,18 @@ would leave the others waiting in one."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from icepop.algo import PolicyLossOptions
-from icepop.types import RLBatch, SFTBatch
+from icepop.types import PreferenceBatch, RLBatch, SFTBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LR_SCHEDULES = ("constant", "cosine")
+MODEL_KINDS = ("policy", "reward")
 
 
 def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int | None) -> float:
@@ -28,7 +30,11 @@ def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int | No
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def check_args(zero_stage: int, dtype: str, micro_batch_size: int, lr_schedule: str, total: Any) -> None:
+def check_args(
+    zero_stage: int, dtype: str, micro_batch_size: int, lr_schedule: str, total: Any, model_kind: str
+) -> None:
+    if model_kind not in MODEL_KINDS:
+        raise ValueError(f"model_kind must be one of {', '.join(MODEL_KINDS)}; got {model_kind!r}")
     if zero_stage not in (1, 2, 3):
         raise ValueError(f"zero_stage must be 1, 2 or 3; got {zero_stage}")
     if dtype not in DTYPES:
@@ -68,3 +74,83 @@ def check_batch(batch: RLBatch | SFTBatch, options: PolicyLossOptions | None = N
             raise ValueError(f"{name} must be a bool tensor (True = trained token); got {value.dtype}")
     if options is not None and options.kl_coef != 0.0 and getattr(batch, "ref_logprobs", None) is None:
         raise ValueError(f"kl_coef={options.kl_coef} needs batch.ref_logprobs")
+
+
+def check_pairs(batch: PreferenceBatch) -> int:
+    """The number of pairs P in a preference batch of 2P rows; ValueError before any collective."""
+    rows = batch.input_ids.shape[0]
+    if rows % 2 or rows == 0 or batch.attention_mask.shape != batch.input_ids.shape:
+        raise ValueError(
+            f"a preference batch holds 2P rows (P chosen, then P rejected) with a same-shape attention "
+            f"mask; got input_ids {tuple(batch.input_ids.shape)}, attention_mask "
+            f"{tuple(batch.attention_mask.shape)}"
+        )
+    if not bool(batch.attention_mask.sum(-1).gt(0).all()):
+        raise ValueError("every row of a preference batch needs at least one token")
+    return rows // 2
+
+
+def deepspeed_config(
+    micro_batch_size: int,
+    grad_clip: float,
+    zero_stage: int,
+    dtype: str,
+    offload: bool,
+    adamw: tuple[float, tuple[float, float], float],
+    overrides: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The DeepSpeed config of a trainer rank; `overrides` is merged in last (nested keys too)."""
+    lr, betas, eps = adamw
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_clipping": grad_clip,
+        "gradient_accumulation_steps": 1,  # bookkeeping only: train_* sets the boundary itself
+        # Plain torch AdamW ("torch_adam"): nothing is JIT-compiled.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": lr, "betas": list(betas), "eps": eps, "torch_adam": True},
+        },
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "steps_per_print": 2**31 - 1,
+    }
+    if offload:
+        # Keeps torch AdamW (DeepSpeedCPUAdam would need a compiled op) with state on the CPU.
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        config["zero_force_ds_cpu_optimizer"] = False
+    return _deep_merge(config, overrides or {})
+
+
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _deep_merge(merged[key], value) if nested else value
+    return merged
+
+
+def buckets(params: list[tuple[str, Tensor]], max_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
+    """Consecutive groups of parameters of at most max_bytes full-size bytes (at least one each); a
+    ZeRO-3 parameter counts its full size (ds_numel), not its local shard."""
+    bucket: list[tuple[str, Tensor]] = []
+    size = 0
+    for name, param in params:
+        nbytes = getattr(param, "ds_numel", param.numel()) * param.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, param))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on matrices, none on biases and norm gains (1-d); a ZeRO-3
+    parameter is flat locally, so its real shape is `ds_shape`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
+    return [
+        {"params": [p for p, m in zip(params, matrix, strict=True) if m], "weight_decay": weight_decay},
+        {"params": [p for p, m in zip(params, matrix, strict=True) if not m], "weight_decay": 0.0},
+    ]

@@ -1,0 +1,65 @@
+"""Quantities derived from several config fields — samples per step, per rank, micro-batches, gradient
+accumulation — computed (never configured), checked for consistency, and printed at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from icepop.config import Config
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Quantities computed from the config, printed at start-up."""
+
+    samples_per_step: int
+    samples_per_rank: int
+    micro_batches_per_update: int
+    sft_samples_per_rank: int
+    sft_micro_batches: int
+
+    def describe(self, config: Config) -> str:
+        rollout, trainer = config.rollout, config.trainer
+        return (
+            f"samples/step {self.samples_per_step} = {config.algo.prompts_per_step} prompts × "
+            f"{config.algo.samples_per_prompt}; per trainer rank {self.samples_per_rank}; "
+            f"{config.algo.updates_per_step} update(s)/step of {self.micro_batches_per_update} "
+            f"micro-batch(es) × {trainer.micro_batch_size} sequences (gradient accumulation "
+            f"{self.micro_batches_per_update}); "
+            f"placement {config.cluster.placement}: {rollout.engines} engine(s) × "
+            f"{rollout.cpus_per_engine} CPU/{rollout.gpus_per_engine} GPU, {trainer.ranks} trainer rank(s) × "
+            f"{trainer.cpus_per_rank} CPU/{trainer.gpus_per_rank} GPU"
+        )
+
+
+def derived(config: Config) -> Derived:
+    """Compute the derived batch quantities; ValueError with one clear message if they do not divide."""
+    algo, trainer = config.algo, config.trainer
+    samples = algo.prompts_per_step * algo.samples_per_prompt
+    per_update = samples // algo.updates_per_step
+    per_rank_update = per_update // trainer.ranks
+    sft_per_rank = config.sft.batch_size // trainer.ranks
+    if (
+        samples % algo.updates_per_step
+        or per_update % trainer.ranks
+        or per_rank_update % trainer.micro_batch_size
+        or sft_per_rank * trainer.ranks != config.sft.batch_size
+        or sft_per_rank % trainer.micro_batch_size
+    ):
+        raise ValueError(
+            "inconsistent batch sizes: algo.prompts_per_step × algo.samples_per_prompt = "
+            f"{samples} samples per "
+            f"step must split into algo.updates_per_step={algo.updates_per_step} updates × trainer.ranks="
+            f"{trainer.ranks} ranks × whole micro-batches of "
+            f"trainer.micro_batch_size={trainer.micro_batch_size}, "
+            f"and sft.batch_size={config.sft.batch_size} into {trainer.ranks} ranks × micro-batches of "
+            f"{trainer.micro_batch_size}; e.g. make {samples} and {config.sft.batch_size} multiples of "
+            f"{algo.updates_per_step * trainer.ranks * trainer.micro_batch_size}"
+        )
+    return Derived(
+        samples_per_step=samples,
+        samples_per_rank=samples // trainer.ranks,
+        micro_batches_per_update=per_rank_update // trainer.micro_batch_size,
+        sft_samples_per_rank=sft_per_rank,
+        sft_micro_batches=sft_per_rank // trainer.micro_batch_size,
+    )

@@ -1,0 +1,41 @@
+"""Writing a trainer's full weights for others to load: one safetensors file for an engine, or a Hugging
+Face checkpoint folder. Framework-free (transformers' `save_pretrained` only); the trainer backend
+gathers the state dict, these functions lay it out.
+
+Key design choice: transformers' own save path does the renaming (fused MoE experts → per-expert
+tensors, the layout vLLM loads), and every file is written beside its destination and renamed into
+place, so a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+ONE_FILE = 2**62  # max_shard_size for save_pretrained: never shard the exported file
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")  # not copied from model_path
+
+
+def write_weights_file(module: Any, state: dict[str, Tensor], path: str) -> None:
+    """One safetensors file at `path` with exactly the names and shapes `save_pretrained` writes."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # A scratch folder beside `path`: same file system, so the final rename is atomic.
+    with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".export-") as folder:
+        module.save_pretrained(folder, state_dict=state, max_shard_size=ONE_FILE)
+        os.replace(os.path.join(folder, "model.safetensors"), path)
+
+
+def write_checkpoint(module: Any, state: dict[str, Tensor], model_path: str, directory: str) -> None:
+    """A Hugging Face folder: config and generation config, the tokenizer files of `model_path`, and
+    safetensors weights; AutoModelFor* and vLLM load it directly."""
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    for source in Path(model_path).iterdir():  # tokenizer files; config is written by save_pretrained
+        if source.is_file() and not source.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(source, target / source.name)
+    module.save_pretrained(target, state_dict=state)
