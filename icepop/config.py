@@ -109,6 +109,8 @@ class RolloutConfig:
     """GPUs per engine (tensor parallel size); 0 on CPU machines."""
     weight_sync: str = "broadcast"
     """"broadcast" (rank 0 → engines over a gloo/NCCL group, multi-node) or "file" (/dev/shm, one node)."""
+    mismatch_noise: float = 0.0
+    """Stress test: noise of this × each tensor's std added to the engine's weights after every sync."""
     probe_tolerance: float | None = None
     """Largest |Δ log p| allowed on the sync probe; None: 1e-3 for float32 engines, 0.1 for bfloat16."""
 
@@ -287,6 +289,10 @@ class LoggerConfig:
     """wandb project name."""
     wandb_mode: str = "offline"
     """wandb mode: "offline" (sync later with `wandb sync`) or "online"."""
+    mismatch_alert: float = 0.05
+    """Alert when the mean |k − 1| exceeds this (the IcePop paper saw GRPO fail beyond ≈5%)."""
+    alert_window: int = 20
+    """Steps over which a falling mask fraction with a rising mismatch KL raises an alert."""
 
     def __post_init__(self) -> None:
         _one_of("logger.backend", self.backend, ("console", "wandb"))

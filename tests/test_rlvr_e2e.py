@@ -18,6 +18,8 @@ import yaml
 from e2e_helpers import SMALL, icepop_train
 from safetensors.torch import load_file
 
+from icepop.telemetry import read_histograms
+
 REQUIRED = [
     "step",
     "reward/mean",
@@ -81,6 +83,17 @@ def test_rl_metrics_present_and_finite_every_step(runs: dict[str, Path]) -> None
     assert config["stage"] == "rlvr" and config["train"]["steps"] == 3
     evaluations = rows(runs["rl"] / "eval.jsonl")
     assert [e["step"] for e in evaluations] == [0, 3]
+    # Mismatch telemetry: a log k histogram per step, the weights' ESS, masked-token entropy, the
+    # staleness/mismatch split; no alert on an fp32 run (events.jsonl exists and stays empty).
+    edges, histograms = read_histograms(runs["rl"])
+    assert [h["step"] for h in histograms] == [1, 2, 3] and len(histograms[0]["counts"]) == len(edges) - 1
+    tokens = [sum(h["counts"]) for h in histograms]
+    assert all(t > 0 for t in tokens)
+    for key in ("icepop/ess_frac", "icepop/masked_tokens_per_seq", "actor/entropy_masked",
+                "staleness/abs_log_ratio_mean", "staleness/mismatch_abs_log_ratio_mean"):  # fmt: skip
+        assert all(math.isfinite(m[key]) for m in metrics), key
+    assert all(m["icepop/ess_frac"] > 0.99 for m in metrics)  # fp32: k ≈ 1, nothing masked
+    assert (runs["rl"] / "events.jsonl").read_text() == ""
     offline_runs = list((runs["rl"] / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1 and any(offline_runs[0].glob("*.wandb"))
 

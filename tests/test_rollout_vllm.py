@@ -269,3 +269,22 @@ def test_one_engine_per_process_and_no_use_while_asleep(engine: VllmEngine, mode
     with pytest.raises(RuntimeError, match="asleep"):
         engine.score(PROMPTS[0], 1)
     engine.wake()
+
+
+def test_mismatch_injection_is_exactly_off_at_zero_and_measurable_above(
+    engine: VllmEngine, hf_model: torch.nn.Module, model_dir: Path
+) -> None:
+    probe, prompt_len = PROMPTS[2] + list(range(200, 230)), 4
+    exact = hf_logprobs(hf_model, probe, prompt_len)
+    before = engine.score(probe, prompt_len)
+    engine.perturb(0.0, seed=1)
+    assert engine.score(probe, prompt_len) == before  # level 0: bit-identical to no injection
+    engine.perturb(0.05, seed=1)
+    noisy = engine.score(probe, prompt_len)
+    clean_error, noisy_error = max_abs_diff(before, exact), max_abs_diff(noisy, exact)
+    print(
+        f"mismatch injection 0.05: max |Δ log p| vs the exact weights {clean_error:.1e} → {noisy_error:.1e}"
+    )
+    assert clean_error < 1e-5 and noisy_error > 1e-3
+    engine.load_weights(str(model_dir / "model.safetensors"))  # the next sync restores exact weights
+    assert max_abs_diff(engine.score(probe, prompt_len), exact) < 1e-5

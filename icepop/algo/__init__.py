@@ -23,6 +23,8 @@ from icepop.algo.metrics import (
     log_ratio_histogram,
     masked_mean,
     mismatch_metrics,
+    staleness_metrics,
+    weight_metrics,
 )
 from icepop.algo.preference import bradley_terry_loss, pairwise_accuracy, whiten
 from icepop.algo.surrogates import OBJECTIVES
@@ -55,6 +57,8 @@ __all__ = [
     "policy_loss",
     "reinforce_pp_baseline_advantages",
     "rloo_advantages",
+    "staleness_metrics",
     "to_tokens",
+    "weight_metrics",
     "whiten",
 ]

@@ -21,7 +21,13 @@ from torch import Tensor
 from icepop.algo.aggregation import AGGREGATIONS, Count, aggregate
 from icepop.algo.corrections import CORRECTIONS, Correction, correction_weights, log_ratio
 from icepop.algo.kl import KL_ESTIMATORS, kl_estimate
-from icepop.algo.metrics import Metrics, correction_metrics, masked_mean, mismatch_metrics
+from icepop.algo.metrics import (
+    Metrics,
+    correction_metrics,
+    masked_mean,
+    mismatch_metrics,
+    staleness_metrics,
+)
 from icepop.algo.surrogates import OBJECTIVES, cispo, gspo_ratio, ppo_clip
 
 KPOP_THRESHOLD = 0.05
@@ -174,6 +180,7 @@ def pg_loss(
         "actor/pg_clipfrac": masked_mean(clipped.to(zero.dtype), active),
         "actor/ppo_kl": masked_mean(old - lp, active),
         "policy/logp_mean": masked_mean(lp, active),
+        **staleness_metrics(logprobs, old_logprobs, rollout_logprobs, response_mask),
     }
     if options.kl_coef != 0.0 and ref_logprobs is not None:
         policy = torch.where(response_mask, logprobs, zero)

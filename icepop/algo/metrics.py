@@ -68,6 +68,45 @@ def correction_metrics(correction: Correction, delta: Tensor, response_mask: Ten
         "icepop/ratio_mean": masked_mean(k, finite),
         "icepop/ratio_max": _extreme(k, finite, largest=True),
         "icepop/weight_mean": masked_mean(correction.weight, correction.keep),
+        **weight_metrics(correction, response_mask),
+    }
+
+
+def weight_metrics(correction: Correction, response_mask: Tensor) -> Metrics:
+    """How much of the batch the correction leaves: the effective sample size of the per-token weights
+    (w = weight on kept tokens, 0 on masked ones) as a fraction of the valid tokens,
+    ESS/n = (Σw)² / (n·Σw²) (Kish), and the masked tokens per sequence.
+
+    1 when every weight is equal (nothing masked, k ≡ 1); it falls as masking and uneven k concentrate
+    the update on fewer tokens.
+    """
+    w = torch.where(response_mask & correction.keep, correction.weight.detach().double(), 0.0)
+    n = response_mask.sum().double()
+    sequences = (response_mask.sum(-1) > 0).sum().clamp(min=1).double()
+    masked = (response_mask & ~correction.keep).sum(-1).double()
+    squares = (w * w).sum()
+    return {
+        "icepop/ess_frac": w.sum() ** 2 / (n * squares)
+        if squares > 0
+        else torch.zeros((), dtype=torch.float64),
+        "icepop/masked_tokens_per_seq": masked.sum() / sequences,
+        "icepop/masked_seq_frac": (masked > 0).sum().double() / sequences,
+    }
+
+
+def staleness_metrics(
+    logprobs: Tensor, old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor
+) -> Metrics:
+    """The split of log(π_θ/π_inf) = log(π_θ/π_old) + log(π_old/π_inf) into staleness (the policy moved
+    since the rollout: later updates of a step, async rollouts) and engine mismatch, as mean |·| of
+    each part over valid tokens. On-policy (θ = θ_old) the staleness part is 0."""
+    stale = logprobs.detach().double() - old_logprobs.detach().double()
+    mismatch = old_logprobs.detach().double() - rollout_logprobs.detach().double()
+    finite = response_mask & torch.isfinite(stale) & torch.isfinite(mismatch)
+    return {
+        "staleness/abs_log_ratio_mean": masked_mean(stale.abs(), finite),
+        "staleness/mismatch_abs_log_ratio_mean": masked_mean(mismatch.abs(), finite),
+        "staleness/total_abs_log_ratio_mean": masked_mean((stale + mismatch).abs(), finite),
     }
 
 

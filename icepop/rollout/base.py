@@ -40,6 +40,10 @@ class RolloutEngine(Protocol):
         Face names); collective with the trainer's `broadcast_weights`."""
         ...
 
+    def perturb(self, level: float, seed: int) -> None:
+        """Mismatch injection: seeded noise (`level` × each weight's std) on the engine's weights."""
+        ...
+
     def sleep(self) -> None:
         """Release accelerator memory (weights and KV cache) until `wake`; a no-op on CPU."""
         ...

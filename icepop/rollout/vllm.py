@@ -313,6 +313,30 @@ class VllmEngine:
         # Cached KV blocks were computed with the old weights.
         self._llm.reset_prefix_cache()
 
+    def perturb(self, level: float, seed: int) -> None:
+        """Mismatch injection for stress tests: add seeded Gaussian noise, `level` × each weight tensor's
+        std, to the engine's floating-point weights (the trainer's stay exact). 0 changes nothing."""
+        import torch
+
+        self._check_usable()
+        if level == 0.0:
+            return
+
+        def add_noise(model: torch.nn.Module) -> None:
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for param in model.parameters():
+                    if param.is_floating_point() and param.numel() > 1:
+                        noise = torch.randn(param.shape, generator=generator) * (
+                            level * float(param.float().std())
+                        )
+                        param.add_(noise.to(device=param.device, dtype=param.dtype))
+
+        self._llm.apply_model(add_noise)
+        if self._on_cpu:
+            self._llm.apply_model(_repack_cpu_kernels)
+        self._llm.reset_prefix_cache()
+
     def sleep(self) -> None:
         """Offload weights, drop the KV cache (vLLM sleep level 1); a no-op on CPU or without sleep mode."""
         self._check_usable()

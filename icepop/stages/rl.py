@@ -39,6 +39,7 @@ from icepop.stages.batch import rl_batch, select_rows, sequence_count, split_row
 from icepop.stages.evaluate import evaluate
 from icepop.stages.rewards import Rewards
 from icepop.stages.summary import Summary, write_summary
+from icepop.telemetry import Telemetry
 from icepop.tracking import Tracker
 from icepop.types import Prompt, RLBatch
 
@@ -58,6 +59,7 @@ class RLRun:
     probe: list[int]
     weight_sync: WeightSync
     tracker: Tracker
+    telemetry: Telemetry
 
 
 def rl_step(step: int, run: RLRun) -> dict[str, float]:
@@ -118,6 +120,8 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     run.weight_sync.push()  # blocks until every engine holds the new weights
     probe_diff = weights.probe_difference(run.rollout, run.trainer, run.probe)
     weights.check_probe(probe_diff, config.rollout, step)
+    if config.rollout.mismatch_noise:  # stress test: a controlled mismatch, after the exact-sync probe
+        ray.get(run.rollout.async_call("perturb", config.rollout.mismatch_noise, config.run.seed + step))
     lap("sync")
 
     # 7. Log: the ranks' means first, then exact whole-batch mismatch and mask statistics over them.
@@ -131,14 +135,16 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         "response_length/truncated_frac": sum(c.finish_reason == "length" for g in groups for c in g)
         / len(texts),
         "sync/probe_abs_logp_diff": probe_diff,
+        "inject/mismatch_noise": config.rollout.mismatch_noise,
         "perf/step_seconds": step_seconds,
         "perf/rollout_tokens_per_second": float(lengths.sum()) / timings["timing/generate_seconds"],
         **timings,
     }
-    shown = "model_score_mean" if "reward/model_score_mean" in metrics else "mean"  # RLHF: the raw RM score
-    run.tracker.log(
-        step, metrics, status=f"reward {metrics[f'reward/{shown}']:.3f}  {step_seconds:.1f} s/step"
-    )
+    shown = metrics.get("reward/model_score_mean", metrics["reward/mean"])  # RLHF: the raw RM score
+    run.tracker.log(step, metrics, status=f"reward {shown:.3f}  {step_seconds:.1f} s/step")
+    delta = log_ratio(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask)
+    for alert in run.telemetry.record(step, delta, batch.response_mask, metrics):
+        run.tracker.print(alert)
 
     # 8. Checkpoint.
     every = config.train.checkpoint_every
@@ -267,5 +273,11 @@ def _set_up(
         weights.probe_sequence(eval_prompts),
         WeightSync(config.rollout.weight_sync, trainer, rollout, str(weights_dir / "weights.safetensors")),
         stack.enter_context(Tracker(config, run_dir, config.train.steps, config.stage)),
+        Telemetry(run_dir, config.logger.mismatch_alert, config.logger.alert_window),
     )
+    if config.rollout.mismatch_noise:
+        print(
+            f"icepop: mismatch injection on: engine weights get noise {config.rollout.mismatch_noise} × std"
+        )
+        ray.get(rollout.async_call("perturb", config.rollout.mismatch_noise, config.run.seed))
     return run, eval_prompts

@@ -227,13 +227,14 @@ class DeepSpeedTrainer:
         """One optimizer step of `pg_loss` on this rank's shard; collective. The counts are those of
         the whole batch over all ranks. old_logprobs=None means on-policy (θ_old = θ): ℓ_old is the
         detached current ℓ. Metrics: actor/loss is the full-batch loss (same on every rank);
-        pg_loss's metrics are means over this rank's micro-batches; actor/entropy is the token
-        mean over this rank's response tokens at the sampling temperature."""
+        pg_loss's metrics are means over this rank's micro-batches; actor/entropy (and
+        actor/entropy_masked) is the token mean over this rank's response (masked) tokens at the
+        sampling temperature."""
         check_batch(batch, options)
         self.engine.train()
         slices = self._micro_batches(batch.input_ids.shape[0])
         sums: dict[str, float] = {}
-        local_loss, entropy_sum, tokens = 0.0, 0.0, 0.0
+        local_loss, entropy_sum, tokens, masked_entropy_sum, masked = 0.0, 0.0, 0.0, 0.0, 0.0
         for i, rows in enumerate(slices):
             mb = rows_of(batch, rows, self.device)
             logprobs, entropy = self._forward(mb["input_ids"], mb["attention_mask"], self.temperature, True)
@@ -256,10 +257,16 @@ class DeepSpeedTrainer:
                     sums[key] = sums.get(key, 0.0) + float(value)
                 entropy_sum += float(torch.where(mb["response_mask"], entropy.detach(), 0.0).sum())
                 tokens += float(mb["response_mask"].sum())
+                numerator = logprobs.detach() if options.correction == "icepop-online" else old
+                keep = options.correction_weights(numerator, mb["rollout_logprobs"], mb["response_mask"]).keep
+                dropped = mb["response_mask"] & ~keep  # the tokens the correction masked
+                masked_entropy_sum += float(torch.where(dropped, entropy.detach(), 0.0).sum())
+                masked += float(dropped.sum())
         real = max(1, sum(rows is not None for rows in slices))
         result = {key: value / real for key, value in sums.items()}
         result["actor/pg_loss"] = local_loss  # this rank's share of actor/loss, not a mean
         result["actor/entropy"] = entropy_sum / max(1.0, tokens)
+        result["actor/entropy_masked"] = masked_entropy_sum / max(1.0, masked)  # 0 when nothing is masked
         result["actor/micro_batches"] = float(len(slices))
         return {**result, **self._step(local_loss, "actor")}
 

@@ -1,0 +1,98 @@
+"""Mismatch telemetry beyond the per-step metrics: the log k histogram of every step, kept in the run
+directory, and two alerts on the metric stream, printed and logged as events.
+
+(a) The mismatch crosses the level at which the IcePop paper saw GRPO fail: mean relative probability
+difference |k − 1| above 5% (`logger.mismatch_alert`). It fires when the level is crossed upwards and
+again only after it has fallen back below.
+(b) The failure signature the KPop follow-up reports for fixed bounds: over the last `logger.alert_window`
+steps, the mask fraction falls while the mismatch KL rises — the second half of the window's mean
+mask fraction at least 10% below the first half's, and its mean KL (k3) at least 10% above it and
+above a noise floor. It fires once per episode and re-arms when the pattern stops.
+
+Pure Python and torch: the alerts are tested on synthetic metric streams.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from icepop.algo import log_ratio_histogram
+
+HISTOGRAM_EDGES = torch.linspace(-3.0, 3.0, 61)
+"""Bins of log k = ℓ_old − ℓ_inf, 0.1 wide; values beyond ±3 land in the end bins."""
+TREND_CHANGE = 0.10
+"""Relative change between the halves of the window that counts as falling / rising."""
+KL_FLOOR = 1e-4
+"""Mismatch KL below which a rise is noise, not a signature (fp32 engines sit near 1e-9)."""
+
+
+class MismatchAlerts:
+    """Feed it each step's metrics; it returns the alert events that step raised."""
+
+    def __init__(self, threshold: float = 0.05, window: int = 20) -> None:
+        if threshold <= 0 or window < 4:
+            raise ValueError(f"threshold={threshold} must be > 0 and window={window} at least 4 steps")
+        self.threshold, self.window = threshold, window
+        self._above = False
+        self._trending = False
+        self._history: list[tuple[float, float]] = []
+
+    def update(self, step: int, metrics: dict[str, float]) -> list[dict[str, Any]]:
+        events = []
+        level = metrics["mismatch/rel_prob_diff_mean"]
+        if level > self.threshold and not self._above:
+            events.append({"step": step, "alert": "mismatch_above_threshold", "value": level,
+                           "threshold": self.threshold})  # fmt: skip
+        self._above = level > self.threshold
+        self._history = [*self._history, (metrics["icepop/mask_frac"], metrics["mismatch/kl_k3"])]
+        self._history = self._history[-self.window :]
+        trending = len(self._history) == self.window and self._mask_falls_while_kl_rises()
+        if trending and not self._trending:
+            mask, kl = zip(*self._history, strict=True)
+            events.append({"step": step, "alert": "mask_falls_while_kl_rises", "window": self.window,
+                           "mask_frac": [mask[0], mask[-1]], "kl_k3": [kl[0], kl[-1]]})  # fmt: skip
+        self._trending = trending
+        return events
+
+    def _mask_falls_while_kl_rises(self) -> bool:
+        half = self.window // 2
+        first, second = self._history[:half], self._history[-half:]
+        mask_before, mask_after = (sum(m for m, _ in part) / half for part in (first, second))
+        kl_before, kl_after = (sum(k for _, k in part) / half for part in (first, second))
+        return (
+            mask_after < (1 - TREND_CHANGE) * mask_before
+            and kl_after > (1 + TREND_CHANGE) * kl_before
+            and kl_after > KL_FLOOR
+        )
+
+
+class Telemetry:
+    """Writes histograms.jsonl (edges in its first line) and events.jsonl in the run directory."""
+
+    def __init__(self, run_dir: Path, threshold: float, window: int) -> None:
+        self.histograms, self.events = run_dir / "histograms.jsonl", run_dir / "events.jsonl"
+        self.alerts = MismatchAlerts(threshold, window)
+        if not self.histograms.exists():
+            self.histograms.write_text(json.dumps({"edges": HISTOGRAM_EDGES.tolist()}) + "\n")
+
+    def record(self, step: int, delta: Tensor, response_mask: Tensor, metrics: dict[str, float]) -> list[str]:
+        """Append the step's log k histogram; returns the step's alerts as printable lines (also
+        appended to events.jsonl)."""
+        counts = log_ratio_histogram(delta, response_mask, HISTOGRAM_EDGES).tolist()
+        with self.histograms.open("a") as f:
+            f.write(json.dumps({"step": step, "counts": counts}) + "\n")
+        events = self.alerts.update(step, metrics)
+        with self.events.open("a") as f:
+            f.writelines(json.dumps(event) + "\n" for event in events)
+        return [f"ALERT step {e['step']}: {e['alert']} {json.dumps(e)}" for e in events]
+
+
+def read_histograms(run_dir: str | Path) -> tuple[list[float], list[dict[str, Any]]]:
+    """(edges, [{"step", "counts"}, ...]) of a run's histograms.jsonl."""
+    lines = (Path(run_dir) / "histograms.jsonl").read_text().splitlines()
+    return json.loads(lines[0])["edges"], [json.loads(line) for line in lines[1:] if line.strip()]
