@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,13 @@ def test_weights_changed_and_checkpoint_loads_in_transformers_and_vllm(runs: dic
     finally:
         engine.close()
     assert (scored - expected).abs().max() < 1e-4
+
+
+def test_the_report_renders_from_the_recorded_run(runs: dict[str, Path], tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "icepop.report", str(runs["rl"]), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "metrics.png").stat().st_size > 20_000 and (tmp_path / "histograms.png").is_file()
+    assert "rl: icepop [0.5, 5.0], noise 0.0, float32 engine | 3 |" in (tmp_path / "report.md").read_text()

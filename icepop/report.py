@@ -1,0 +1,161 @@
+"""`python -m icepop.report RUN_DIR [RUN_DIR ...]`: plots that compare RL runs side by side, and a short
+Markdown summary next to them.
+
+Key design choice: everything comes from what a run already wrote — config.yaml (the run's correction
+and mismatch-injection level name it in every legend), metrics.jsonl, histograms.jsonl, events.jsonl —
+so any finished or running run directory can be reported on, on any machine, without re-running it.
+Plots: reward, gradient norm, mismatch mean and max, mask fraction low/high, response length (one panel
+each, a line per run), and each run's log k histogram over time (a heat map).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from icepop.telemetry import read_histograms
+from icepop.tracking import read_metrics
+
+STYLES = ["-", "--", ":", "-."]
+PANELS = [
+    ("reward/mean", "reward (mean)"),
+    ("actor/grad_norm", "gradient norm"),
+    ("mismatch/abs_logp_diff_mean", "mismatch: mean |log k|"),
+    ("mismatch/abs_logp_diff_max", "mismatch: max |log k|"),
+    ("icepop/mask_frac_low", "mask fraction, k < α"),
+    ("icepop/mask_frac_high", "mask fraction, k > β"),
+    ("response_length/mean", "response length (tokens)"),
+]
+
+
+def run_label(run_dir: Path) -> str:
+    """The run's name, correction and mismatch level, from its config.yaml."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    algo, rollout = config["algo"], config["rollout"]
+    correction = algo["correction"]
+    if correction in ("icepop", "icepop-online", "token-mis", "seq-mis"):
+        correction += f" [{algo['ratio_low']}, {algo['ratio_high']}]"
+    elif correction in ("tis", "seq-tis"):
+        correction += f" C={algo['ratio_high']}"
+    return (
+        f"{run_dir.name}: {correction}, noise {rollout.get('mismatch_noise', 0.0)}, {rollout['dtype']} engine"
+    )
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display on a cluster node)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, title: str, path: Path) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_metrics(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:
+    """One panel per metric of PANELS, a line per run; saved as metrics.png."""
+    panel_rows = math.ceil(len(PANELS) / 2)
+    fig, axes = _pyplot().subplots(panel_rows, 2, figsize=(12, 3.2 * panel_rows))
+    for ax, (key, title) in zip(axes.flat, PANELS, strict=False):
+        for i, (label, rows) in enumerate(runs.items()):  # dashes keep overlapping runs visible
+            ax.plot(*_series(rows, key), label=label, linewidth=1.4, linestyle=STYLES[i % len(STYLES)])
+        ax.set(title=title, xlabel="RL step", ylabel=key)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(PANELS) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="best")
+    return _save(fig, "icepop runs compared", out / "metrics.png")
+
+
+def plot_histograms(run_dirs: list[Path], labels: list[str], out: Path) -> Path:
+    """Each run's log k histogram per step as a heat map (log10 of token counts); histograms.png."""
+    import numpy as np
+
+    fig, axes = _pyplot().subplots(1, len(run_dirs), figsize=(5.5 * len(run_dirs), 4), squeeze=False)
+    for ax, run_dir, label in zip(axes[0], run_dirs, labels, strict=True):
+        edges, rows = read_histograms(run_dir)
+        counts = np.array([r["counts"] for r in rows], dtype=float).T
+        steps = [r["step"] for r in rows]
+        image = ax.imshow(np.log10(1 + counts), aspect="auto", origin="lower", cmap="viridis",
+                          extent=(min(steps) - 0.5, max(steps) + 0.5, edges[0], edges[-1]))  # fmt: skip
+        ax.set(title=label, xlabel="RL step", ylabel="log k = ℓ_old − ℓ_inf")
+        fig.colorbar(image, ax=ax, label="log10(1 + tokens)")
+    return _save(fig, "train/inference log-ratio per step", out / "histograms.png")
+
+
+def summary(runs: dict[str, list[dict[str, Any]]], events: dict[str, list[dict[str, Any]]]) -> str:
+    """A Markdown table: steps, first/last-window reward, max mismatch, mean mask fraction, alerts."""
+    lines = [
+        "| run | steps | reward, first → last 10% of steps | max \\|log k\\| | mean mask fraction | alerts |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    for label, rows in runs.items():
+        tenth = max(1, len(rows) // 10)
+        reward = [r["reward/mean"] for r in rows]
+        first, last = sum(reward[:tenth]) / tenth, sum(reward[-tenth:]) / tenth
+        worst = max((r["mismatch/abs_logp_diff_max"] for r in rows), default=float("nan"))
+        mask = sum(r["icepop/mask_frac"] for r in rows) / len(rows)
+        alerts = ", ".join(f"{e['alert']} @ {e['step']}" for e in events[label]) or "none"
+        lines.append(
+            f"| {label} | {len(rows)} | {first:.3f} → {last:.3f} | {worst:.3g} | {mask:.4f} | {alerts} |"
+        )
+    return "\n".join(lines)
+
+
+def report(run_dirs: list[Path], out: Path) -> Path:
+    """Write metrics.png, histograms.png and report.md into `out`; returns the Markdown path."""
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [run_label(d) for d in run_dirs]
+    runs = {label: read_metrics(d) for label, d in zip(labels, run_dirs, strict=True)}
+    events = {
+        label: [json.loads(line) for line in (d / "events.jsonl").read_text().splitlines() if line.strip()]
+        if (d / "events.jsonl").is_file() else []
+        for label, d in zip(labels, run_dirs, strict=True)
+    }  # fmt: skip
+    plots = [plot_metrics(runs, out), plot_histograms(run_dirs, labels, out)]
+    text = "\n".join(
+        ["# icepop report", "", f"Runs: {', '.join(str(d) for d in run_dirs)}", "", summary(runs, events), ""]
+        + [f"![{p.stem}]({p.name})" for p in plots]
+    )
+    path = out / "report.md"
+    path.write_text(text + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m icepop.report", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="run directories (each with config.yaml, metrics.jsonl)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write (default: the first run's report/)"
+    )
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        for name in ("config.yaml", "metrics.jsonl", "histograms.jsonl"):
+            if not (run / name).is_file():
+                parser.error(f"{run} has no {name}: pass the run.dir of an RL run (rlvr or rlhf)")
+    path = report(args.runs, args.out or args.runs[0] / "report")
+    print(f"icepop report: {path} and its plots")
+
+
+if __name__ == "__main__":
+    main()
