@@ -134,3 +134,14 @@ def test_the_report_renders_from_the_recorded_run(runs: dict[str, Path], tmp_pat
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "metrics.png").stat().st_size > 20_000 and (tmp_path / "histograms.png").is_file()
     assert "rl: icepop [0.5, 5.0], noise 0.0, float32 engine | 3 |" in (tmp_path / "report.md").read_text()
+
+
+def test_the_tiny_default_runs_its_sft_warm_up_once_and_caches_it(tmp_path: Path) -> None:
+    quick = ["+recipe=rlvr", "sft.steps=2", "train.steps=1", "sft.eval_size=8", "train.eval_every=0", *SMALL]
+    first = icepop_train(tmp_path, *quick, "run.dir=first")
+    assert "has no SFT checkpoint for countdown yet; running +recipe=sft first" in first.stdout
+    (entry,) = (tmp_path / "cache" / "sft").glob("*/icepop-cache.json")  # complete, written last
+    assert (entry.parent / "model.safetensors").is_file()
+    second = icepop_train(tmp_path, *quick, "run.dir=second")
+    assert "running +recipe=sft first" not in second.stdout and str(entry.parent) in second.stdout
+    assert json.loads((tmp_path / "second" / "summary.json").read_text())["stage"] == "rlvr"
