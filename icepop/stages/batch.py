@@ -75,3 +75,8 @@ def split_rows(batch: Batch, parts: int) -> list[Batch]:
 def sequence_count(mask: Tensor) -> int:
     """Sequences with at least one valid token."""
     return int((mask.sum(dim=-1) > 0).sum())
+
+
+def concat_rows(blocks: list[Tensor], width: int) -> Tensor:
+    """Stack per-rank [rows, width_r] blocks (each trimmed to its own longest row) into [rows, width]."""
+    return torch.cat([torch.nn.functional.pad(b, (0, width - b.shape[1])) for b in blocks])

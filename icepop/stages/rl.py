@@ -35,7 +35,7 @@ from icepop.derived import derived
 from icepop.ray import cluster
 from icepop.ray.workers import ReferenceGroup, RewardModelGroup, RolloutGroup, TrainerGroup, WeightSync
 from icepop.stages import setup
-from icepop.stages.batch import rl_batch, select_rows, sequence_count, split_rows
+from icepop.stages.batch import concat_rows, rl_batch, select_rows, sequence_count, split_rows
 from icepop.stages.evaluate import evaluate
 from icepop.stages.rewards import Rewards
 from icepop.stages.summary import Summary, write_summary
@@ -97,7 +97,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
 
     # 4. ℓ_old: the trainer's log-probs at the rollout weights θ_old, before any update.
     refs = run.trainer.async_logprobs(batch.input_ids, batch.attention_mask, config.rollout.temperature)
-    batch.old_logprobs = _concat_rows(ray.get(refs), batch.response_mask.shape[1])
+    batch.old_logprobs = concat_rows(ray.get(refs), batch.response_mask.shape[1])
     if run.reference is not None:  # kl_coef ≠ 0: log π_ref of the frozen starting policy
         batch.ref_logprobs = ray.get(run.reference.async_logprobs(batch.input_ids, batch.attention_mask))
     lap("old_logprobs")
@@ -172,11 +172,6 @@ def _mismatch_statistics(batch: RLBatch, options: PolicyLossOptions) -> dict[str
         **correction_metrics(corr, log_ratio(old, rollout, mask), mask),
     }
     return {key: float(value) for key, value in stats.items()}
-
-
-def _concat_rows(blocks: list[torch.Tensor], width: int) -> torch.Tensor:
-    """Stack per-rank [rows, width_r] blocks (each trimmed to its own longest row) into [rows, width]."""
-    return torch.cat([torch.nn.functional.pad(b, (0, width - b.shape[1])) for b in blocks])
 
 
 def _mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:

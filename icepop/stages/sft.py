@@ -23,7 +23,7 @@ from icepop.derived import derived
 from icepop.ray import cluster
 from icepop.ray.workers import TrainerGroup
 from icepop.stages import setup
-from icepop.stages.batch import split_rows
+from icepop.stages.batch import concat_rows, split_rows
 from icepop.stages.summary import Summary, write_summary
 from icepop.tracking import Tracker
 
@@ -31,8 +31,7 @@ from icepop.tracking import Tracker
 def validation_loss(trainer: TrainerGroup, batch: Any) -> float:
     """Token-mean cross-entropy on the assistant tokens of a held-out batch (no gradient)."""
     blocks = ray.get(trainer.async_logprobs(batch.input_ids, batch.attention_mask, 1.0))
-    width = batch.loss_mask.shape[1]
-    logprobs = torch.cat([torch.nn.functional.pad(b, (0, width - b.shape[1])) for b in blocks])
+    logprobs = concat_rows(blocks, batch.loss_mask.shape[1])
     return float(-torch.where(batch.loss_mask, logprobs, 0.0).sum() / batch.loss_mask.sum())
 
 
