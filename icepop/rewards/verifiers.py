@@ -1,6 +1,7 @@
 """Verifiable rewards in [0, 1] for the built-in tasks, and the resolver for custom reward functions.
 
-Key design choice: verification never executes model text. Countdown replies are parsed with `ast`
+Key design choice: verification never executes model text in this process. Code is run only inside
+`icepop.rewards.sandbox` (a separate, contained interpreter). Countdown replies are parsed with `ast`
 and evaluated by walking a whitelist of nodes over exact `Fraction`s; numeric answers go through
 math-verify with its signal-based timeouts switched off (they only work on a main thread), because
 the time limit belongs to `RewardPool`, which runs every verifier in a worker process it can kill.
@@ -14,6 +15,11 @@ What counts as correct (the reply formats are in `icepop.data.tasks`):
 - "countdown": an expression in + - * / and parentheses over the given numbers, each used at most
   once (not all required), equal to the target exactly. An optional "= <target>" suffix and
   "<answer>…</answer>" tags are accepted; "×", "÷" and "−" read as *, / and -.
+- "code": Python that passes the answer's tests in the sandbox. The code is the last ```python (or
+  bare ```) block of the reply, else the whole reply; the answer is the test program as a string, or
+  a dict: "test" (required), "prompt" (code put before the reply's, as HumanEval does: a reply may
+  hold the whole function or only its body), "entry_point" (adds `check(entry_point)`) and
+  "timeout_seconds" (default CODE_TIMEOUT_SECONDS; keep it below reward.timeout_seconds).
 """
 
 from __future__ import annotations
@@ -29,13 +35,17 @@ from typing import Any
 
 from icepop.types import Prompt
 
-VERIFIERS = ("arithmetic", "countdown", "math")
+VERIFIERS = ("arithmetic", "code", "countdown", "math")
 BUILTIN_REWARD = "icepop.rewards.verifiers:builtin_reward"
 
 _INTEGER = re.compile(r"[+-]?\d+")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _EXPRESSION_CHARS = re.compile(r"[0-9+\-*/() ]+")
 _MAX_EXPRESSION_CHARS = 200  # longer replies are not a countdown answer; keeps the parse cheap
+_CODE_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+CODE_TIMEOUT_SECONDS = 5.0
+"""The sandbox's wall-clock limit per code sample: half the pool's default reward.timeout_seconds (10),
+so the sandbox kills a stuck program cleanly before the pool would kill and replace its worker."""
 
 
 def _drop_timeout_notice(record: logging.LogRecord) -> bool:
@@ -63,6 +73,8 @@ def verify(task: str, response_text: str, answer: Any) -> float:
         return _verify_number(response_text, answer, literal_only=False)
     elif task == "countdown":
         return verify_countdown(response_text, answer)
+    elif task == "code":
+        return verify_code(response_text, answer)
     raise ValueError(
         f"task={task!r} has no built-in verifier (built-in: {', '.join(VERIFIERS)}); "
         "score it with a custom reward function 'package.module:function'"
@@ -139,6 +151,46 @@ def verify_countdown(response_text: str, answer: Any) -> float:
     if Counter(used) - allowed:  # some number not given, or used more often than given
         return 0.0
     return float(value == target)
+
+
+def extract_code(response_text: str) -> str:
+    """The last fenced code block (```python, ```py or bare ```; an unclosed one runs to the end) of
+    a reply, else the whole reply."""
+    blocks = _CODE_BLOCK.findall(response_text)
+    return blocks[-1] if blocks else response_text
+
+
+def code_program(response_text: str, answer: Any) -> tuple[str, float]:
+    """The program a code answer runs, [prompt +] code + test [+ check(entry_point)], and its time limit."""
+    spec = {"test": answer} if isinstance(answer, str) else answer
+    if not isinstance(spec, dict) or not isinstance(spec.get("test"), str) or not spec["test"].strip():
+        raise ValueError(
+            f'code answer must be the test program (a str) or {{"test": str, "prompt": str, '
+            f'"entry_point": str, "timeout_seconds": float}} with a non-empty "test", got {answer!r:.200}'
+        )
+    for field in ("prompt", "entry_point"):
+        if spec.get(field) is not None and not isinstance(spec[field], str):
+            raise ValueError(f"code answer field {field!r} must be a str, got {spec[field]!r:.100}")
+    entry_point = spec.get("entry_point")
+    if entry_point is not None and not entry_point.isidentifier():
+        raise ValueError(f"code answer field 'entry_point' must be a function name, got {entry_point!r}")
+    timeout = spec.get("timeout_seconds")
+    timeout = CODE_TIMEOUT_SECONDS if timeout is None else float(timeout)
+    if not timeout > 0:
+        raise ValueError(f"code answer field 'timeout_seconds' must be positive, got {timeout}")
+    parts = [spec.get("prompt") or "", extract_code(response_text), spec["test"]]
+    if entry_point:
+        parts.append(f"check({entry_point})")
+    return "\n".join(part.rstrip("\n") for part in parts if part) + "\n", timeout
+
+
+def verify_code(response_text: str, answer: Any) -> float:
+    """1.0 when the reply's code passes the answer's tests in the sandbox, else 0.0. Raises
+    SandboxUnavailable where the sandbox cannot be set up: then nothing runs and nothing scores."""
+    from icepop.rewards.sandbox import SandboxLimits, run_python
+
+    program, timeout = code_program(response_text, answer)
+    return float(run_python(program, SandboxLimits(timeout_seconds=timeout, cpu_seconds=timeout)).passed)
 
 
 def resolve_reward_fn(path: str) -> Callable[[Prompt, str], float]:
