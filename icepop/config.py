@@ -37,6 +37,9 @@ class RunConfig:
     """Run directory: config.yaml, metrics.jsonl and checkpoints/ are written here."""
     seed: int = 0
     """Seed of data order, sampling and initialisation; step-count budgets reproduce exactly."""
+    resume: bool = False
+    """RL stages: continue the newest run of this stage beside run.dir (e.g. runs/rlvr-*) from its last
+    complete checkpoint. A run.dir that already holds a checkpoint is always continued."""
 
 
 @dataclass
@@ -111,8 +114,11 @@ class RolloutConfig:
     """"broadcast" (rank 0 → engines over a gloo/NCCL group, multi-node) or "file" (/dev/shm, one node)."""
     mismatch_noise: float = 0.0
     """Stress test: noise of this × each tensor's std added to the engine's weights after every sync."""
+    max_restarts: int = 3
+    """Engines that die are restarted, re-synced and the step retried, at most this many times a run."""
     probe_tolerance: float | None = None
-    """Largest |Δ log p| allowed on the sync probe; None: 1e-3 for float32 engines, 0.1 for bfloat16."""
+    """Sync probe limit on |Δ log p|: its max for float32 engines (None: 1e-3), its mean over the probe
+    tokens for bfloat16 ones (None: 0.1), whose single tokens jump with MoE routing flips."""
 
     def __post_init__(self) -> None:
         _one_of("rollout.dtype", self.dtype, DTYPES)
@@ -302,13 +308,25 @@ class LoggerConfig:
 class TrainConfig:
     steps: int = 150
     """RL steps (one batch of rollouts and its update each)."""
-    checkpoint_every: int = 0
-    """Write a Hugging Face checkpoint every this many steps (0: only at the end)."""
+    checkpoint_every: int = 50
+    """Checkpoint every this many steps (0: only at the end): a Hugging Face model plus what resuming
+    needs (optimizer, scheduler, data position, RNG); written atomically."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted once a newer one is complete (0: keep all)."""
     eval_every: int = 50
     """Evaluate greedy accuracy on the held-out problems every this many steps (0: before and after)."""
+    max_nonfinite_steps: int = 3
+    """Stop after this many steps in a row whose update was skipped for a NaN/inf loss or gradient."""
+    inject_nonfinite_steps: list[int] = field(default_factory=list)
+    """Fault injection for tests: make the loss NaN at these steps (the update is then skipped)."""
 
     def __post_init__(self) -> None:
-        _positive(**{"train.steps": self.steps})
+        _positive(**{"train.steps": self.steps, "train.max_nonfinite_steps": self.max_nonfinite_steps})
+        if self.checkpoint_every < 0 or self.keep_last < 0:
+            raise ValueError(
+                f"train.checkpoint_every={self.checkpoint_every} and train.keep_last={self.keep_last} "
+                "must be >= 0"
+            )
 
 
 @dataclass

@@ -47,12 +47,13 @@ def run_label(run_dir: Path) -> str:
     )
 
 
-def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric over a run's rows, skipping steps where it is missing or not finite."""
     points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
     return [s for s, _ in points], [v for _, v in points]
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend (no display on a cluster node)."""
     import matplotlib
 
@@ -62,34 +63,35 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, title: str, path: Path) -> Path:
+def save_figure(fig: Any, title: str, path: Path) -> Path:
+    """Title, lay out, save (110 dpi) and close a figure."""
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_metrics(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:
     """One panel per metric of PANELS, a line per run; saved as metrics.png."""
     panel_rows = math.ceil(len(PANELS) / 2)
-    fig, axes = _pyplot().subplots(panel_rows, 2, figsize=(12, 3.2 * panel_rows))
+    fig, axes = pyplot().subplots(panel_rows, 2, figsize=(12, 3.2 * panel_rows))
     for ax, (key, title) in zip(axes.flat, PANELS, strict=False):
         for i, (label, rows) in enumerate(runs.items()):  # dashes keep overlapping runs visible
-            ax.plot(*_series(rows, key), label=label, linewidth=1.4, linestyle=STYLES[i % len(STYLES)])
+            ax.plot(*series(rows, key), label=label, linewidth=1.4, linestyle=STYLES[i % len(STYLES)])
         ax.set(title=title, xlabel="RL step", ylabel=key)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(PANELS) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="best")
-    return _save(fig, "icepop runs compared", out / "metrics.png")
+    return save_figure(fig, "icepop runs compared", out / "metrics.png")
 
 
 def plot_histograms(run_dirs: list[Path], labels: list[str], out: Path) -> Path:
     """Each run's log k histogram per step as a heat map (log10 of token counts); histograms.png."""
     import numpy as np
 
-    fig, axes = _pyplot().subplots(1, len(run_dirs), figsize=(5.5 * len(run_dirs), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(run_dirs), figsize=(5.5 * len(run_dirs), 4), squeeze=False)
     for ax, run_dir, label in zip(axes[0], run_dirs, labels, strict=True):
         edges, rows = read_histograms(run_dir)
         counts = np.array([r["counts"] for r in rows], dtype=float).T
@@ -98,7 +100,7 @@ def plot_histograms(run_dirs: list[Path], labels: list[str], out: Path) -> Path:
                           extent=(min(steps) - 0.5, max(steps) + 0.5, edges[0], edges[-1]))  # fmt: skip
         ax.set(title=label, xlabel="RL step", ylabel="log k = ℓ_old − ℓ_inf")
         fig.colorbar(image, ax=ax, label="log10(1 + tokens)")
-    return _save(fig, "train/inference log-ratio per step", out / "histograms.png")
+    return save_figure(fig, "train/inference log-ratio per step", out / "histograms.png")
 
 
 def summary(runs: dict[str, list[dict[str, Any]]], events: dict[str, list[dict[str, Any]]]) -> str:

@@ -1,5 +1,6 @@
-"""Mismatch telemetry beyond the per-step metrics: the log k histogram of every step, kept in the run
-directory, and two alerts on the metric stream, printed and logged as events.
+"""Mismatch telemetry beyond the per-step metrics: the log k histogram and the mean |log k| by response
+position of every step, kept in the run directory, and two alerts on the metric stream, printed and
+logged as events.
 
 (a) The mismatch crosses the level at which the IcePop paper saw GRPO fail: mean relative probability
 difference |k − 1| above 5% (`logger.mismatch_alert`). It fires when the level is crossed upwards and
@@ -7,7 +8,9 @@ again only after it has fallen back below.
 (b) The failure signature the KPop follow-up reports for fixed bounds: over the last `logger.alert_window`
 steps, the mask fraction falls while the mismatch KL rises — the second half of the window's mean
 mask fraction at least 10% below the first half's, and its mean KL (k3) at least 10% above it and
-above a noise floor. It fires once per episode and re-arms when the pattern stops.
+above a noise floor, both changes also beyond step-to-step noise (Welch's t ≥ 3 between the halves:
+under a steady mismatch, e.g. injected noise redrawn every step, the halves differ by chance). It
+fires once per episode and re-arms when the pattern stops.
 
 Pure Python and torch: the alerts are tested on synthetic metric streams.
 """
@@ -15,13 +18,14 @@ Pure Python and torch: the alerts are tested on synthetic metric streams.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from icepop.algo import log_ratio_histogram
+from icepop.algo import abs_log_ratio_by_position, log_ratio_histogram
 
 HISTOGRAM_EDGES = torch.linspace(-3.0, 3.0, 61)
 """Bins of log k = ℓ_old − ℓ_inf, 0.1 wide; values beyond ±3 land in the end bins."""
@@ -29,6 +33,8 @@ TREND_CHANGE = 0.10
 """Relative change between the halves of the window that counts as falling / rising."""
 KL_FLOOR = 1e-4
 """Mismatch KL below which a rise is noise, not a signature (fp32 engines sit near 1e-9)."""
+MIN_T = 3.0
+"""Welch's t between the window's halves that a fall or rise must reach to count as a trend."""
 
 
 class MismatchAlerts:
@@ -62,13 +68,30 @@ class MismatchAlerts:
     def _mask_falls_while_kl_rises(self) -> bool:
         half = self.window // 2
         first, second = self._history[:half], self._history[-half:]
-        mask_before, mask_after = (sum(m for m, _ in part) / half for part in (first, second))
-        kl_before, kl_after = (sum(k for _, k in part) / half for part in (first, second))
+        mask = [m for m, _ in first], [m for m, _ in second]
+        kl = [k for _, k in first], [k for _, k in second]
+        mask_before, mask_after = (sum(part) / half for part in mask)
+        kl_before, kl_after = (sum(part) / half for part in kl)
         return (
             mask_after < (1 - TREND_CHANGE) * mask_before
             and kl_after > (1 + TREND_CHANGE) * kl_before
             and kl_after > KL_FLOOR
+            and _welch_t(*mask) <= -MIN_T
+            and _welch_t(*kl) >= MIN_T
         )
+
+
+def _welch_t(before: list[float], after: list[float]) -> float:
+    """Welch's t of mean(after) − mean(before); ±inf when both halves are constant and differ."""
+    n = len(before)
+    means = [sum(part) / n for part in (before, after)]
+    variances = [
+        sum((x - mean) ** 2 for x in part) / max(n - 1, 1)
+        for part, mean in zip((before, after), means, strict=True)
+    ]
+    error = math.sqrt(sum(variances) / n)
+    difference = means[1] - means[0]
+    return difference / error if error > 0 else math.copysign(math.inf, difference) if difference else 0.0
 
 
 class Telemetry:
@@ -81,15 +104,33 @@ class Telemetry:
             self.histograms.write_text(json.dumps({"edges": HISTOGRAM_EDGES.tolist()}) + "\n")
 
     def record(self, step: int, delta: Tensor, response_mask: Tensor, metrics: dict[str, float]) -> list[str]:
-        """Append the step's log k histogram; returns the step's alerts as printable lines (also
-        appended to events.jsonl)."""
+        """Append the step's log k histogram and mean |log k| by response position; returns the step's
+        alerts as printable lines (also appended to events.jsonl)."""
         counts = log_ratio_histogram(delta, response_mask, HISTOGRAM_EDGES).tolist()
+        by_position, tokens = abs_log_ratio_by_position(delta, response_mask)
+        record = {
+            "step": step,
+            "counts": counts,
+            "abs_by_position": [round(v, 7) for v in by_position.tolist()],
+            "tokens_by_position": tokens.tolist(),
+        }
         with self.histograms.open("a") as f:
-            f.write(json.dumps({"step": step, "counts": counts}) + "\n")
+            f.write(json.dumps(record) + "\n")
         events = self.alerts.update(step, metrics)
         with self.events.open("a") as f:
             f.writelines(json.dumps(event) + "\n" for event in events)
         return [f"ALERT step {e['step']}: {e['alert']} {json.dumps(e)}" for e in events]
+
+    def event(self, step: int, name: str, **fields: Any) -> None:
+        """Append an operational event (an engine restart, a skipped update) to events.jsonl."""
+        with self.events.open("a") as f:
+            f.write(json.dumps({"step": step, "event": name, **fields}) + "\n")
+
+    def replay(self, rows: list[dict[str, Any]]) -> None:
+        """Bring the alerts' history up to the end of these logged metric rows (a resumed run), without
+        raising their alerts again (events.jsonl already holds them)."""
+        for row in rows:
+            self.alerts.update(row["step"], {k: v if v is not None else float("nan") for k, v in row.items()})
 
 
 def read_histograms(run_dir: str | Path) -> tuple[list[float], list[dict[str, Any]]]:

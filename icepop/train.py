@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -69,13 +70,44 @@ def compose(overrides: list[str]) -> Config:
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    from icepop.stages.checkpoint import resume_dir
     from icepop.stages.pipeline import run_stage
+    from icepop.stages.rl import RunStopped
 
     config = to_config(cfg)
     run_dir = Path(config.run.dir)
+    if config.stage in ("rlvr", "rlhf"):  # continue a run from its last complete checkpoint
+        try:
+            run_dir = resume_dir(run_dir, config.stage, config.run.resume)
+        except FileNotFoundError as error:
+            sys.exit(f"icepop: {error}")
+    cfg.run.dir = str(run_dir)  # resolved once: `${now:...}` would give another time when saved
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    run_stage(config, run_dir, compose)
+    _save_config(cfg, run_dir / "config.yaml")
+    try:
+        run_stage(config, run_dir, compose)
+    except RunStopped as error:
+        sys.exit(f"icepop: the run stopped: {error}")
+
+
+def _save_config(cfg: DictConfig, path: Path) -> None:
+    """Write the resolved config; when continuing a run, say which settings differ from its last one."""
+    new = OmegaConf.to_container(cfg, resolve=True)
+    if path.is_file():
+        before = _flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+        changed = [f"{k}: {before.get(k)!r} → {v!r}" for k, v in _flatten(new).items() if before.get(k) != v]
+        if changed:
+            print(f"icepop: {path.parent} already has a run; settings changed since: {'; '.join(changed)}")
+    OmegaConf.save(OmegaConf.create(new), path)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {
+        k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}.{key}".lstrip(".")).items()
+    }
 
 
 if __name__ == "__main__":

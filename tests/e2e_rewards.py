@@ -5,6 +5,9 @@ the barely trained policy answers."""
 
 from __future__ import annotations
 
+import time
+import zlib
+
 from icepop.types import Prompt
 
 
@@ -18,3 +21,11 @@ def longer(prompt: Prompt, response_text: str) -> float:
     the pipeline test, whose reward model prefers short replies, so the two stages pull apart and
     each must move its own measure."""
     return min(len(response_text), 24) / 24
+
+
+def hangs_sometimes(prompt: Prompt, response_text: str) -> float:
+    """`longer`, except that about one response in eight (by a hash of its text, so the same ones in
+    every run) makes the reward function hang forever; the pool must time it out and score it 0."""
+    if zlib.crc32(response_text.encode()) % 8 == 0:
+        time.sleep(10**6)
+    return longer(prompt, response_text)

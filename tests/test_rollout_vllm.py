@@ -276,15 +276,21 @@ def test_mismatch_injection_is_exactly_off_at_zero_and_measurable_above(
 ) -> None:
     probe, prompt_len = PROMPTS[2] + list(range(200, 230)), 4
     exact = hf_logprobs(hf_model, probe, prompt_len)
-    before = engine.score(probe, prompt_len)
-    engine.perturb(0.0, seed=1)
-    assert engine.score(probe, prompt_len) == before  # level 0: bit-identical to no injection
-    engine.perturb(0.05, seed=1)
+    weights = str(model_dir / "model.safetensors")
+    engine.load_weights(weights)
+    clean = engine.score(probe, prompt_len)
+    engine.load_weights(weights, noise=(0.0, 1))
+    assert engine.score(probe, prompt_len) == clean  # level 0: bit-identical to no injection
+    engine.load_weights(weights, noise=(1e-12, 1))  # far below fp32 resolution: nothing may move
+    assert max_abs_diff(engine.score(probe, prompt_len), exact) < 1e-5
+    engine.load_weights(weights, noise=(0.05, 1))
     noisy = engine.score(probe, prompt_len)
-    clean_error, noisy_error = max_abs_diff(before, exact), max_abs_diff(noisy, exact)
+    engine.load_weights(weights, noise=(0.05, 1))
+    assert engine.score(probe, prompt_len) == noisy  # seeded: the same level and seed, the same engine
+    clean_error, noisy_error = max_abs_diff(clean, exact), max_abs_diff(noisy, exact)
     print(
         f"mismatch injection 0.05: max |Δ log p| vs the exact weights {clean_error:.1e} → {noisy_error:.1e}"
     )
     assert clean_error < 1e-5 and noisy_error > 1e-3
-    engine.load_weights(str(model_dir / "model.safetensors"))  # the next sync restores exact weights
+    engine.load_weights(weights)  # the next sync restores the exact weights
     assert max_abs_diff(engine.score(probe, prompt_len), exact) < 1e-5

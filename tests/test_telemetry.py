@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from icepop.algo import PolicyLossOptions, staleness_metrics, weight_metrics
+from icepop.algo import PolicyLossOptions, abs_log_ratio_by_position, staleness_metrics, weight_metrics
 from icepop.telemetry import HISTOGRAM_EDGES, MismatchAlerts, Telemetry, read_histograms
 
 
@@ -79,6 +79,12 @@ def test_kpop_signature_fires_when_mask_falls_while_kl_rises_and_not_otherwise()
     assert not alerts_of(stream(falling_mask, [1e-6 + 1e-5 * t for t in ramp]), window=10)
     assert not alerts_of(stream([0.01, 0.011] * 5, [2e-3, 2.1e-3] * 5), window=10)
     assert not alerts_of(stream(falling_mask[:9], rising_kl[:9]), window=10)
+    # Nor on a steady mismatch whose mask fraction and KL only fluctuate from step to step (as under
+    # injected noise redrawn every step): halves of a window differ by chance, not by a trend.
+    noise = torch.Generator().manual_seed(0)
+    mask = (0.003 * (1 + 0.5 * torch.randn(300, generator=noise))).clamp(min=0).tolist()
+    kl = (2e-3 * (1 + 0.5 * torch.randn(300, generator=noise))).clamp(min=0).tolist()
+    assert not alerts_of(stream(mask, kl), window=10)
     # It fires once per episode: a longer ramp does not repeat it every step.
     long_ramp = [i / 19 for i in range(20)]
     events = alerts_of(
@@ -99,4 +105,16 @@ def test_telemetry_writes_a_histogram_per_step_and_alert_events(tmp_path: Path) 
     counts = rows[0]["counts"]
     assert sum(counts) == 5  # the NaN is not counted; ±10 land in the end bins
     assert counts[0] == 1 and counts[-1] == 1 and counts[30] == 2 and counts[27] == 1  # 0.0/0.05; −0.25
+    # mean |log k| by position: (0.05+10)/2, (0.25+0)/2, and 10 alone (the NaN is not a token)
+    assert rows[0]["abs_by_position"] == pytest.approx([5.025, 0.125, 10.0])
+    assert rows[0]["tokens_by_position"] == [2, 2, 1]
     assert len((tmp_path / "events.jsonl").read_text().splitlines()) == 1  # still above: no repeat
+
+
+def test_mismatch_by_position_counts_from_each_response_start() -> None:
+    # Row 0's response starts at column 1, row 1's at column 3 (after a longer prompt); padding after.
+    delta = torch.tensor([[9.0, 0.1, -0.3, 0.5, 9.0], [9.0, 9.0, 9.0, -0.2, 0.4]])
+    mask = torch.tensor([[False, True, True, True, False], [False, False, False, True, True]])
+    by_position, tokens = abs_log_ratio_by_position(delta, mask)
+    assert by_position.tolist() == pytest.approx([0.15, 0.35, 0.5])  # (0.1+0.2)/2, (0.3+0.4)/2, 0.5
+    assert tokens.tolist() == [2, 2, 1]

@@ -18,6 +18,7 @@ from icepop.algo.kl import KL_ESTIMATORS, kl_estimate
 from icepop.algo.logprobs import logprobs_and_entropy, logprobs_and_entropy_naive
 from icepop.algo.loss import KPOP_THRESHOLD, PolicyLossOptions, pg_loss, policy_loss
 from icepop.algo.metrics import (
+    abs_log_ratio_by_position,
     correction_metrics,
     entropy_metrics,
     log_ratio_histogram,
@@ -37,6 +38,7 @@ __all__ = [
     "OBJECTIVES",
     "Correction",
     "PolicyLossOptions",
+    "abs_log_ratio_by_position",
     "aggregate",
     "bradley_terry_loss",
     "correction_metrics",

@@ -130,3 +130,19 @@ def log_ratio_histogram(delta: Tensor, response_mask: Tensor, edges: Tensor) -> 
     index = torch.bucketize(values, edges.double().to(values.device), right=True) - 1
     index = index.clamp(0, edges.numel() - 2)
     return torch.bincount(index, minlength=edges.numel() - 1)
+
+
+def abs_log_ratio_by_position(delta: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean |log k| at each response position (0 = a response's first token, wherever its row's
+    response starts) over valid finite tokens, and how many tokens each mean covers; both [T'] with T'
+    the longest response (the IcePop paper's mismatch-by-position view). A position without tokens is 0."""
+    position = response_mask.long().cumsum(dim=1) - 1  # response tokens are contiguous in a row
+    valid = response_mask & torch.isfinite(delta)
+    length = int(position[response_mask].max()) + 1 if bool(response_mask.any()) else 0
+    index = position[valid]
+    sums = torch.zeros(length, dtype=torch.float64, device=delta.device)
+    sums.index_add_(0, index, delta.detach().double().abs()[valid])
+    counts = torch.zeros(length, dtype=torch.long, device=delta.device).index_add_(
+        0, index, torch.ones_like(index)
+    )
+    return sums / counts.clamp(min=1), counts

@@ -30,7 +30,13 @@ class _Host:
 
         from icepop.ray.cluster import free_port
 
-        return ray.util.get_node_ip_address(), free_port()
+        address = ray.util.get_node_ip_address()
+        return address, free_port(address)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     def setup(self, cls: type, kwargs: dict[str, Any]) -> None:
         self.obj = cls(**kwargs)
@@ -39,28 +45,69 @@ class _Host:
         return getattr(self.obj, method)(*args, **kwargs)
 
 
+class EngineHost(_Host):
+    """A rollout engine's actor; the class names the role in `ps` ("ray::EngineHost.call") and Ray's
+    dashboard."""
+
+
+class TrainerHost(_Host):
+    """A trainer rank's actor."""
+
+
+class ReferenceHost(_Host):
+    """The frozen reference policy's actor."""
+
+
+class RewardModelHost(_Host):
+    """A reward-model scoring actor."""
+
+
 def _blocks(items: int, parts: int) -> list[slice]:
     """`parts` contiguous slices covering range(items), sizes differing by at most one."""
     bounds = [items * i // parts for i in range(parts + 1)]
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-def _actors(count: int, placement_group: Any, cpus: int, gpus: int, name: str) -> list[Any]:
+def gather(refs: list[Any]) -> list[Any]:
+    """`ray.get` of several refs that raises as soon as one fails. A plain `ray.get` waits for all of
+    them first, and the survivors of a dead trainer rank wait in a collective until its timeout."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(refs)
+
+
+def _actor(host: type, index: int, placement_group: Any, cpus: int, gpus: int, name: str) -> Any:
+    """A `host` actor on bundle `index`, named "<name>-<index>-<placement group>"."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    host = ray.remote(_Host)
-    return [
-        host.options(
+    return (
+        ray.remote(host)
+        .options(
             num_cpus=cpus,
             num_gpus=gpus,
-            name=f"{name}-{i}-{id(placement_group):x}",
+            name=f"{name}-{index}-{id(placement_group):x}",
             scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group, placement_group_bundle_index=i
+                placement_group, placement_group_bundle_index=index
             ),
-        ).remote()
-        for i in range(count)
-    ]
+        )
+        .remote()
+    )
+
+
+def _actors(host: type, count: int, placement_group: Any, cpus: int, gpus: int, name: str) -> list[Any]:
+    return [_actor(host, i, placement_group, cpus, gpus, name) for i in range(count)]
+
+
+def actor_index(actors: list[Any], error: Exception) -> int | None:
+    """Which of `actors` a RayActorError is about (None: another actor, or not known)."""
+    actor_id = getattr(error, "actor_id", None)
+    ids = [a._actor_id.hex() for a in actors]
+    return ids.index(actor_id) if actor_id in ids else None
 
 
 class RolloutGroup:
@@ -70,10 +117,10 @@ class RolloutGroup:
         import ray
 
         rollout = config.rollout
-        self.actors = _actors(
-            rollout.engines, placement.rollout, rollout.cpus_per_engine, rollout.gpus_per_engine, "rollout"
-        )
-        kwargs = {
+        self._resources = (placement.rollout, rollout.cpus_per_engine, rollout.gpus_per_engine)
+        self.restarts = 0
+        self.actors = _actors(EngineHost, rollout.engines, *self._resources, "rollout")
+        self._kwargs = {
             "model_path": model_path,
             "dtype": rollout.dtype,
             "seed": config.run.seed,
@@ -83,8 +130,32 @@ class RolloutGroup:
             # On CPU vLLM's worker pins its own thread count; more threads than the bundle's cores stall it.
             "cpu_threads": rollout.cpus_per_engine if rollout.gpus_per_engine == 0 else None,
         }
-        engine = engine_class(rollout.backend)
-        ray.get([a.setup.remote(engine, kwargs) for a in self.actors])
+        self._engine = engine_class(rollout.backend)
+        ray.get([a.setup.remote(self._engine, self._kwargs) for a in self.actors])
+
+    def dead_engines(self) -> list[int]:
+        """Indices of the engines whose actor has died (a live but busy one answers within 60 s)."""
+        import ray
+
+        dead = []
+        for index, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.pid.remote(), timeout=60)
+            except ray.exceptions.RayActorError:
+                dead.append(index)
+            except ray.exceptions.GetTimeoutError:
+                pass
+        return dead
+
+    def restart(self, index: int) -> None:
+        """Replace engine `index` (dead, or to be killed) by a new one on its bundle, with the starting
+        weights: re-sync it (WeightSync.reconnect, then push) before using it."""
+        import ray
+
+        ray.kill(self.actors[index], no_restart=True)
+        self.restarts += 1
+        self.actors[index] = _actor(EngineHost, index, *self._resources, f"rollout-restart{self.restarts}")
+        ray.get(self.actors[index].setup.remote(self._engine, self._kwargs))
 
     def async_generate(
         self, prompts: list[Prompt], samples_per_prompt: int, sampling: SamplingSettings
@@ -127,7 +198,12 @@ class TrainerGroup:
 
         trainer = config.trainer
         self.actors = _actors(
-            trainer.ranks, placement.trainer, trainer.cpus_per_rank, trainer.gpus_per_rank, "trainer"
+            TrainerHost,
+            trainer.ranks,
+            placement.trainer,
+            trainer.cpus_per_rank,
+            trainer.gpus_per_rank,
+            "trainer",
         )
         master_addr, master_port = ray.get(self.actors[0].node_address.remote())
         backend = backend_class(trainer.backend)
@@ -206,7 +282,7 @@ class ReferenceGroup:
         from icepop.trainer.reference import ReferencePolicy
 
         strategy = PlacementGroupSchedulingStrategy(placement.trainer, placement_group_bundle_index=0)
-        self.actor = ray.remote(_Host).options(num_cpus=0, scheduling_strategy=strategy).remote()
+        self.actor = ray.remote(ReferenceHost).options(num_cpus=0, scheduling_strategy=strategy).remote()
         kwargs = {
             "model_path": model_path,
             "dtype": config.model.dtype,
@@ -228,6 +304,7 @@ class RewardModelGroup:
 
         reward = config.reward
         self.actors = _actors(
+            RewardModelHost,
             reward.model_workers,
             placement.reward,
             reward.cpus_per_model_worker,
@@ -260,24 +337,29 @@ class WeightSync:
     """
 
     def __init__(self, method: str, trainer: TrainerGroup, rollout: RolloutGroup, file_path: str) -> None:
+        self.method, self.trainer, self.rollout, self.file_path = method, trainer, rollout, file_path
+        self.reconnect()
+
+    def reconnect(self) -> None:
+        """(Re)form the weight group of trainer rank 0 and every engine: at start, and after an engine
+        was restarted (a new group on a new port; the old one is dropped by every member)."""
         import ray
 
-        self.method, self.trainer, self.rollout, self.file_path = method, trainer, rollout, file_path
-        if method == "broadcast":  # trainer rank 0 is member 0 of the group, engine i is member i + 1
-            addr, port = ray.get(trainer.actors[0].node_address.remote())
-            size = 1 + len(rollout.actors)
+        if self.method == "broadcast":  # trainer rank 0 is member 0 of the group, engine i is member i + 1
+            addr, port = ray.get(self.trainer.actors[0].node_address.remote())
+            size = 1 + len(self.rollout.actors)
             engines = [
                 actor.call.remote("join_weight_group", addr, port, i + 1, size)
-                for i, actor in enumerate(rollout.actors)
+                for i, actor in enumerate(self.rollout.actors)
             ]
-            ray.get([trainer.actors[0].call.remote("join_weight_group", addr, port, size), *engines])
+            gather([self.trainer.actors[0].call.remote("join_weight_group", addr, port, size), *engines])
 
-    def push(self) -> None:
-        """Blocks until every engine holds the trainer's current weights."""
-        import ray
-
+    def push(self, noise: tuple[float, int] | None = None) -> None:
+        """Blocks until every engine holds the trainer's current weights (plus seeded noise of
+        (level, seed) for a mismatch-injection stress test: icepop.rollout.vllm.with_noise)."""
         if self.method == "broadcast":  # sender and receivers run together
-            ray.get(self.trainer.async_call("broadcast_weights") + self.rollout.async_call("receive_weights"))
+            receive = self.rollout.async_call("receive_weights", noise)
+            gather(self.trainer.async_call("broadcast_weights") + receive)
         else:  # the file must be complete before any engine reads it
-            ray.get(self.trainer.async_call("export_weights", self.file_path))
-            ray.get(self.rollout.async_call("load_weights", self.file_path))
+            gather(self.trainer.async_call("export_weights", self.file_path))
+            gather(self.rollout.async_call("load_weights", self.file_path, noise))

@@ -27,21 +27,18 @@ class RolloutEngine(Protocol):
         """Log-probs of token_ids[prompt_len:] given their prefixes (temperature 1): the sync probe."""
         ...
 
-    def load_weights(self, path: str) -> None:
-        """Replace the weights with the full state dict (Hugging Face names) in a safetensors file."""
+    def load_weights(self, path: str, noise: tuple[float, int] | None = None) -> None:
+        """Replace the weights with the full state dict (Hugging Face names) in a safetensors file;
+        `noise` = (level, seed) adds seeded noise of level × each tensor's std (mismatch injection)."""
         ...
 
     def join_weight_group(self, addr: str, port: int, rank: int, world_size: int) -> None:
         """Join the weight group (icepop.comm) as member `rank` ≥ 1; trainer rank 0 is its sender."""
         ...
 
-    def receive_weights(self) -> None:
+    def receive_weights(self, noise: tuple[float, int] | None = None) -> None:
         """Replace the weights with those broadcast over the weight group (full state dict, Hugging
-        Face names); collective with the trainer's `broadcast_weights`."""
-        ...
-
-    def perturb(self, level: float, seed: int) -> None:
-        """Mismatch injection: seeded noise (`level` × each weight's std) on the engine's weights."""
+        Face names; `noise` as for `load_weights`); collective with the trainer's `broadcast_weights`."""
         ...
 
     def sleep(self) -> None:

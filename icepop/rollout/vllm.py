@@ -18,11 +18,15 @@ import gc
 import logging
 import os
 import weakref
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from icepop.types import Completion, SamplingSettings
+
+Noise = tuple[float, int]
+"""(level, seed) of a mismatch injection (`with_noise`)."""
 
 if TYPE_CHECKING:
     import torch
@@ -82,10 +86,17 @@ def _repack_cpu_kernels(model: torch.nn.Module) -> None:
 
     - Fused MoE experts: vLLM prepacks w13/w2 into the CPU grouped-GEMM layout once, at load; on reload
       `_setup_kernel` sees an existing kernel and skips that step, leaving checkpoint-layout weights
-      that the kernel reads as packed (3e-2 log-prob error even for identical weights).
+      that the kernel reads as packed (3e-2 log-prob error even for identical weights). Only after a
+      reload: packing packed weights again scrambles the experts.
     - Embedding / lm_head: they keep `weight` and a packed copy for the logits GEMM. A tied lm_head
       loads no checkpoint tensor of its own, so its packed copy keeps the old embedding.
+    - Linear biases of 16-bit models: the small-GEMM kernel keeps a float32 copy
+      of the bias, rounded from the 16-bit parameter at load; vLLM's reload writes the checkpoint's
+      float32 bias into it unrounded (`bias` is exempt from its staging), so a reloaded bf16 engine
+      differed from a fresh one (2e-2 in log p on the tiny dense model). Rounding it to the weight's
+      dtype again makes a reload bit-identical to a fresh load of the same weights.
     """
+    import torch
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
@@ -96,6 +107,35 @@ def _repack_cpu_kernels(model: torch.nn.Module) -> None:
             experts.process_weights_after_loading(module)
         elif isinstance(module, VocabParallelEmbedding) and hasattr(module, "cpu_linear"):
             quant_method.process_weights_after_loading(module)
+        elif hasattr(module, "cpu_linear"):
+            bias, weight = getattr(module, "bias", None), getattr(module, "weight", None)
+            if (
+                isinstance(bias, torch.Tensor)
+                and isinstance(weight, torch.Tensor)
+                and bias.dtype == torch.float32
+                and weight.dtype in (torch.bfloat16, torch.float16)
+            ):
+                with torch.no_grad():
+                    bias.copy_(bias.to(weight.dtype).float())
+
+
+def with_noise(
+    tensors: Iterator[tuple[str, torch.Tensor]], noise: Noise | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Mismatch injection for stress tests: each floating-point tensor plus Gaussian noise of `level` ×
+    its std, seeded by (seed, tensor name) so the noise does not depend on the order tensors arrive in.
+    It goes in through the reload, so it reaches every weight — including those vLLM's CPU kernels keep
+    only in packed form. None or level 0 passes the tensors through unchanged (bit-identical)."""
+    import torch
+
+    level, seed = noise or (0.0, 0)
+    for name, tensor in tensors:
+        if level and tensor.is_floating_point() and tensor.numel() > 1:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            values = tensor.float().cpu()
+            values += torch.randn(values.shape, generator=generator) * (level * float(values.std()))
+            tensor = values.to(device=tensor.device, dtype=tensor.dtype)
+        yield name, tensor
 
 
 def _checkpoint_names(model_path: str) -> frozenset[str]:
@@ -245,8 +285,9 @@ class VllmEngine:
         steps = output.prompt_logprobs
         return [float(steps[j][token_ids[j]].logprob) for j in range(prompt_len, len(token_ids))]
 
-    def load_weights(self, path: str) -> None:
-        """Replace the weights with the full state dict (Hugging Face names) in the safetensors file."""
+    def load_weights(self, path: str, noise: Noise | None = None) -> None:
+        """Replace the weights with the full state dict (Hugging Face names) in the safetensors file;
+        with `noise`, seeded Gaussian noise is added to them on the way in (`with_noise`)."""
         from safetensors import safe_open
 
         self._check_usable()
@@ -255,7 +296,7 @@ class VllmEngine:
             self._check_complete(set(f.keys()), path)
             # Streamed one tensor at a time: vLLM buffers a layer's tensors until the layer is complete,
             # so peak extra memory is about one decoder layer, not a second copy of the model.
-            self._reload((name, f.get_tensor(name)) for name in f.keys())
+            self._reload(with_noise(((name, f.get_tensor(name)) for name in f.keys()), noise))
 
     def join_weight_group(self, addr: str, port: int, rank: int, world_size: int) -> None:
         """Join the weight group (icepop.comm) as member `rank` (1..): trainer rank 0 sends to it.
@@ -268,9 +309,10 @@ class VllmEngine:
         device = torch.device("cpu") if self._on_cpu else torch.device("cuda", torch.cuda.current_device())
         self._weight_group = (comm.weight_group(addr, port, rank, world_size, device), device)
 
-    def receive_weights(self) -> None:
+    def receive_weights(self, noise: Noise | None = None) -> None:
         """Replace the weights with those the trainer broadcasts over the weight group, streamed into
-        vLLM bucket by bucket; collective with the trainer's `broadcast_weights`."""
+        vLLM bucket by bucket (plus `noise`, as in `load_weights`); collective with the trainer's
+        `broadcast_weights`."""
         from icepop import comm
 
         self._check_usable()
@@ -285,7 +327,7 @@ class VllmEngine:
                 yield name, tensor
 
         try:
-            self._reload(recorded())
+            self._reload(with_noise(recorded(), noise))
         finally:
             for _ in stream:  # drain after an error, so the sender is not left blocked
                 pass
@@ -311,30 +353,6 @@ class VllmEngine:
         if self._on_cpu:
             self._llm.apply_model(_repack_cpu_kernels)
         # Cached KV blocks were computed with the old weights.
-        self._llm.reset_prefix_cache()
-
-    def perturb(self, level: float, seed: int) -> None:
-        """Mismatch injection for stress tests: add seeded Gaussian noise, `level` × each weight tensor's
-        std, to the engine's floating-point weights (the trainer's stay exact). 0 changes nothing."""
-        import torch
-
-        self._check_usable()
-        if level == 0.0:
-            return
-
-        def add_noise(model: torch.nn.Module) -> None:
-            generator = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for param in model.parameters():
-                    if param.is_floating_point() and param.numel() > 1:
-                        noise = torch.randn(param.shape, generator=generator) * (
-                            level * float(param.float().std())
-                        )
-                        param.add_(noise.to(device=param.device, dtype=param.dtype))
-
-        self._llm.apply_model(add_noise)
-        if self._on_cpu:
-            self._llm.apply_model(_repack_cpu_kernels)
         self._llm.reset_prefix_cache()
 
     def sleep(self) -> None:

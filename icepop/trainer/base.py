@@ -60,6 +60,14 @@ class TrainerBackend(Protocol):
         collective like `export_weights`."""
         ...
 
+    def save_state(self, directory: str) -> None:
+        """Save what exact resumption needs (weights, optimizer, scheduler); collective, every rank writes."""
+        ...
+
+    def load_state(self, directory: str) -> None:
+        """Restore what `save_state` wrote; collective."""
+        ...
+
 
 def backend_class(backend: str) -> type:
     """The TrainerBackend implementation named by `trainer.backend` (imported only when chosen)."""

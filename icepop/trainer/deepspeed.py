@@ -43,6 +43,7 @@ from icepop.trainer.inputs import (
 from icepop.types import PreferenceBatch, RLBatch, SFTBatch
 
 GATHER_BUCKET_BYTES = 256 * 2**20  # ZeRO-3 export: one all-gather per bucket, never the whole model
+STATE_TAG = "trainer"  # the DeepSpeed checkpoint tag (sub-folder) of `save_state`
 
 
 class DeepSpeedTrainer:
@@ -392,6 +393,17 @@ class DeepSpeedTrainer:
         if self.rank == 0:
             write_checkpoint(self.engine.module, state, self.model_path, directory)
         dist.barrier()
+
+    def save_state(self, directory: str) -> None:
+        """What exact resumption needs — weights, optimizer and scheduler state — as DeepSpeed's own
+        checkpoint (every rank writes its ZeRO shard: the folder must be on storage all ranks share)."""
+        self.engine.save_checkpoint(directory, tag=STATE_TAG, save_latest=False)
+
+    def load_state(self, directory: str) -> None:
+        """Restore what `save_state` wrote; collective."""
+        path, _ = self.engine.load_checkpoint(directory, tag=STATE_TAG, load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{directory} holds no trainer state (tag {STATE_TAG!r})")
 
     def close(self) -> None:
         """Free the engine and leave the process group (also avoids a rare SIGABRT at exit)."""

@@ -1,0 +1,204 @@
+"""Exact resume and surviving faults, on real runs of `python -m icepop.train +recipe=rlvr`:
+
+- a run killed with SIGKILL mid-training (driver, Ray and every worker at once) resumes from its last
+  complete checkpoint and its later steps equal those of an uninterrupted run;
+- a rollout engine killed mid-run is restarted, re-synced and its step retried: the run's metrics
+  equal the uninterrupted run's;
+- a trainer rank killed mid-run stops the run quickly with a message naming the rank and the
+  checkpoint to resume from, and no complete checkpoint is lost;
+- NaN losses skip their update, are counted, and stop the run after `train.max_nonfinite_steps` in a
+  row; a reward function that hangs is timed out and scored 0 without stopping the run.
+
+Faults come from outside where they can (signals to the processes, found by their Ray actor class in
+the process title); the NaN is injected into the loss with `train.inject_nonfinite_steps`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from e2e_helpers import SMALL
+
+from icepop.stages import checkpoint
+from icepop.tracking import read_metrics
+
+RUN = [
+    "+recipe=rlvr", "model.sft_warmup=false", "reward.function=e2e_rewards:longer", *SMALL,
+    "train.steps=6", "train.checkpoint_every=2", "train.keep_last=2", "train.eval_every=0", "run.dir=run",
+]  # fmt: skip
+DETERMINISTIC = ("reward/mean", "reward/std", "actor/loss", "actor/grad_norm", "response_length/mean",
+                 "mismatch/abs_logp_diff_max", "icepop/mask_frac", "actor/entropy")  # fmt: skip
+
+
+def start(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    """The run in tmp_path, in a session of its own (so that a SIGKILL reaches all of it)."""
+    tests = str(Path(__file__).parent)
+    env = {
+        **os.environ,
+        "ICEPOP_CACHE": str(tmp_path / "cache"),
+        "PYTHONPATH": tests,
+        "PYTHONUNBUFFERED": "1",
+    }
+    return subprocess.Popen([sys.executable, "-m", "icepop.train", *RUN, *overrides], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def finish(run: subprocess.Popen, timeout: float = 600) -> str:
+    output, _ = run.communicate(timeout=timeout)
+    return output
+
+
+@contextlib.contextmanager
+def running(tmp_path: Path, *overrides: str) -> Iterator[subprocess.Popen]:
+    """A started run that is killed (with all its processes) if the test leaves early."""
+    run = start(tmp_path, *overrides)
+    try:
+        yield run
+    finally:
+        if run.poll() is None:
+            kill_all(run.pid)
+            run.communicate(timeout=60)
+
+
+def kill_all(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as a machine failure would."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+
+
+def wait_for(condition: Callable[[], bool], run: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert run.poll() is None, f"the run ended before {what}:\n{run.stdout.read()[-4000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len([line for line in path.read_text().splitlines() if line.strip()]) if path.is_file() else 0
+
+
+def actor_processes(pid: int, actor_class: str) -> list[psutil.Process]:
+    """The run's Ray actor processes of one role, by the class in their process title."""
+    found = []
+    for proc in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if f"ray::{actor_class}" in " ".join(proc.cmdline()):
+                found.append(proc)
+    return found
+
+
+def assert_same_steps(rows: list[dict], reference: list[dict], steps: range) -> None:
+    by_step = {r["step"]: r for r in rows}
+    expected = {r["step"]: r for r in reference}
+    for step in steps:
+        for key in DETERMINISTIC:
+            assert by_step[step][key] == pytest.approx(expected[step][key], rel=1e-6, abs=1e-9), (step, key)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The uninterrupted run: its metrics, and its checkpoints pruned to the last two."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    run = start(tmp_path)
+    output = finish(run)
+    assert run.returncode == 0, output[-4000:]
+    run_dir = tmp_path / "run"
+    assert [step for step, _ in checkpoint.complete_checkpoints(run_dir)] == [4, 6]  # keep_last=2
+    assert not list((run_dir / "checkpoints").glob(".*"))  # no partial folder left
+    return read_metrics(run_dir)
+
+
+def test_sigkill_mid_training_then_resume_continues_exactly(tmp_path: Path, reference: list[dict]) -> None:
+    run_dir = tmp_path / "run"
+    with running(tmp_path) as run:
+        wait_for(lambda: checkpoint.latest(run_dir) is not None and steps_logged(run_dir) >= 3, run,
+                 "step 3 after the first checkpoint")  # fmt: skip
+        kill_all(run.pid)
+        run.communicate(timeout=60)
+    assert run.returncode == -signal.SIGKILL
+    latest = checkpoint.latest(run_dir)
+    assert latest is not None and latest[0] in (2, 4)  # complete checkpoints survived the kill
+    assert checkpoint.read_state(latest[1])["step"] == latest[0]
+
+    resumed = start(tmp_path)
+    output = finish(resumed)
+    assert resumed.returncode == 0, output[-4000:]
+    assert f"resumed from {latest[1]} (step {latest[0]} of 6)" in output
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # steps after the checkpoint were redone once
+    assert_same_steps(rows, reference, range(1, 7))
+    assert [step for step, _ in checkpoint.complete_checkpoints(run_dir)] == [4, 6]
+
+
+def test_killed_engine_is_restarted_and_the_step_retried(tmp_path: Path, reference: list[dict]) -> None:
+    run_dir = tmp_path / "run"
+    with running(tmp_path) as run:
+        wait_for(lambda: steps_logged(run_dir) >= 2, run, "step 2")
+        (engine,) = actor_processes(run.pid, "EngineHost")
+        engine.kill()
+        output = finish(run)
+    assert run.returncode == 0, output[-4000:]
+    assert "rollout engine 0 died" in output
+    rows = read_metrics(run_dir)
+    assert rows[-1]["fault/engine_restarts"] == 1
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if "event" in e] == ["engine_restarted"]
+    # The restarted engine got the current weights (the probe checks every later sync) and the
+    # retried step sampled exactly what it would have: the whole run equals the uninterrupted one.
+    assert_same_steps(rows, reference, range(1, 7))
+
+
+def test_dead_trainer_rank_stops_the_run_fast_and_keeps_checkpoints(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with running(tmp_path) as run:
+        wait_for(lambda: checkpoint.latest(run_dir) is not None and steps_logged(run_dir) >= 3, run,
+                 "step 3 after the first checkpoint")  # fmt: skip
+        ranks = actor_processes(run.pid, "TrainerHost")
+        assert len(ranks) == 2
+        ranks[-1].kill()
+        killed = time.monotonic()
+        output = finish(run, timeout=300)  # the survivors' collective would wait 30 min for the dead rank
+        stopped_after = time.monotonic() - killed
+    assert run.returncode != 0
+    assert "trainer rank" in output and "died at step" in output, output[-4000:]
+    latest = checkpoint.latest(run_dir)
+    assert latest is not None and f"run.dir={run_dir.resolve()}" in output.replace("\n", "")
+    assert f"The last complete checkpoint is {latest[1]}" in output.replace("\n", "")
+    assert (latest[1] / "model.safetensors").is_file() and (latest[1] / "trainer").is_dir()
+    assert stopped_after < 240, stopped_after
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path: Path) -> None:
+    faults = ["train.inject_nonfinite_steps=[2,4,5,6]", "train.max_nonfinite_steps=3",
+              "reward.function=e2e_rewards:hangs_sometimes", "reward.timeout_seconds=2"]  # fmt: skip
+    run = start(tmp_path, "train.steps=8", *faults)
+    output = finish(run)
+    assert run.returncode != 0
+    assert "3 steps in a row (up to step 6) had a NaN/inf loss" in output.replace("\n", ""), output[-4000:]
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # stopped at the third skip in a row
+    assert [r["actor/nonfinite_skipped"] for r in rows] == [0, 1, 0, 1, 1, 1]
+    assert all(r["actor/grad_norm"] is None for r in rows if r["actor/nonfinite_skipped"])  # inf → null
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    skipped = [e for e in events if e.get("event") == "nonfinite_update_skipped"]
+    assert [(e["step"], e["in_a_row"]) for e in skipped] == [(2, 1), (4, 1), (5, 2), (6, 3)]
+    # The step-2 and step-4 checkpoints are complete; nothing was written for the stopped step.
+    assert [step for step, _ in checkpoint.complete_checkpoints(tmp_path / "run")] == [2, 4]
+    # The hanging reward calls were timed out and scored 0, and the run went on.
+    assert sum(r["reward/timeouts"] for r in rows) > 0
