@@ -27,8 +27,8 @@ test: $(STAMP) lint
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check icepop tests bench
-	$(PY) -m ruff format --check icepop tests bench
+	$(PY) -m ruff check icepop tests bench studies
+	$(PY) -m ruff format --check icepop tests bench studies
 
 bench: $(STAMP)
 	$(PY) bench/logprobs.py
