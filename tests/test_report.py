@@ -35,7 +35,7 @@ def record_run(run_dir: Path, correction: str, noise: float, drift: float) -> No
                 "actor/grad_norm": 1 + drift * step**2,
                 "mismatch/abs_logp_diff_mean": scale, "mismatch/abs_logp_diff_max": 10 * scale,
                 "mismatch/rel_prob_diff_mean": scale, "mismatch/kl_k3": scale**2 / 2,
-                "icepop/mask_frac": max(0.0, 0.02 - drift * step), "icepop/mask_frac_low": 0.01,
+                "icepop/mask_frac": 0.02 - 0.15 * drift * step, "icepop/mask_frac_low": 0.01,
                 "icepop/mask_frac_high": 0.01, "response_length/mean": 20.0 + step,
             }  # fmt: skip
             f.write(json.dumps(metrics) + "\n")

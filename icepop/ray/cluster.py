@@ -112,11 +112,24 @@ def _keep_ray_on_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+INTERRUPTED = threading.Event()
+"""Set by Ctrl-C: `ray.wait` swallows the KeyboardInterrupt raised while it blocks, so the code that
+waits (icepop.ray.workers.gather) raises it again when it sees this."""
+
+
 def _graceful_sigterm() -> None:
     """ray.init installs a SIGTERM handler that aborts the driver on the spot; put back one that raises
-    SystemExit, which unwinds through the stages' `finally` blocks (Ray shutdown, temp files)."""
+    SystemExit, which unwinds through the stages' `finally` blocks (Ray shutdown, temp files). Ctrl-C
+    raises KeyboardInterrupt as usual and also sets INTERRUPTED."""
     if threading.current_thread() is threading.main_thread():
+        INTERRUPTED.clear()
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(signal.SIGINT, _interrupt)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
 
 
 def shutdown() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from icepop.config import Config
+from icepop.ray import cluster
 from icepop.ray.cluster import Placement
 from icepop.rollout.base import engine_class
 from icepop.trainer.base import backend_class
@@ -68,6 +69,9 @@ def _blocks(items: int, parts: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
+WAIT_SLICE_SECONDS = 0.5
+
+
 def gather(refs: list[Any]) -> list[Any]:
     """`ray.get` of several refs that raises as soon as one fails. A plain `ray.get` waits for all of
     them first, and the survivors of a dead trainer rank wait in a collective until its timeout."""
@@ -75,7 +79,10 @@ def gather(refs: list[Any]) -> list[Any]:
 
     pending = list(refs)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        # In short waits, so that a Ctrl-C is noticed within one of them.
+        done, pending = ray.wait(pending, num_returns=1, timeout=WAIT_SLICE_SECONDS)
+        if cluster.INTERRUPTED.is_set():  # a Ctrl-C that ray.wait swallowed
+            raise KeyboardInterrupt
         ray.get(done)
     return ray.get(refs)
 
