@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from test_config import compose_config
 
-from icepop.config import Config, RolloutConfig
+from icepop.config import RolloutConfig
 from icepop.ray.cluster import _check_capacity, needed_resources, process_env
 from icepop.stages.batch import rl_batch, sequence_count, split_rows
-from icepop.train import CONF_DIR
 from icepop.types import Completion, Prompt
 from icepop.weights import ProbeDifference, WeightSyncError, check_probe
 
@@ -89,14 +87,10 @@ def test_probe_check_raises_beyond_the_dtype_noise() -> None:
         check_probe(ProbeDifference(max=2e-4, mean=1e-4), RolloutConfig(probe_tolerance=1e-4), step=3)
 
 
-def compose_config(*overrides: str) -> Config:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=["+recipe=rlvr", *overrides])
-    return OmegaConf.to_object(cfg)
-
-
 def test_a_too_small_cluster_is_explained_in_one_message() -> None:
-    config = compose_config("cluster=gpu", "rollout.engines=8", "trainer.ranks=8", "algo.prompts_per_step=32")
+    config = compose_config(
+        "+recipe=rlvr", "cluster=gpu", "rollout.engines=8", "trainer.ranks=8", "algo.prompts_per_step=32"
+    )
     assert needed_resources(config) == {"CPU": 16, "GPU": 16}
     with pytest.raises(
         RuntimeError, match="rollout needs 8 CPUs/8 GPUs, trainer 8 CPUs/8 GPUs, cluster has 16 CPUs/12 GPUs"

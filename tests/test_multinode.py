@@ -36,10 +36,8 @@ from pathlib import Path
 import psutil
 import pytest
 from e2e_helpers import icepop_train
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from test_config import compose_config
 
-from icepop.config import Config
 from icepop.ray.cluster import (
     Role,
     _submitted_job_env_vars,
@@ -48,7 +46,6 @@ from icepop.ray.cluster import (
     describe_placement,
     placement_shortfall,
 )
-from icepop.train import CONF_DIR
 
 RAY = str(Path(sys.executable).with_name("ray"))
 SUBMIT = Path(__file__).resolve().parents[1] / "launch" / "submit.sh"
@@ -82,17 +79,13 @@ COMPARED = [
 ]
 
 
-def compose_config(*overrides: str) -> Config:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="config", overrides=["+recipe=rlvr", *overrides])
-    return OmegaConf.to_object(cfg)
-
-
 # --- the capacity message and the placement report, from resource tables --------------------------
 
 
 def test_a_shortfall_names_each_role_and_each_node() -> None:
-    config = compose_config("cluster=gpu", "rollout.engines=8", "trainer.ranks=8", "algo.prompts_per_step=32")
+    config = compose_config(
+        "+recipe=rlvr", "cluster=gpu", "rollout.engines=8", "trainer.ranks=8", "algo.prompts_per_step=32"
+    )
     nodes = [{"CPU": 64.0, "GPU": 8.0}, {"CPU": 64.0, "GPU": 4.0}]
     assert placement_shortfall(config, nodes) == (
         "the cluster is too small: rollout needs 8 CPUs/8 GPUs, trainer 8 CPUs/8 GPUs, cluster has "
@@ -106,6 +99,7 @@ def test_a_bundle_never_spans_nodes() -> None:
     # 2 engines of 8 GPUs (tensor parallel 8) + 8 ranks of 1 GPU = 24 GPUs, and 6 nodes × 4 GPUs = 24:
     # enough in all, but no node holds one engine.
     config = compose_config(
+        "+recipe=rlvr",
         "cluster=gpu",
         "rollout.engines=2",
         "rollout.gpus_per_engine=8",
@@ -131,7 +125,7 @@ def test_a_bundle_never_spans_nodes() -> None:
 
 
 def test_role_resources_steer_bundles_and_are_checked_per_node() -> None:
-    config = compose_config("rollout.engines=1", "trainer.ranks=2")
+    config = compose_config("+recipe=rlvr", "rollout.engines=1", "trainer.ranks=2")
     trainer = Role("trainer", "rank", 2, 1, 0)
     head = {"CPU": 2.0, "icepop_trainer": 1.0}
     other = {"CPU": 4.0, "icepop_rollout": 1.0}
