@@ -9,7 +9,7 @@ each variant needs is counted, as a trainer would pay for it.
     python bench/logprobs.py                          # CPU default: 2048 tokens × 151,936 vocab
     python bench/logprobs.py --tokens 8192 --device cuda
 
-Target (issue #2): chunked peak ≤ 0.25× naive peak at ≤ 1.2× naive time.
+Target: chunked peak ≤ 0.25× naive peak at ≤ 1.2× naive time.
 """
 
 from __future__ import annotations

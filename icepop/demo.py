@@ -110,7 +110,8 @@ def main() -> None:
     console.print(table)
     console.print(
         "masked/low/high: fractions of tokens the correction dropped; max k: largest π_train/π_infer; "
-        "KL k3: KL(π_infer ‖ π_train) estimate. Next: the real loop on vLLM + DeepSpeed (issue #3)."
+        "KL k3: KL(π_infer ‖ π_train) estimate. Next: the real loop on vLLM + DeepSpeed, "
+        "`python -m icepop.train +recipe=rlvr` (README.md)."
     )
 
 

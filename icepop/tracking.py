@@ -1,5 +1,6 @@
-"""Per-step metrics: one JSON object per line in run.dir/metrics.jsonl, a console progress bar, and
-optionally wandb. Values are plain floats; a non-finite value is written as null, never dropped."""
+"""Per-step metrics: one JSON object per line in run.dir/metrics.jsonl (held-out measures in
+eval.jsonl), a console progress bar, and optionally wandb. Values are plain floats; a non-finite value
+is written as null, never dropped."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class Tracker:
     """Writes metrics of a stage; use as a context manager so files and wandb are always closed."""
 
     def __init__(self, config: Config, run_dir: Path, total_steps: int, description: str) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path, self.eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
         self.file = self.path.open("a")
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -48,6 +49,13 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         self.progress.update(self.task, completed=step, status=status)
+
+    def log_eval(self, step: int, measures: dict[str, float], message: str) -> None:
+        """Append {"step": step, "eval/<name>": value, ...} to eval.jsonl; print "step N: message"."""
+        row = {"step": step, **{f"eval/{k}": _json_float(v) for k, v in measures.items()}}
+        with self.eval_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.print(f"step {step}: {message}")
 
     def print(self, message: str) -> None:
         self.progress.console.print(message)

@@ -70,9 +70,14 @@ def compose(overrides: list[str]) -> Config:
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    from icepop.preflight import check_environment
+
+    problem = check_environment()
+    if problem is not None:
+        sys.exit(problem)
     from icepop.stages.checkpoint import resume_dir
     from icepop.stages.pipeline import run_stage
-    from icepop.stages.rl import RunStopped
+    from icepop.stages.rl_run import RunStopped
 
     config = to_config(cfg)
     run_dir = Path(config.run.dir)

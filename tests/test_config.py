@@ -13,7 +13,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from icepop.config import Config
-from icepop.derived import derived
 from icepop.train import CONF_DIR, RECIPES, RECIPES_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +52,7 @@ def test_defaults_of_the_embedded_rlvr_run() -> None:
     assert config.trainer.lr == 1e-4 and config.data.size == 256  # tiny-model choices of the group files
     assert (config.algo.correction, config.algo.ratio_low, config.algo.ratio_high) == ("icepop", 0.5, 5.0)
     assert config.algo.kl_coef == 0.0 and config.rollout.temperature == 1.0 and config.rollout.top_p == 1.0
-    d = derived(config)
+    d = config.derived()
     assert d.samples_per_step == config.algo.prompts_per_step * config.algo.samples_per_prompt
     assert d.samples_per_rank * config.trainer.ranks == d.samples_per_step
 

@@ -122,7 +122,7 @@ def test_unknown_correction_is_rejected() -> None:
 
 def one_token(objective: str = "ppo", **kwargs):
     lp = t64([[kwargs.pop("lp", -1.0)]], grad=True)
-    loss, m = pg_loss(
+    loss, m, _ = pg_loss(
         lp,
         t64([[-1.0]]),
         t64([[kwargs.pop("inf", -1.0)]]),
@@ -156,7 +156,7 @@ def test_gspo_uses_one_length_normalised_ratio_per_sequence() -> None:
     # A = −1: loss per token max(−A·s, −A·1.2) = √2 (unclipped branch), token-mean √2;
     # ∂/∂ℓ_θ,t = (1/2)·(−A)·s = 0.70710678 for both tokens (gradient of s_i,t = sg(s)·exp(ℓ − sg ℓ)).
     lp = t64([[-1.0 + LN(2.0), -1.0]], grad=True)
-    loss, _ = pg_loss(
+    loss, _, _ = pg_loss(
         lp,
         t64([[-1.0, -1.0]]),
         t64([[-1.0, -1.0]]),
@@ -173,7 +173,7 @@ def test_online_icepop_masks_on_the_current_policy_without_clipping() -> None:
     # k = exp(ℓ_θ − ℓ_inf): token 1 k = e^{0.7} = 2.01375 ∈ [0.5, 5] ⇒ loss −k·A = −2.01375, grad −2.01375
     # (no PPO clip, although r = exp(ℓ_θ − ℓ_old) = 2.01 ≫ 1.28); token 2 k = e^{2} = 7.39 > 5 ⇒ masked.
     lp = t64([[-0.3, 1.0]], grad=True)
-    loss, m = pg_loss(
+    loss, m, _ = pg_loss(
         lp,
         t64([[-1.0, -1.0]]),
         t64([[-1.0, -1.0]]),
@@ -193,9 +193,20 @@ def test_kl_term_is_added_outside_the_mask() -> None:
     lp = t64([[-1.0, -1.0]], grad=True)
     common = (t64([[-1.0, -1.0]]), t64([[-3.5, -1.0]]), t64([[0.0, 0.0]]), torch.ones(1, 2, dtype=torch.bool))
     ref = t64([[-1.5, -1.0]])
-    loss, m = pg_loss(lp, *common, PolicyLossOptions(kl_coef=0.1, kl_estimator="k3"), ref_logprobs=ref)
+    loss, m, _ = pg_loss(lp, *common, PolicyLossOptions(kl_coef=0.1, kl_estimator="k3"), ref_logprobs=ref)
     loss.backward()
     # L = 0.1·(0.10653066 + 0)/2; ∂/∂ℓ_θ,1 = 0.1·(1 − e^{−0.5})/2 = 0.01967347
     assert loss.item() == pytest.approx(0.1 * (math.exp(-0.5) - 0.5) / 2)
     torch.testing.assert_close(lp.grad, t64([[0.1 * (1 - math.exp(-0.5)) / 2, 0.0]]))
     assert m["actor/kl"].item() == pytest.approx((math.exp(-0.5) - 0.5) / 2)
+
+
+def test_pg_loss_returns_the_tokens_it_kept() -> None:
+    # IcePop [0.5, 5]: k = exp(ℓ_old − ℓ_inf) = [1, 0.2, 12.2] ⇒ kept, masked low, masked high; the last
+    # position is padding, never kept whatever its ratio.
+    old = t64([[-1.0, -1.0, -1.0, -1.0]])
+    inf = t64([[-1.0, -1.0 + LN(5.0), -1.0 - 2.5, -1.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    result = pg_loss(old.clone().requires_grad_(), old, inf, t64([[1.0] * 4]), mask)
+    assert result.keep.tolist() == [[True, False, False, False]]
+    assert result.keep.tolist() == PolicyLossOptions().correction_weights(old, inf, mask).keep.tolist()

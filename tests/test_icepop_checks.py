@@ -240,14 +240,14 @@ def test_13_micro_batches_match_full_batch(agg: str) -> None:
     mask = torch.rand(6, 7, generator=g) < 0.7
     full_lp = lp.clone().requires_grad_(True)
     options = PolicyLossOptions(agg=agg, max_response_length=7)
-    full, _ = pg_loss(full_lp, old, inf, adv, mask, options)
+    full, _, _ = pg_loss(full_lp, old, inf, adv, mask, options)
     full.backward()
 
     micro_lp = lp.clone().requires_grad_(True)
     n_tokens, n_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
     total = torch.zeros((), dtype=torch.float64)
     for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):  # uneven micro-batches
-        part, _ = pg_loss(
+        part, _, _ = pg_loss(
             micro_lp[rows],
             old[rows],
             inf[rows],

@@ -51,7 +51,7 @@ def as_lists(x: torch.Tensor) -> list:
 def test_matches_float64_reference(batch: dict, correction: str, agg: str) -> None:
     lo, hi = BOUNDS[correction]
     lp = batch["lp"].clone().requires_grad_(True)
-    loss, metrics = pg_loss(
+    loss, metrics, _ = pg_loss(
         lp,
         batch["old"],
         batch["inf"],
@@ -95,7 +95,7 @@ def test_poisoned_padding_never_leaks(batch: dict, correction: str, agg: str, po
                 x[~mask] = fill
         lp = tensors[0].requires_grad_(True)
         options = PolicyLossOptions(correction=correction, ratio_low=lo, ratio_high=hi, agg=agg)
-        loss, metrics = pg_loss(lp, *tensors[1:], mask, options)
+        loss, metrics, _ = pg_loss(lp, *tensors[1:], mask, options)
         loss.backward()
         return loss.item(), lp.grad, {k: v.item() for k, v in metrics.items()}
 
@@ -121,7 +121,7 @@ def test_micro_batches_sum_to_full_batch(batch: dict, correction: str, agg: str,
         correction=correction, ratio_low=lo, ratio_high=hi, agg=agg, max_response_length=cols
     )
     full_lp = batch["lp"].clone().requires_grad_(True)
-    full, _ = pg_loss(full_lp, batch["old"], batch["inf"], batch["adv"], batch["mask"], options)
+    full, _, _ = pg_loss(full_lp, batch["old"], batch["inf"], batch["adv"], batch["mask"], options)
     full.backward()
 
     lp = batch["lp"].clone().requires_grad_(True)
@@ -130,7 +130,7 @@ def test_micro_batches_sum_to_full_batch(batch: dict, correction: str, agg: str,
     for part in (slice(0, cut), slice(cut, rows)):
         if part.stop == part.start:
             continue
-        loss, _ = pg_loss(
+        loss, _, _ = pg_loss(
             lp[part],
             batch["old"][part],
             batch["inf"][part],

@@ -246,7 +246,7 @@ def sandbox_processes() -> set[int]:
     found = set()
     for entry in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
-            if b"icepop/rewards/sandbox.py" in Path(f"/proc/{entry}/cmdline").read_bytes():
+            if b"icepop/rewards/sandbox_child.py" in Path(f"/proc/{entry}/cmdline").read_bytes():
                 found.add(int(entry))
     return found
 

@@ -251,7 +251,7 @@ def reference_training(model_dir: Path, steps: list[Any]) -> tuple[dict[str, tor
             old = lp.detach() if batch.old_logprobs is None else batch.old_logprobs
             tensors = (batch.rollout_logprobs, batch.advantages, batch.response_mask)
             # Local counts: this *is* the full batch.
-            loss, _ = pg_loss(lp, old, *tensors, options, ref_logprobs=batch.ref_logprobs)
+            loss, _, _ = pg_loss(lp, old, *tensors, options, ref_logprobs=batch.ref_logprobs)
         else:
             lp = reference_logprobs(model, batch, 1.0)
             loss = torch.where(batch.loss_mask, -lp, 0.0).sum() / batch.loss_mask.sum()

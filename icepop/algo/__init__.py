@@ -16,7 +16,7 @@ from icepop.algo.aggregation import AGGREGATIONS, aggregate
 from icepop.algo.corrections import CORRECTIONS, Correction, correction_weights, log_ratio
 from icepop.algo.kl import KL_ESTIMATORS, kl_estimate
 from icepop.algo.logprobs import logprobs_and_entropy, logprobs_and_entropy_naive
-from icepop.algo.loss import KPOP_THRESHOLD, PolicyLossOptions, pg_loss, policy_loss
+from icepop.algo.loss import KPOP_THRESHOLD, PolicyLoss, PolicyLossOptions, pg_loss, policy_loss
 from icepop.algo.metrics import (
     abs_log_ratio_by_position,
     correction_metrics,
@@ -37,6 +37,7 @@ __all__ = [
     "KPOP_THRESHOLD",
     "OBJECTIVES",
     "Correction",
+    "PolicyLoss",
     "PolicyLossOptions",
     "abs_log_ratio_by_position",
     "aggregate",

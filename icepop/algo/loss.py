@@ -14,6 +14,7 @@ while they still count in the aggregation's denominator (docs/algorithm.md §2).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -100,6 +101,17 @@ class PolicyLossOptions:
         )  # fmt: skip
 
 
+class PolicyLoss(NamedTuple):
+    """What `pg_loss` returns."""
+
+    loss: Tensor
+    """The scalar loss L = −J (with the global denominators: micro-batch losses sum to the batch's)."""
+    metrics: Metrics
+    """0-dim tensors: mismatch, mask fractions, clip fraction, … (README lists them)."""
+    keep: Tensor
+    """[B, T] bool: the valid tokens the correction kept (False for masked tokens and padding)."""
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -129,7 +141,7 @@ def policy_loss(
         clip_high=clip_high,
         agg=agg,
     )
-    return pg_loss(
+    result = pg_loss(
         logprobs,
         old_logprobs,
         rollout_logprobs,
@@ -138,6 +150,7 @@ def policy_loss(
         options,
         global_token_count=global_token_count,
     )
+    return result.loss, result.metrics
 
 
 def pg_loss(
@@ -151,9 +164,10 @@ def pg_loss(
     global_token_count: Count | None = None,
     global_seq_count: Count | None = None,
     ref_logprobs: Tensor | None = None,
-) -> tuple[Tensor, Metrics]:
-    """`policy_loss` with every option; global counts are those of the whole batch (all ranks and
-    micro-batches): tokens for "token-mean", sequences S for the "seq-mean-*" aggregations.
+) -> PolicyLoss:
+    """`policy_loss` with every option, also returning the correction's keep mask; global counts are
+    those of the whole batch (all ranks and micro-batches): tokens for "token-mean", sequences S for
+    the "seq-mean-*" aggregations.
 
     "icepop-online" is a whole objective (INTELLECT-3 form): k = exp(ℓ_θ − ℓ_inf), the mask on
     sg(k), the gradient through k, no PPO clip. ref_logprobs are needed when options.kl_coef ≠ 0.
@@ -196,7 +210,7 @@ def pg_loss(
         max_response_length=options.max_response_length,
     )
     metrics["actor/pg_loss"] = loss.detach().double()
-    return loss, metrics
+    return PolicyLoss(loss, metrics, active)
 
 
 def _surrogate(

@@ -63,7 +63,7 @@ class RewardModelHost(_Host):
     """A reward-model scoring actor."""
 
 
-def _blocks(items: int, parts: int) -> list[slice]:
+def blocks(items: int, parts: int) -> list[slice]:
     """`parts` contiguous slices covering range(items), sizes differing by at most one."""
     bounds = [items * i // parts for i in range(parts + 1)]
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
@@ -171,7 +171,7 @@ class RolloutGroup:
         ids = [p.prompt_ids for p in prompts]
         return [
             actor.call.remote("generate", ids[rows], samples_per_prompt, sampling)
-            for actor, rows in zip(self.actors, _blocks(len(ids), len(self.actors)), strict=True)
+            for actor, rows in zip(self.actors, blocks(len(ids), len(self.actors)), strict=True)
             if rows.stop > rows.start
         ]
 
@@ -244,10 +244,10 @@ class TrainerGroup:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float
     ) -> list[Any]:
         """One ref per rank for its contiguous block of rows; concatenate the results in order."""
-        blocks = _blocks(input_ids.shape[0], self.ranks)
+        parts = blocks(input_ids.shape[0], self.ranks)
         return [
             a.call.remote("logprobs", input_ids[rows], attention_mask[rows], temperature)
-            for a, rows in zip(self.actors, blocks, strict=True)
+            for a, rows in zip(self.actors, parts, strict=True)
         ]
 
     def async_train_rl(self, shards: list[RLBatch], **kwargs: Any) -> list[Any]:
@@ -268,10 +268,10 @@ class TrainerGroup:
 
     def async_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Any]:
         """Reward-model scores: one ref per rank for its contiguous block of rows; concatenate them."""
-        blocks = _blocks(input_ids.shape[0], self.ranks)
+        parts = blocks(input_ids.shape[0], self.ranks)
         return [
             a.call.remote("scores", input_ids[rows], attention_mask[rows])
-            for a, rows in zip(self.actors, blocks, strict=True)
+            for a, rows in zip(self.actors, parts, strict=True)
         ]
 
     def async_call(self, method: str, *args: Any) -> list[Any]:
@@ -327,10 +327,10 @@ class RewardModelGroup:
 
     def async_score(self, conversations: list[list[dict[str, str]]], responses: list[str]) -> list[Any]:
         """One ref per actor for its contiguous block; concatenate the lists in order."""
-        blocks = _blocks(len(responses), len(self.actors))
+        parts = blocks(len(responses), len(self.actors))
         return [
             a.call.remote("score", conversations[rows], responses[rows])
-            for a, rows in zip(self.actors, blocks, strict=True)
+            for a, rows in zip(self.actors, parts, strict=True)
             if rows.stop > rows.start
         ]
 

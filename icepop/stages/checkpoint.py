@@ -15,16 +15,14 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from icepop.ray.workers import gather
-from icepop.tracking import read_metrics
-
-if TYPE_CHECKING:
-    from icepop.stages.rl import RLRun
+from icepop.ray.workers import TrainerGroup, gather
+from icepop.stages.summary import SUMMARY
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
@@ -129,30 +127,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def save(run: RLRun, step: int) -> Path:
-    """A resumable checkpoint of an RL run at `step`: the Hugging Face model, the trainer state, and the
-    driver's data position, RNG and counters; published atomically (`complete`)."""
-    partial = partial_dir(run.run_dir, step)
-    gather(run.trainer.async_call("save", str(partial)))
-    gather(run.trainer.async_call("save_state", str(partial / "trainer")))
-    state = {
-        "data": run.data.state_dict(),
-        "rng": rng_state(),
-        "before": run.before,
-        "nonfinite_streak": run.nonfinite_streak,
-    }
-    return complete(run.run_dir, step, partial, state, run.config.train.keep_last)
+def save(run_dir: Path, step: int, trainer: TrainerGroup, state: dict[str, Any], keep_last: int) -> Path:
+    """A resumable checkpoint at `step`: the Hugging Face model, the trainer state, and the driver's
+    `state` (data position, counters; the RNG is added here); published atomically (`complete`)."""
+    partial = partial_dir(run_dir, step)
+    gather(trainer.async_call("save", str(partial)))
+    gather(trainer.async_call("save_state", str(partial / "trainer")))
+    return complete(run_dir, step, partial, {**state, "rng": rng_state()}, keep_last)
 
 
-def restore(run: RLRun, path: Path) -> None:
-    """Load what `save` wrote into a freshly set-up run: trainer state, data position, RNG, counters,
-    and the alerts' history (replayed from the metrics kept up to the checkpoint)."""
-    gather(run.trainer.async_call("load_state", str(path / "trainer")))
+def restore(path: Path, trainer: TrainerGroup) -> dict[str, Any]:
+    """Load the trainer state and the driver's RNG that `save` wrote; returns the rest of its state."""
+    gather(trainer.async_call("load_state", str(path / "trainer")))
     state = read_state(path)
-    run.data.load_state_dict(state["data"])
     set_rng_state(state["rng"])
-    run.before, run.nonfinite_streak = state["before"], state["nonfinite_streak"]
-    run.telemetry.replay(read_metrics(run.run_dir))
+    return state
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where an RL run in a run directory starts: afresh (step 0, no path) or from a checkpoint."""
+
+    step: int
+    path: Path | None
+    complete: bool
+    """The run has already done all its steps (its summary is written): nothing to do."""
+
+
+def prepare_resume(run_dir: Path, total_steps: int) -> ResumePoint:
+    """The newest complete checkpoint of `run_dir` to continue from. Before continuing, the folders of
+    checkpoints that were being written when the run died are removed, and the log rows written after
+    the checkpoint are dropped (those steps are redone)."""
+    found = latest(run_dir)
+    if found is None:
+        return ResumePoint(0, None, complete=False)
+    step, path = found
+    if step >= total_steps and (run_dir / SUMMARY).is_file():
+        return ResumePoint(step, path, complete=True)
+    remove_partials(run_dir)
+    truncate_logs(run_dir, step)
+    return ResumePoint(step, path, complete=False)
 
 
 def resume_hint(run_dir: Path) -> str:

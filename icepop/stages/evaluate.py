@@ -18,7 +18,7 @@ import ray
 from icepop.config import Config
 from icepop.ray import cluster
 from icepop.ray.workers import RewardModelGroup, RolloutGroup
-from icepop.stages import setup
+from icepop.stages import setup, warmup
 from icepop.stages.rewards import Rewards
 from icepop.stages.summary import Summary, write_summary
 from icepop.types import Prompt, SamplingSettings
@@ -29,11 +29,10 @@ def evaluate(run: Any, prompts: list[Prompt], step: int) -> dict[str, float]:
     sampling = SamplingSettings(temperature=0.0, max_new_tokens=run.config.rollout.max_new_tokens, seed=0)
     groups = RolloutGroup.merge(ray.get(run.rollout.async_generate(prompts, 1, sampling)))
     measures = run.rewards.measures(prompts, [group[0].text for group in groups])
-    record = {"step": step, **{f"eval/{k}": v for k, v in measures.items()}, "eval/problems": len(prompts)}
-    with (run.run_dir / "eval.jsonl").open("a") as f:
-        f.write(json.dumps(record) + "\n")
     shown = ", ".join(f"{k} {v:.3f}" for k, v in measures.items())
-    run.tracker.print(f"step {step}: held-out greedy {shown} on {len(prompts)} problems")
+    run.tracker.log_eval(
+        step, {**measures, "problems": len(prompts)}, f"held-out greedy {shown} on {len(prompts)} problems"
+    )
     return measures
 
 
@@ -57,7 +56,7 @@ def sample_measures(rewards: Rewards, prompts: list[Prompt], groups: list[list[A
 def run_eval(config: Config, run_dir: Path) -> Summary:
     """Score `model.path` on the held-out problems with eval.samples_per_prompt samples each."""
     start = time.perf_counter()
-    model_path = setup.resolve_model(config, run_dir)
+    model_path = warmup.policy_path(config, run_dir)
     tokenizer = setup.load_tokenizer(model_path)
     _, prompts = setup.prompt_streams(config, tokenizer)
     k = 1 if config.eval.temperature == 0 else config.eval.samples_per_prompt

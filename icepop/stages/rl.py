@@ -12,27 +12,21 @@ import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import ray
 import torch
 
 from icepop import weights
 from icepop.algo import (
-    PolicyLossOptions,
-    correction_metrics,
     dr_grpo_advantages,
     grpo_advantages,
     log_ratio,
-    mismatch_metrics,
     reinforce_pp_baseline_advantages,
     rloo_advantages,
 )
 from icepop.config import Config
-from icepop.derived import derived
 from icepop.ray import cluster
 from icepop.ray.workers import (
     ReferenceGroup,
@@ -43,43 +37,24 @@ from icepop.ray.workers import (
     actor_index,
     gather,
 )
-from icepop.stages import checkpoint, setup
+from icepop.stages import checkpoint, setup, warmup
 from icepop.stages.batch import concat_rows, rl_batch, select_rows, sequence_count, split_rows
-from icepop.stages.evaluate import evaluate
 from icepop.stages.rewards import Rewards
+from icepop.stages.rl_run import (
+    RLRun,
+    RunStopped,
+    count_nonfinite,
+    evaluate_exact,
+    resume,
+    save_checkpoint,
+    sync,
+    with_engines,
+)
+from icepop.stages.step_metrics import mean_over_ranks, mismatch_statistics, reward_metrics
 from icepop.stages.summary import Summary, read_summary, write_summary
 from icepop.telemetry import Telemetry
 from icepop.tracking import Tracker
-from icepop.types import Prompt, RLBatch
-
-T = TypeVar("T")
-
-
-class RunStopped(RuntimeError):
-    """The run cannot go on (a trainer rank died, too many non-finite steps, engines keep dying); the
-    message says why and which checkpoint to resume from."""
-
-
-@dataclass
-class RLRun:
-    """Everything one RL step touches."""
-
-    config: Config
-    run_dir: Path
-    rollout: RolloutGroup
-    trainer: TrainerGroup
-    reference: ReferenceGroup | None
-    data: Any  # a prompt stream with next_batch(n) (icepop.data.prompts)
-    rewards: Rewards
-    pad_id: int
-    probe: list[list[int]]
-    weight_sync: WeightSync
-    tracker: Tracker
-    telemetry: Telemetry
-    before: dict[str, float] | None = None
-    """The held-out measures before training (kept in checkpoints: a resumed run does not redo them)."""
-    nonfinite_streak: int = 0
-    """Steps in a row whose update was skipped for a non-finite loss or gradient."""
+from icepop.types import Prompt
 
 
 def rl_step(step: int, run: RLRun) -> dict[str, float]:
@@ -101,7 +76,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     def generate() -> list[Any]:
         return gather(run.rollout.async_generate(prompts, algo.samples_per_prompt, sampling))
 
-    groups = RolloutGroup.merge(_with_engines(run, step, generate))
+    groups = RolloutGroup.merge(with_engines(run, step, generate))
     lap("generate")
 
     # 2. Reward: verifiers in worker processes (per-sample timeout) and/or reward-model actors.
@@ -142,16 +117,16 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
 
     # 6. Sync the new weights into every engine, check engine and trainer agree on the probe, and
     # (stress test only) give the engines a noisy copy.
-    probe_diff = _with_engines(run, step, lambda: _sync(run, step))
+    probe_diff = with_engines(run, step, lambda: sync(run, step))
     lap("sync")
 
     # 7. Log: the ranks' means first, then exact whole-batch mismatch and mask statistics over them.
     lengths = torch.tensor([len(c.token_ids) for group in groups for c in group], dtype=torch.float32)
     step_seconds = time.perf_counter() - start
     metrics = {
-        **_mean_over_ranks(train_metrics),
-        **_mismatch_statistics(batch, options),
-        **_reward_metrics(rewards, group_ids, scored.stats),
+        **mean_over_ranks(train_metrics),
+        **mismatch_statistics(batch, options),
+        **reward_metrics(rewards, group_ids, scored.stats),
         "response_length/mean": float(lengths.mean()),
         "response_length/truncated_frac": sum(c.finish_reason == "length" for g in groups for c in g)
         / len(texts),
@@ -168,97 +143,13 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     delta = log_ratio(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask)
     for alert in run.telemetry.record(step, delta, batch.response_mask, metrics):
         run.tracker.print(alert)
-    _count_nonfinite(run, step, skipped=metrics["actor/nonfinite_skipped"] > 0)
+    count_nonfinite(run, step, skipped=metrics["actor/nonfinite_skipped"] > 0)
 
     # 8. Checkpoint.
     every = config.train.checkpoint_every
     if step == config.train.steps or (every and step % every == 0):
-        checkpoint.save(run, step)
+        save_checkpoint(run, step)
     return metrics
-
-
-def _sync(run: RLRun, step: int) -> weights.ProbeDifference:
-    """Push the trainer's weights into every engine and check them on the probe; then, for stress
-    tests, push a noisy copy (the noise of step s is seeded by run.seed + s)."""
-    run.weight_sync.push()  # blocks until every engine holds the new weights
-    probe_diff = weights.probe_difference(run.rollout, run.trainer, run.probe)
-    weights.check_probe(probe_diff, run.config.rollout, step)
-    _inject_mismatch(run, step)
-    return probe_diff
-
-
-def _evaluate(run: RLRun, prompts: list[Prompt], step: int) -> dict[str, float]:
-    """Held-out measures of the trainer's weights after `step`: under mismatch injection the engines
-    get the exact weights for it, then their noisy copy back."""
-
-    def exact() -> dict[str, float]:
-        if run.config.rollout.mismatch_noise:
-            run.weight_sync.push()
-        measures = evaluate(run, prompts, step)
-        _inject_mismatch(run, step)
-        return measures
-
-    return _with_engines(run, step + 1, exact)
-
-
-def _inject_mismatch(run: RLRun, step: int) -> None:
-    """Stress test (rollout.mismatch_noise): sync again, the engines adding seeded noise on the way in."""
-    if run.config.rollout.mismatch_noise:
-        run.weight_sync.push(noise=(run.config.rollout.mismatch_noise, run.config.run.seed + step))
-
-
-def _with_engines(run: RLRun, step: int, action: Callable[[], T]) -> T:
-    """action(), which uses the engines; when one of them has died, restart it on its bundle, re-sync
-    every engine with the trainer's current weights and retry (at most rollout.max_restarts restarts
-    in a run). An error with every engine alive (a trainer rank died, a bad probe) is raised as is."""
-    while True:
-        try:
-            return action()
-        except ray.exceptions.RayError:
-            dead = run.rollout.dead_engines()
-            limit = run.config.rollout.max_restarts
-            if not dead:
-                raise
-            if run.rollout.restarts + len(dead) > limit:
-                raise RunStopped(
-                    f"rollout engines {dead} died at step {step} after {run.rollout.restarts} restart(s); "
-                    f"rollout.max_restarts={limit} is used up. {checkpoint.resume_hint(run.run_dir)}"
-                ) from None
-            for index in dead:
-                run.tracker.print(
-                    f"icepop: rollout engine {index} died at step {step}; restarting it, re-syncing the "
-                    f"weights and retrying ({run.rollout.restarts + 1}/{limit} restarts)"
-                )
-                run.rollout.restart(index)
-                run.telemetry.event(step, "engine_restarted", engine=index, restarts=run.rollout.restarts)
-            run.weight_sync.reconnect()
-            _sync(run, step - 1)  # the engines as they were before this step: θ, plus step − 1's noise
-
-
-def _count_nonfinite(run: RLRun, step: int, skipped: bool) -> None:
-    """Count steps whose update was skipped (non-finite loss or gradient); stop after too many in a row."""
-    run.nonfinite_streak = run.nonfinite_streak + 1 if skipped else 0
-    if not skipped:
-        return
-    limit = run.config.train.max_nonfinite_steps
-    run.telemetry.event(step, "nonfinite_update_skipped", in_a_row=run.nonfinite_streak, limit=limit)
-    run.tracker.print(
-        f"icepop: step {step}: the loss or gradient was NaN/inf; the update was skipped "
-        f"({run.nonfinite_streak} in a row, train.max_nonfinite_steps={limit})"
-    )
-    if run.nonfinite_streak >= limit:
-        raise RunStopped(
-            f"{run.nonfinite_streak} steps in a row (up to step {step}) had a NaN/inf loss or gradient "
-            f"(train.max_nonfinite_steps={limit}); their updates were skipped, so the weights are still "
-            f"those of step {step - run.nonfinite_streak}. {checkpoint.resume_hint(run.run_dir)}"
-        )
-
-
-def _resume(run: RLRun, step: int, path: Path) -> None:
-    """Continue from checkpoint `path` of step `step`; the engines get its weights (and step's noise)."""
-    checkpoint.restore(run, path)
-    _sync(run, step)
-    print(f"icepop: resumed from {path.resolve()} (step {step} of {run.config.train.steps})")
 
 
 def _sequence_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -270,37 +161,6 @@ def _sequence_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tens
     return dr_grpo_advantages(rewards, group_ids)  # "dr_grpo", and the centring of "reinforce_pp"
 
 
-def _mismatch_statistics(batch: RLBatch, options: PolicyLossOptions) -> dict[str, float]:
-    """Train/inference mismatch and the correction's mask fractions over every token of the batch."""
-    old, rollout, mask = batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
-    assert old is not None
-    corr = options.correction_weights(old, rollout, mask)
-    stats = {
-        **mismatch_metrics(old, rollout, mask),
-        **correction_metrics(corr, log_ratio(old, rollout, mask), mask),
-    }
-    return {key: float(value) for key, value in stats.items()}
-
-
-def _mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Trainer metrics averaged over ranks and updates (every rank holds the same number of rows)."""
-    return {key: sum(m[key] for m in per_rank) / len(per_rank) for key in per_rank[0]}
-
-
-def _reward_metrics(
-    rewards: torch.Tensor, group_ids: torch.Tensor, stats: dict[str, float]
-) -> dict[str, float]:
-    """Reward mean/std, and the fraction of groups whose rewards are all equal (no learning signal)."""
-    groups = rewards.view(-1, int((group_ids == 0).sum()))
-    zero_variance = (groups.max(dim=1).values == groups.min(dim=1).values).float().mean()
-    return {
-        "reward/mean": float(rewards.mean()),
-        "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-        "reward/zero_variance_group_frac": float(zero_variance),
-        **{k: float(v) for k, v in stats.items()},
-    }
-
-
 def run_rl(config: Config, run_dir: Path) -> Summary:
     """Run an RL stage — rlvr (rule rewards) or rlhf (a reward model, optionally mixed with rules) —
     and return its summary (the final checkpoint, and the held-out measure before and after)."""
@@ -310,36 +170,31 @@ def run_rl(config: Config, run_dir: Path) -> Summary:
             "with +recipe=rm) or a non-zero reward.rule_weight"
         )
     started = time.perf_counter()
-    resumed = checkpoint.latest(run_dir)
+    start = checkpoint.prepare_resume(run_dir, config.train.steps)
     done = read_summary(run_dir)
-    if done is not None and resumed is not None and resumed[0] >= config.train.steps:
-        print(f"icepop {config.stage}: {run_dir} is complete ({resumed[0]} steps); nothing to do")
+    if start.complete and done is not None:
+        print(f"icepop {config.stage}: {run_dir} is complete ({start.step} steps); nothing to do")
         return done
-    if resumed is not None:  # steps after the checkpoint are redone: drop what they logged
-        checkpoint.remove_partials(run_dir)
-        checkpoint.truncate_logs(run_dir, resumed[0])
-    model_path = setup.resolve_model(config, run_dir)
-    print(
-        f"icepop {config.stage}: model {config.model.path} ({model_path}); {derived(config).describe(config)}"
-    )
+    model_path = warmup.policy_path(config, run_dir)
+    print(f"icepop {config.stage}: model {config.model.path} ({model_path}); {config.describe_batches()}")
     weights_dir = Path(tempfile.mkdtemp(prefix="icepop-weights-", dir=weights.shm_dir()))
     cluster.start(config)
-    step = resumed[0] if resumed else 0
+    step = start.step
     run: RLRun | None = None
     try:
         with contextlib.ExitStack() as stack:
             run, eval_prompts = _set_up(config, run_dir, model_path, weights_dir, stack)
-            if resumed:
-                _resume(run, *resumed)
+            if start.path is not None:
+                resume(run, step, start.path)
             else:  # (with mismatch injection, this also gives the engines step 0's noisy copy)
-                run.before = _evaluate(run, eval_prompts, step=0)
+                run.before = evaluate_exact(run, eval_prompts, step=0)
             while step < config.train.steps:
                 step += 1
                 rl_step(step, run)
                 every = config.train.eval_every
                 if every and step % every == 0 and step != config.train.steps:
-                    _evaluate(run, eval_prompts, step)
-            after = _evaluate(run, eval_prompts, step)
+                    evaluate_exact(run, eval_prompts, step)
+            after = evaluate_exact(run, eval_prompts, step)
             gather(run.trainer.async_call("close"))
             gather(run.rollout.async_call("close"))
     except ray.exceptions.RayActorError as error:

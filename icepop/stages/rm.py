@@ -9,8 +9,6 @@ of the RLHF stage loads.
 
 from __future__ import annotations
 
-import itertools
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,8 @@ import torch
 from icepop.algo import pairwise_accuracy
 from icepop.config import Config
 from icepop.ray import cluster
-from icepop.ray.workers import TrainerGroup
-from icepop.stages import setup
+from icepop.ray.workers import TrainerGroup, blocks
+from icepop.stages import setup, warmup
 from icepop.stages.summary import Summary, write_summary
 from icepop.tracking import Tracker
 
@@ -37,10 +35,8 @@ def held_out_accuracy(trainer: TrainerGroup, pairs: list[Any], pad_id: int) -> f
     return float(pairwise_accuracy(chosen, rejected))
 
 
-def _log_eval(run_dir: Path, tracker: Tracker, step: int, accuracy: float) -> None:
-    with (run_dir / "eval.jsonl").open("a") as f:
-        f.write(json.dumps({"step": step, "eval/pairwise_accuracy": accuracy}) + "\n")
-    tracker.print(f"step {step}: held-out pairwise accuracy {accuracy:.3f}")
+def _log_eval(tracker: Tracker, step: int, accuracy: float) -> None:
+    tracker.log_eval(step, {"pairwise_accuracy": accuracy}, f"held-out pairwise accuracy {accuracy:.3f}")
 
 
 def _pairs(config: Config, tokenizer: Any) -> tuple[list[Any], list[Any]]:
@@ -62,20 +58,13 @@ def _pairs(config: Config, tokenizer: Any) -> tuple[list[Any], list[Any]]:
     return train, held_out
 
 
-def _shards(batch: list[Any], ranks: int, pad_id: int) -> list[Any]:
-    """Each rank's contiguous share of the pairs as its own padded PreferenceBatch."""
-    from icepop.data.preferences import collate_pairs
-
-    bounds = [len(batch) * r // ranks for r in range(ranks + 1)]
-    return [collate_pairs(batch[a:b], pad_id) for a, b in itertools.pairwise(bounds)]
-
-
 def run_rm(config: Config, run_dir: Path) -> Summary:
     """Train a reward model for `rm.steps` steps; returns its summary (checkpoint, accuracy before/after)."""
+    from icepop.data.preferences import collate_pairs
     from icepop.data.prompts import ShuffledBatches
 
     started, rm = time.perf_counter(), config.rm
-    model_path = setup.resolve_model(config, run_dir)
+    model_path = warmup.policy_path(config, run_dir)
     tokenizer = setup.load_tokenizer(model_path)
     train, held_out = _pairs(config, tokenizer)
     batch_size = max(config.trainer.ranks, min(rm.batch_size, len(train)))
@@ -91,16 +80,16 @@ def run_rm(config: Config, run_dir: Path) -> Summary:
         )  # fmt: skip
         with Tracker(config, run_dir, rm.steps, "rm") as tracker:
             before = held_out_accuracy(trainer, held_out, pad)
-            _log_eval(run_dir, tracker, 0, before)
+            _log_eval(tracker, 0, before)
             for step in range(1, rm.steps + 1):
                 batch = batches.next_batch()
-                shards = _shards(batch, trainer.ranks, pad)
+                shards = [collate_pairs(batch[rows], pad) for rows in blocks(len(batch), trainer.ranks)]
                 metrics = ray.get(trainer.async_train_rm(shards, global_pair_count=len(batch)))[0]
                 tracker.log(step, metrics, status=f"loss {metrics['rm/loss']:.3f}")
                 if rm.eval_every and step % rm.eval_every == 0 and step != rm.steps:
-                    _log_eval(run_dir, tracker, step, held_out_accuracy(trainer, held_out, pad))
+                    _log_eval(tracker, step, held_out_accuracy(trainer, held_out, pad))
             after = held_out_accuracy(trainer, held_out, pad)
-            _log_eval(run_dir, tracker, rm.steps, after)
+            _log_eval(tracker, rm.steps, after)
         ray.get(trainer.async_call("save", str(final)))
         ray.get(trainer.async_call("close"))
     finally:

@@ -1,6 +1,6 @@
 """What the stages build before their loops: the model folder, tokenizer, data streams, rewards.
 
-Key design choice: the built-in tiny models and their SFT warm-up are cached under
+Key design choice: the built-in tiny models (and their SFT warm-up, icepop.stages.warmup) are cached under
 $ICEPOP_CACHE (default ~/.cache/icepop), keyed by everything that determines them, and written
 atomically (built in a temporary folder, then renamed), so a crash never leaves a cache entry that
 looks complete and a second run starts RL at once.
@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ICEPOP_CACHE", Path.home() / ".cache" / "icepop"))
 
 
-def _cached(key: dict[str, Any], kind: str, build: Any) -> Path:
+def cached(key: dict[str, Any], kind: str, build: Any) -> Path:
     """The cache entry for `key`, calling build(tmp_dir) to create it when missing."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     final = cache_dir() / kind / digest
@@ -51,46 +50,15 @@ def tiny_base_model(architecture: str, seed: int) -> Path:
     from icepop.models.tiny import build_tiny_model
 
     key = {"architecture": architecture, "seed": seed, "version": 1}
-    return _cached(key, "models", lambda tmp: build_tiny_model(tmp, architecture, seed=seed))
+    return cached(key, "models", lambda tmp: build_tiny_model(tmp, architecture, seed=seed))
 
 
-def sft_warmup_key(config: Config) -> dict[str, Any]:
-    """What determines a tiny model's SFT warm-up checkpoint."""
-    return {
-        "model": config.model.path,
-        "seed": config.run.seed,
-        "data": config.data.source,
-        "sft": asdict(config.sft),
-        "ranks": config.trainer.ranks,
-        "version": 1,
-    }
-
-
-def resolve_model(config: Config, run_dir: Path) -> str:
-    """The folder (or hub id) the stage starts from: built-in tiny models are built and, for RLVR
-    with `model.sft_warmup`, replaced by their cached SFT warm-up (run now when missing)."""
+def resolve_model(config: Config) -> str:
+    """The folder (or hub id) of `model.path`; the built-in tiny models are built on first use."""
     path = config.model.path
     if not path.startswith(TINY_PREFIX):
         return path
-    base = tiny_base_model(path.removeprefix(TINY_PREFIX), config.run.seed)
-    if config.stage not in ("rm", "rlvr", "rlhf", "eval") or not config.model.sft_warmup:
-        return str(base)
-    key = sft_warmup_key(config)
-    digest_dir = cache_dir() / "sft"
-    print(f"icepop: looking for the SFT warm-up of {path} on {config.data.source} in {digest_dir}")
-
-    def build(tmp: Path) -> None:
-        from icepop.stages.sft import run_sft
-
-        print(
-            f"icepop: {path} has no SFT checkpoint for {config.data.source} yet; running +recipe=sft first "
-            f"({config.sft.steps} steps), cached for later runs"
-        )
-        sft_config = replace(config, stage="sft", run=replace(config.run, dir=str(run_dir / "sft-warmup")))
-        summary = run_sft(sft_config, Path(sft_config.run.dir), model_path=str(base))
-        shutil.copytree(str(summary.checkpoint), tmp, dirs_exist_ok=True)
-
-    return str(_cached(key, "sft", build))
+    return str(tiny_base_model(path.removeprefix(TINY_PREFIX), config.run.seed))
 
 
 def load_tokenizer(model_path: str) -> Any:

@@ -10,7 +10,6 @@ held-out conversations before, every `sft.eval_every` steps, and after.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ import ray
 import torch
 
 from icepop.config import Config
-from icepop.derived import derived
 from icepop.ray import cluster
 from icepop.ray.workers import TrainerGroup
 from icepop.stages import setup
@@ -35,10 +33,8 @@ def validation_loss(trainer: TrainerGroup, batch: Any) -> float:
     return float(-torch.where(batch.loss_mask, logprobs, 0.0).sum() / batch.loss_mask.sum())
 
 
-def _log_eval(run_dir: Path, tracker: Tracker, step: int, loss: float) -> None:
-    with (run_dir / "eval.jsonl").open("a") as f:
-        f.write(json.dumps({"step": step, "eval/validation_loss": loss}) + "\n")
-    tracker.print(f"step {step}: validation loss {loss:.4f}")
+def _log_eval(tracker: Tracker, step: int, loss: float) -> None:
+    tracker.log_eval(step, {"validation_loss": loss}, f"validation loss {loss:.4f}")
 
 
 def _examples(config: Config, tokenizer: Any) -> tuple[list[Any], list[Any]]:
@@ -64,7 +60,7 @@ def run_sft(config: Config, run_dir: Path, model_path: str | None = None) -> Sum
     from icepop.data.sft import LengthGroupedBatches, collate_sft
 
     started, sft = time.perf_counter(), config.sft
-    model_path = model_path or setup.resolve_model(config, run_dir)
+    model_path = model_path or setup.resolve_model(config)
     tokenizer = setup.load_tokenizer(model_path)
     train, held_out = _examples(config, tokenizer)
     grouping = LengthGroupedBatches if sft.group_by_length else ShuffledBatches
@@ -72,7 +68,7 @@ def run_sft(config: Config, run_dir: Path, model_path: str | None = None) -> Sum
     validation = collate_sft(held_out, tokenizer.pad_token_id)
     print(
         f"icepop sft: model {model_path}; {sft.steps} steps × {sft.batch_size} conversations over "
-        f"{config.trainer.ranks} rank(s), {derived(config).sft_micro_batches} micro-batch(es) per rank; "
+        f"{config.trainer.ranks} rank(s), {config.derived().sft_micro_batches} micro-batch(es) per rank; "
         f"{len(train)} training and {len(held_out)} validation conversations"
     )
     final = run_dir / "checkpoints" / f"step-{sft.steps}"
@@ -86,7 +82,7 @@ def run_sft(config: Config, run_dir: Path, model_path: str | None = None) -> Sum
         )  # fmt: skip
         with Tracker(config, run_dir, sft.steps, "sft") as tracker:
             before = validation_loss(trainer, validation)
-            _log_eval(run_dir, tracker, 0, before)
+            _log_eval(tracker, 0, before)
             for step in range(1, sft.steps + 1):
                 batch = collate_sft(batches.next_batch(), tokenizer.pad_token_id)
                 shards = split_rows(batch, trainer.ranks)
@@ -96,9 +92,9 @@ def run_sft(config: Config, run_dir: Path, model_path: str | None = None) -> Sum
                 metrics = {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
                 tracker.log(step, metrics, status=f"loss {metrics['sft/loss']:.3f}")
                 if sft.eval_every and step % sft.eval_every == 0 and step != sft.steps:
-                    _log_eval(run_dir, tracker, step, validation_loss(trainer, validation))
+                    _log_eval(tracker, step, validation_loss(trainer, validation))
             after = validation_loss(trainer, validation)
-            _log_eval(run_dir, tracker, sft.steps, after)
+            _log_eval(tracker, sft.steps, after)
         ray.get(trainer.async_call("save", str(final)))
         ray.get(trainer.async_call("close"))
     finally:

@@ -28,10 +28,8 @@ from torch import Tensor
 
 from icepop import comm
 from icepop.algo import PolicyLossOptions, bradley_terry_loss, logprobs_and_entropy, pg_loss
-from icepop.trainer.export import write_checkpoint, write_weights_file
+from icepop.trainer.export import state_buckets, write_checkpoint, write_weights_file
 from icepop.trainer.inputs import (
-    DTYPES,
-    buckets,
     check_args,
     check_batch,
     check_pairs,
@@ -40,6 +38,7 @@ from icepop.trainer.inputs import (
     lr_factor,
     rows_of,
 )
+from icepop.trainer.models import load_model
 from icepop.types import PreferenceBatch, RLBatch, SFTBatch
 
 GATHER_BUCKET_BYTES = 256 * 2**20  # ZeRO-3 export: one all-gather per bucket, never the whole model
@@ -91,7 +90,13 @@ class DeepSpeedTrainer:
         config = deepspeed_config(
             micro_batch_size, grad_clip, zero_stage, dtype, offload, (lr, betas, eps), ds_config_overrides
         )
-        model = self._build_model(config, DTYPES[dtype], gradient_checkpointing)
+        model = load_model(
+            model_path,
+            model_kind,
+            dtype,
+            zero3_config=config if zero_stage == 3 else None,
+            gradient_checkpointing=gradient_checkpointing,
+        )
         self.engine = self._build_engine(model, config, weight_decay, warmup_steps, lr_schedule, total_steps)
 
     def _init_distributed(self, addr: str, port: int, local_rank: int | None) -> torch.device:
@@ -120,31 +125,6 @@ class DeepSpeedTrainer:
         comm.init_world(addr, port, self.rank, self.world_size, backend)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-
-    def _build_model(self, config: dict[str, Any], dtype: torch.dtype, checkpointing: bool) -> Any:
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-        from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
-
-        # ZeRO-3: building under HfDeepSpeedConfig makes transformers create the parameters already
-        # partitioned (zero.Init) and load each shard. The global is unset right after, or any later
-        # single-rank from_pretrained in this process (a reference model, vLLM) would deadlock.
-        hf_config = HfDeepSpeedConfig(config) if self.zero_stage == 3 else None
-        try:
-            if self.model_kind == "reward":  # a new score head on the checkpoint's body (or its own head)
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    self.model_path, dtype=dtype, num_labels=1
-                )
-                if model.config.pad_token_id is None:  # the score is read at the last non-pad token
-                    model.config.pad_token_id = AutoTokenizer.from_pretrained(self.model_path).pad_token_id
-            else:
-                model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-        finally:
-            if hf_config is not None:
-                unset_hf_deepspeed_config()
-        model.config.use_cache = False
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model
 
     def _build_engine(
         self, model: Any, config: dict[str, Any], weight_decay: float, warmup: int, schedule: str, total: Any
@@ -240,7 +220,7 @@ class DeepSpeedTrainer:
             mb = rows_of(batch, rows, self.device)
             logprobs, entropy = self._forward(mb["input_ids"], mb["attention_mask"], self.temperature, True)
             old = logprobs.detach() if mb["old_logprobs"] is None else mb["old_logprobs"]
-            loss, metrics = pg_loss(
+            loss, metrics, keep = pg_loss(
                 logprobs,
                 old,
                 mb["rollout_logprobs"],
@@ -258,8 +238,6 @@ class DeepSpeedTrainer:
                     sums[key] = sums.get(key, 0.0) + float(value)
                 entropy_sum += float(torch.where(mb["response_mask"], entropy.detach(), 0.0).sum())
                 tokens += float(mb["response_mask"].sum())
-                numerator = logprobs.detach() if options.correction == "icepop-online" else old
-                keep = options.correction_weights(numerator, mb["rollout_logprobs"], mb["response_mask"]).keep
                 dropped = mb["response_mask"] & ~keep  # the tokens the correction masked
                 masked_entropy_sum += float(torch.where(dropped, entropy.detach(), 0.0).sum())
                 masked += float(dropped.sum())
@@ -334,23 +312,13 @@ class DeepSpeedTrainer:
         return out.logits[:, 0]
 
     def _state_buckets(self, device: torch.device | str) -> Iterator[dict[str, Tensor]]:
-        """Every parameter and persistent buffer, full-size, in buckets of about GATHER_BUCKET_BYTES,
-        as copies on `device`, on rank 0 (empty dicts elsewhere); collective under ZeRO-3 (one
-        all-gather per bucket, never the whole model). Tied weights appear once (named_parameters
-        deduplicates them)."""
-        module = self.engine.module
+        """`state_buckets` of this rank's model (icepop.trainer.export); collective under ZeRO-3."""
         gathered: Any = contextlib.nullcontext  # ZeRO-1/2 keep full, updated parameters on every rank
         if self.zero_stage == 3:
             import deepspeed
 
             gathered = functools.partial(deepspeed.zero.GatheredParameters, modifier_rank=None)
-        for bucket in buckets(list(module.named_parameters()), GATHER_BUCKET_BYTES):
-            with gathered([p for _, p in bucket]):
-                copies = {n: p.detach().to(device, copy=True) for n, p in bucket} if self.rank == 0 else {}
-            yield copies
-        if self.rank == 0:
-            persistent = set(module.state_dict().keys())  # without the non-persistent (rotary) buffers
-            yield {n: b.to(device, copy=True) for n, b in module.named_buffers() if n in persistent}
+        return state_buckets(self.engine.module, gathered, self.rank == 0, device, GATHER_BUCKET_BYTES)
 
     def _full_state_dict(self) -> dict[str, Tensor]:
         """The whole state of `_state_buckets` on the CPU, on rank 0 ({} elsewhere); collective."""

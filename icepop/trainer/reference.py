@@ -10,19 +10,15 @@ import torch
 from torch import Tensor
 
 from icepop.algo import logprobs_and_entropy
+from icepop.trainer.models import load_model
 
 
 class ReferencePolicy:
     """log π_ref of every label position, micro-batch by micro-batch, without gradients."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", micro_batch_size: int = 8) -> None:
-        from transformers import AutoModelForCausalLM
-
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-        self.model = (
-            AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(self.device).eval()
-        )
+        self.model = load_model(model_path, "policy", dtype).to(self.device).eval()
         self.micro_batch_size = micro_batch_size
 
     @torch.no_grad()

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icepop.config import Config
+from icepop.config.algo import AlgoConfig
+from icepop.config.rollout import ClusterConfig, RolloutConfig
+from icepop.config.stages import SFTConfig
+from icepop.config.trainer import TrainerConfig
 
 
 @dataclass(frozen=True)
@@ -18,32 +21,32 @@ class Derived:
     sft_samples_per_rank: int
     sft_micro_batches: int
 
-    def describe(self, config: Config) -> str:
-        rollout, trainer = config.rollout, config.trainer
+    def describe(
+        self, algo: AlgoConfig, trainer: TrainerConfig, rollout: RolloutConfig, cluster: ClusterConfig
+    ) -> str:
         return (
-            f"samples/step {self.samples_per_step} = {config.algo.prompts_per_step} prompts × "
-            f"{config.algo.samples_per_prompt}; per trainer rank {self.samples_per_rank}; "
-            f"{config.algo.updates_per_step} update(s)/step of {self.micro_batches_per_update} "
+            f"samples/step {self.samples_per_step} = {algo.prompts_per_step} prompts × "
+            f"{algo.samples_per_prompt}; per trainer rank {self.samples_per_rank}; "
+            f"{algo.updates_per_step} update(s)/step of {self.micro_batches_per_update} "
             f"micro-batch(es) × {trainer.micro_batch_size} sequences (gradient accumulation "
             f"{self.micro_batches_per_update}); "
-            f"placement {config.cluster.placement}: {rollout.engines} engine(s) × "
+            f"placement {cluster.placement}: {rollout.engines} engine(s) × "
             f"{rollout.cpus_per_engine} CPU/{rollout.gpus_per_engine} GPU, {trainer.ranks} trainer rank(s) × "
             f"{trainer.cpus_per_rank} CPU/{trainer.gpus_per_rank} GPU"
         )
 
 
-def derived(config: Config) -> Derived:
+def derive(algo: AlgoConfig, trainer: TrainerConfig, sft: SFTConfig) -> Derived:
     """Compute the derived batch quantities; ValueError with one clear message if they do not divide."""
-    algo, trainer = config.algo, config.trainer
     samples = algo.prompts_per_step * algo.samples_per_prompt
     per_update = samples // algo.updates_per_step
     per_rank_update = per_update // trainer.ranks
-    sft_per_rank = config.sft.batch_size // trainer.ranks
+    sft_per_rank = sft.batch_size // trainer.ranks
     if (
         samples % algo.updates_per_step
         or per_update % trainer.ranks
         or per_rank_update % trainer.micro_batch_size
-        or sft_per_rank * trainer.ranks != config.sft.batch_size
+        or sft_per_rank * trainer.ranks != sft.batch_size
         or sft_per_rank % trainer.micro_batch_size
     ):
         raise ValueError(
@@ -52,8 +55,8 @@ def derived(config: Config) -> Derived:
             f"step must split into algo.updates_per_step={algo.updates_per_step} updates × trainer.ranks="
             f"{trainer.ranks} ranks × whole micro-batches of "
             f"trainer.micro_batch_size={trainer.micro_batch_size}, "
-            f"and sft.batch_size={config.sft.batch_size} into {trainer.ranks} ranks × micro-batches of "
-            f"{trainer.micro_batch_size}; e.g. make {samples} and {config.sft.batch_size} multiples of "
+            f"and sft.batch_size={sft.batch_size} into {trainer.ranks} ranks × micro-batches of "
+            f"{trainer.micro_batch_size}; e.g. make {samples} and {sft.batch_size} multiples of "
             f"{algo.updates_per_step * trainer.ranks * trainer.micro_batch_size}"
         )
     return Derived(

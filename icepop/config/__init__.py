@@ -1,0 +1,95 @@
+"""Typed configuration: the only home of defaults.
+
+Dataclasses registered in Hydra's ConfigStore as the schema of `conf/config.yaml`; the YAML files in
+conf/ and recipes/ hold only differences. One module per group of settings (model and data, rollout
+and cluster, trainer, algorithm and rewards, stages); every field has a one-line docstring. Value
+checks run when the composed config becomes these objects (`OmegaConf.to_object`), with messages
+naming the field. Quantities derived from several fields (samples per step, micro-batches, gradient
+accumulation) are computed by `Config.derived`, printed at start-up and never configured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from icepop.config.algo import ADVANTAGES, AlgoConfig, RewardConfig
+from icepop.config.checks import DTYPES, one_of
+from icepop.config.derived import Derived, derive
+from icepop.config.model import DataConfig, ModelConfig
+from icepop.config.rollout import ClusterConfig, RolloutConfig
+from icepop.config.stages import (
+    EvalConfig,
+    LoggerConfig,
+    PipelineConfig,
+    RMConfig,
+    RunConfig,
+    SFTConfig,
+    TrainConfig,
+)
+from icepop.config.trainer import TrainerConfig
+
+STAGES = ("sft", "rm", "rlvr", "rlhf", "eval", "pipeline")
+
+__all__ = [
+    "ADVANTAGES",
+    "DTYPES",
+    "STAGES",
+    "AlgoConfig",
+    "ClusterConfig",
+    "Config",
+    "DataConfig",
+    "Derived",
+    "EvalConfig",
+    "LoggerConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "RMConfig",
+    "RewardConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "SFTConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "register",
+]
+
+
+@dataclass
+class Config:
+    stage: str = MISSING
+    """What to run: sft, rm, rlvr, rlhf, eval or pipeline (set by the recipe: `+recipe=rlvr`)."""
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        one_of("stage", self.stage, STAGES)
+        self.derived()  # refuses inconsistent batch sizes
+
+    def derived(self) -> Derived:
+        """Samples per step and rank, micro-batches, gradient accumulation (ValueError if inconsistent)."""
+        return derive(self.algo, self.trainer, self.sft)
+
+    def describe_batches(self) -> str:
+        """The derived quantities and the placement, in one line for the start-up log."""
+        return self.derived().describe(self.algo, self.trainer, self.rollout, self.cluster)
+
+
+def register() -> None:
+    """Register the schema in Hydra's ConfigStore (the recipes are registered by icepop.train)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="icepop_schema", node=Config)

@@ -1,0 +1,111 @@
+"""The RL objective (advantages, correction, clip, aggregation, KL) and the rewards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from icepop.algo import AGGREGATIONS, PolicyLossOptions
+from icepop.config.checks import one_of, positive
+
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+
+
+@dataclass
+class AlgoConfig:
+    prompts_per_step: int = 16
+    """Prompts sampled per RL step."""
+    samples_per_prompt: int = 8
+    """Responses per prompt (the GRPO group size)."""
+    updates_per_step: int = 1
+    """Optimizer steps per RL step (the batch is split into this many mini-batches)."""
+    advantage: str = "grpo"
+    """Advantage estimator: "grpo", "dr_grpo", "rloo" or "reinforce_pp"."""
+    correction: str = "icepop"
+    """Train/inference mismatch correction (see icepop.algo.CORRECTIONS)."""
+    ratio_low: float = 0.5
+    """α, the lower bound of the kept ratio band (or unused by one-sided corrections)."""
+    ratio_high: float = 5.0
+    """β, the upper bound (the cap C for "tis", "token-mis", "seq-tis", "seq-mis")."""
+    kpop_threshold: float = 0.05
+    """φ for "kpop"."""
+    objective: str = "ppo"
+    """"ppo", "gspo" or "cispo"."""
+    clip_low: float = 0.2
+    """ε_low of the PPO clip."""
+    clip_high: float = 0.28
+    """ε_high of the PPO clip (DAPO clip-higher)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1, or None."""
+    agg: str = "token-mean"
+    """Loss aggregation (see icepop.algo.AGGREGATIONS); the paper uses "seq-mean-token-mean"."""
+    kl_coef: float = 0.0
+    """γ, weight of KL(π_θ ‖ π_ref) (the paper uses 0); > 0 computes reference log-probs each step."""
+    kl_estimator: str = "k3"
+    """"k1", "k2" or "k3"."""
+
+    def __post_init__(self) -> None:
+        one_of("algo.advantage", self.advantage, ADVANTAGES)
+        one_of("algo.agg", self.agg, AGGREGATIONS)
+        positive(
+            **{
+                "algo.prompts_per_step": self.prompts_per_step,
+                "algo.samples_per_prompt": self.samples_per_prompt,
+                "algo.updates_per_step": self.updates_per_step,
+            }
+        )
+        self.loss_options()  # raises ValueError naming the field if the loss options are inconsistent
+
+    def loss_options(self, max_response_length: int | None = None) -> PolicyLossOptions:
+        """The loss's options as the pure loss library takes them."""
+        return PolicyLossOptions(
+            correction=self.correction,
+            ratio_low=self.ratio_low,
+            ratio_high=self.ratio_high,
+            kpop_threshold=self.kpop_threshold,
+            objective=self.objective,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            dual_clip=self.dual_clip,
+            agg=self.agg,
+            max_response_length=max_response_length,
+            kl_coef=self.kl_coef,
+            kl_estimator=self.kl_estimator,
+        )
+
+
+@dataclass
+class RewardConfig:
+    function: str | None = None
+    """Custom reward as a dotted path "pkg.module:function"; None uses the built-in verifier of the task."""
+    task: str | None = None
+    """Verifier for dataset rows without a task column ("math", "arithmetic", "countdown"); None: "math"."""
+    workers: int = 2
+    """Reward worker processes."""
+    timeout_seconds: float = 10.0
+    """Per-sample time limit; a sample past it scores 0 and is counted."""
+    rule_weight: float = 1.0
+    """Weight of the rule reward (verifier or `function`); 0 turns it off."""
+    model_path: str | None = None
+    """Reward model (a sequence-classification checkpoint, e.g. +recipe=rm's output); None: rule only."""
+    model_weight: float = 1.0
+    """Weight of the reward model's score (whitened over the step's batch when `normalize`)."""
+    normalize: bool = True
+    """Whiten reward-model scores over each step's batch (mean 0, std 1) before weighting."""
+    model_workers: int = 1
+    """Reward-model scoring actors (Ray), each with its own placement bundle."""
+    cpus_per_model_worker: int = 1
+    """CPUs reserved per reward-model actor."""
+    gpus_per_model_worker: int = 0
+    """GPUs per reward-model actor; 0 on CPU machines."""
+    model_batch_size: int = 32
+    """Conversations per reward-model forward."""
+
+    def __post_init__(self) -> None:
+        positive(
+            **{
+                "reward.workers": self.workers,
+                "reward.timeout_seconds": self.timeout_seconds,
+                "reward.model_workers": self.model_workers,
+                "reward.model_batch_size": self.model_batch_size,
+            }
+        )

@@ -1,0 +1,16 @@
+"""Value checks shared by the config groups; each raises ValueError with a message naming the field."""
+
+from __future__ import annotations
+
+DTYPES = ("float32", "bfloat16")
+
+
+def one_of(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def positive(**values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0; got {value}")

@@ -1,0 +1,58 @@
+"""The policy an RL, reward-model or evaluation stage starts from: `model.path`, or — for the built-in
+tiny models with `model.sft_warmup` — their SFT warm-up, run once (`+recipe=sft`) and cached.
+
+A model this small starts RL with no reward signal at all; its cached warm-up gives it some. The
+cache key holds everything that determines the checkpoint (icepop.stages.setup.cached), so a second
+run starts RL at once.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from icepop.config import Config
+from icepop.stages.setup import TINY_PREFIX, cache_dir, cached, resolve_model
+from icepop.stages.sft import run_sft
+
+WARMED_UP_STAGES = ("rm", "rlvr", "rlhf", "eval")
+
+
+def sft_warmup_key(config: Config) -> dict[str, Any]:
+    """What determines a tiny model's SFT warm-up checkpoint."""
+    return {
+        "model": config.model.path,
+        "seed": config.run.seed,
+        "data": config.data.source,
+        "sft": asdict(config.sft),
+        "ranks": config.trainer.ranks,
+        "version": 1,
+    }
+
+
+def policy_path(config: Config, run_dir: Path) -> str:
+    """The folder (or hub id) the stage starts from: `resolve_model`'s, or for a built-in tiny model in
+    RLVR, RLHF, reward-model training or evaluation with `model.sft_warmup`, its cached SFT warm-up
+    (run now when missing)."""
+    base = resolve_model(config)
+    path = config.model.path
+    if (
+        not path.startswith(TINY_PREFIX)
+        or config.stage not in WARMED_UP_STAGES
+        or not config.model.sft_warmup
+    ):
+        return base
+    print(f"icepop: looking for the SFT warm-up of {path} on {config.data.source} in {cache_dir() / 'sft'}")
+
+    def build(tmp: Path) -> None:
+        print(
+            f"icepop: {path} has no SFT checkpoint for {config.data.source} yet; running +recipe=sft first "
+            f"({config.sft.steps} steps), cached for later runs"
+        )
+        sft_config = replace(config, stage="sft", run=replace(config.run, dir=str(run_dir / "sft-warmup")))
+        summary = run_sft(sft_config, Path(sft_config.run.dir), model_path=base)
+        shutil.copytree(str(summary.checkpoint), tmp, dirs_exist_ok=True)
+
+    return str(cached(sft_warmup_key(config), "sft", build))
