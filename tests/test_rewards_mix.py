@@ -15,7 +15,7 @@ from icepop.algo import whiten
 from icepop.data.prompts import load_prompts
 from icepop.models.tiny import build_tiny_model
 from icepop.ray import cluster
-from icepop.ray.workers import RewardModelGroup
+from icepop.ray.workers import RewardModelGroup, wait_ready
 from icepop.rewards.pool import RewardPool
 from icepop.stages.rewards import Rewards
 
@@ -47,6 +47,7 @@ def test_reward_model_actors_score_like_transformers_and_mix_with_the_rule(rewar
         placement = cluster.reserve(config)
         assert placement.reward is not None and placement.reward.bundle_count == 2  # its own bundles
         group = RewardModelGroup(config, placement)
+        wait_ready(group)
         with RewardPool(None, num_workers=1, timeout_s=10.0) as pool:
             rewards = Rewards(config.reward, pool, group)
             raw = rewards.model_scores(prompts, texts)

@@ -3,6 +3,9 @@
 The actors are thin: each holds one plain object (a `RolloutEngine` or a `TrainerBackend`) built
 inside the actor's process, and forwards calls to it. Group methods that return object refs are
 named `async_*`; the RL loop does the `ray.get`, so every blocking point is visible there.
+
+Constructing a group starts its actors and their set-up (imports, model loading) without waiting:
+`wait_ready(*groups)` waits for all of them at once, so engines and trainer ranks start in parallel.
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ def blocks(items: int, parts: int) -> list[slice]:
 WAIT_SLICE_SECONDS = 0.5
 
 
+def wait_ready(*groups: Any) -> None:
+    """Block until every actor of these groups (None entries are skipped) has finished its set-up."""
+    gather([ref for group in groups if group is not None for ref in group.pending])
+
+
 def gather(refs: list[Any]) -> list[Any]:
     """`ray.get` of several refs that raises as soon as one fails. A plain `ray.get` waits for all of
     them first, and the survivors of a dead trainer rank wait in a collective until its timeout."""
@@ -121,7 +129,6 @@ class RolloutGroup:
     """N vLLM engines; prompts are split across them in contiguous blocks (a group never splits)."""
 
     def __init__(self, config: Config, model_path: str, placement: Placement) -> None:
-        import ray
 
         rollout = config.rollout
         self._resources = (placement.rollout, rollout.cpus_per_engine, rollout.gpus_per_engine)
@@ -138,7 +145,7 @@ class RolloutGroup:
             "cpu_threads": rollout.cpus_per_engine if rollout.gpus_per_engine == 0 else None,
         }
         self._engine = engine_class(rollout.backend)
-        ray.get([a.setup.remote(self._engine, self._kwargs) for a in self.actors])
+        self.pending = [a.setup.remote(self._engine, self._kwargs) for a in self.actors]
 
     def dead_engines(self) -> list[int]:
         """Indices of the engines whose actor has died (a live but busy one answers within 60 s)."""
@@ -234,7 +241,9 @@ class TrainerGroup:
             "temperature": temperature,  # the sampling temperature: ℓ under the processed distribution
             "model_kind": model_kind,
         }
-        ray.get([a.setup.remote(backend, {**common, "rank": rank}) for rank, a in enumerate(self.actors)])
+        self.pending = [
+            a.setup.remote(backend, {**common, "rank": rank}) for rank, a in enumerate(self.actors)
+        ]
 
     @property
     def ranks(self) -> int:
@@ -295,7 +304,7 @@ class ReferenceGroup:
             "dtype": config.model.dtype,
             "micro_batch_size": config.trainer.micro_batch_size,
         }
-        ray.get(self.actor.setup.remote(ReferencePolicy, kwargs))
+        self.pending = [self.actor.setup.remote(ReferencePolicy, kwargs)]
 
     def async_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         return self.actor.call.remote("logprobs", input_ids, attention_mask)
@@ -305,7 +314,6 @@ class RewardModelGroup:
     """Reward-model actors on their own bundles; a batch of conversations is split across them."""
 
     def __init__(self, config: Config, placement: Placement) -> None:
-        import ray
 
         from icepop.rewards.model import RewardModelScorer
 
@@ -323,7 +331,7 @@ class RewardModelGroup:
             "dtype": config.model.dtype,
             "batch_size": reward.model_batch_size,
         }
-        ray.get([a.setup.remote(RewardModelScorer, kwargs) for a in self.actors])
+        self.pending = [a.setup.remote(RewardModelScorer, kwargs) for a in self.actors]
 
     def async_score(self, conversations: list[list[dict[str, str]]], responses: list[str]) -> list[Any]:
         """One ref per actor for its contiguous block; concatenate the lists in order."""

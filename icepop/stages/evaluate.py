@@ -17,7 +17,7 @@ import ray
 
 from icepop.config import Config
 from icepop.ray import cluster
-from icepop.ray.workers import RewardModelGroup, RolloutGroup
+from icepop.ray.workers import RewardModelGroup, RolloutGroup, wait_ready
 from icepop.stages import setup, warmup
 from icepop.stages.rewards import Rewards
 from icepop.stages.summary import Summary, write_summary
@@ -70,6 +70,7 @@ def run_eval(config: Config, run_dir: Path) -> Summary:
         placement = cluster.reserve(config, trainer=False)
         rollout = RolloutGroup(config, model_path, placement)
         model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
+        wait_ready(rollout, model)
         with setup.reward_pool(config) as pool:
             rewards = Rewards(config.reward, pool if config.reward.rule_weight else None, model)
             groups = RolloutGroup.merge(ray.get(rollout.async_generate(prompts, k, sampling)))

@@ -36,6 +36,7 @@ from icepop.ray.workers import (
     WeightSync,
     actor_index,
     gather,
+    wait_ready,
 )
 from icepop.stages import checkpoint, setup, warmup
 from icepop.stages.batch import concat_rows, rl_batch, select_rows, sequence_count, split_rows
@@ -239,9 +240,10 @@ def _set_up(
     )
     reference = ReferenceGroup(config, model_path, placement) if config.algo.kl_coef != 0.0 else None
     reward_model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
-    tokenizer = setup.load_tokenizer(model_path)
+    tokenizer = setup.load_tokenizer(model_path)  # while the actors start
     data, eval_prompts = setup.prompt_streams(config, tokenizer)
     pool = stack.enter_context(setup.reward_pool(config)) if config.reward.rule_weight else None
+    wait_ready(rollout, trainer, reference, reward_model)
     run = RLRun(
         config,
         run_dir,

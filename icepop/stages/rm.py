@@ -19,7 +19,7 @@ import torch
 from icepop.algo import pairwise_accuracy
 from icepop.config import Config
 from icepop.ray import cluster
-from icepop.ray.workers import TrainerGroup, blocks
+from icepop.ray.workers import TrainerGroup, blocks, wait_ready
 from icepop.stages import setup, warmup
 from icepop.stages.summary import Summary, write_summary
 from icepop.tracking import Tracker
@@ -78,6 +78,7 @@ def run_rm(config: Config, run_dir: Path) -> Summary:
             config, model_path, placement, total_steps=rm.steps, lr=rm.lr, warmup_steps=rm.warmup_steps,
             temperature=1.0, model_kind="reward",
         )  # fmt: skip
+        wait_ready(trainer)
         with Tracker(config, run_dir, rm.steps, "rm") as tracker:
             before = held_out_accuracy(trainer, held_out, pad)
             _log_eval(tracker, 0, before)

@@ -19,7 +19,7 @@ import torch
 
 from icepop.config import Config
 from icepop.ray import cluster
-from icepop.ray.workers import TrainerGroup
+from icepop.ray.workers import TrainerGroup, wait_ready
 from icepop.stages import setup
 from icepop.stages.batch import concat_rows, split_rows
 from icepop.stages.summary import Summary, write_summary
@@ -80,6 +80,7 @@ def run_sft(config: Config, run_dir: Path, model_path: str | None = None) -> Sum
             config, model_path, placement, total_steps=sft.steps, lr=sft.lr, warmup_steps=sft.warmup_steps,
             temperature=1.0,
         )  # fmt: skip
+        wait_ready(trainer)
         with Tracker(config, run_dir, sft.steps, "sft") as tracker:
             before = validation_loss(trainer, validation)
             _log_eval(tracker, 0, before)
