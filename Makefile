@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench demo clean
+.PHONY: run test test-fast lint bench demo clean
 
 $(STAMP): pyproject.toml
 	rm -rf $(VENV)
@@ -25,6 +25,11 @@ run: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest
+
+# The edit-run loop: every test that needs no Ray cluster, vLLM engine, DeepSpeed process group, whole
+# run or network (the `slow` marker, pyproject.toml). `make test` before a commit lands.
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check icepop tests bench studies

@@ -9,6 +9,8 @@ import pytest
 import torch
 from dist_helpers import free_port, run_ranks
 
+pytestmark = pytest.mark.slow  # gloo process groups in spawned processes
+
 
 def buckets() -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)

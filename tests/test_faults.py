@@ -32,6 +32,8 @@ from e2e_helpers import SMALL
 from icepop.stages import checkpoint
 from icepop.tracking import read_metrics
 
+pytestmark = pytest.mark.slow  # whole runs of python -m icepop.train, killed and resumed
+
 RUN = [
     "+recipe=rlvr", "model.sft_warmup=false", "reward.function=e2e_rewards:longer", *SMALL,
     "train.steps=6", "train.checkpoint_every=2", "train.keep_last=2", "train.eval_every=0", "run.dir=run",
@@ -186,7 +188,7 @@ def test_dead_trainer_rank_stops_the_run_fast_and_keeps_checkpoints(tmp_path: Pa
 
 def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path: Path) -> None:
     faults = ["train.inject_nonfinite_steps=[2,4,5,6]", "train.max_nonfinite_steps=3",
-              "reward.function=e2e_rewards:hangs_sometimes", "reward.timeout_seconds=2"]  # fmt: skip
+              "reward.function=e2e_rewards:hangs_sometimes", "reward.timeout_seconds=1"]  # fmt: skip
     run = start(tmp_path, "train.steps=8", *faults)
     output = finish(run)
     assert run.returncode != 0

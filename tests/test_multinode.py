@@ -305,6 +305,7 @@ def metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # a two-node Ray cluster and two whole runs
 def test_a_submitted_job_places_roles_on_their_nodes_and_matches_a_single_node_run(tmp_path: Path) -> None:
     with two_nodes() as cluster:
         # The single-node reference runs while the head starts (the normal local path).

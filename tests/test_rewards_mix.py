@@ -19,6 +19,8 @@ from icepop.ray.workers import RewardModelGroup, wait_ready
 from icepop.rewards.pool import RewardPool
 from icepop.stages.rewards import Rewards
 
+pytestmark = pytest.mark.slow  # a Ray cluster with reward-model actors
+
 
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory: pytest.TempPathFactory) -> Path:

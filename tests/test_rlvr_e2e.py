@@ -1,6 +1,7 @@
 """End to end on the real stack: `python -m icepop.train` with Ray, vLLM and DeepSpeed ZeRO-2 on 2 ranks.
 
-A short SFT run first (the recipe alone), then RLVR from its checkpoint for a few steps. Asserts the
+The tiny default's RLVR: its SFT warm-up runs first (and is cached: a second run starts from it at
+once), then a few RL steps. Asserts the
 run directory's contents, that every required metric is present and finite each step, that the
 weights changed, that engine and trainer agreed after every sync, and that the final checkpoint
 loads in transformers and in vLLM with identical log-probs.
@@ -13,6 +14,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +23,8 @@ from e2e_helpers import SMALL, icepop_train
 from safetensors.torch import load_file
 
 from icepop.telemetry import read_histograms
+
+pytestmark = pytest.mark.slow  # whole runs of python -m icepop.train
 
 REQUIRED = [
     "step",
@@ -43,16 +47,18 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+QUICK_SFT = ["sft.steps=4", "sft.eval_size=8"]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny default's RLVR: its SFT warm-up (run first, then cached), then 3 RL steps from it."""
     tmp = tmp_path_factory.mktemp("e2e")
-    icepop_train(tmp, "+recipe=sft", "run.dir=sft", "sft.steps=4", *SMALL)
-    sft_checkpoint = tmp / "sft" / "checkpoints" / "step-4"
-    icepop_train(
+    first = icepop_train(
         tmp,
         "+recipe=rlvr",
         "run.dir=rl",
-        f"model.path={sft_checkpoint}",
+        *QUICK_SFT,
         "train.steps=3",
         "trainer.zero_stage=2",
         "trainer.lr=1e-4",
@@ -60,17 +66,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "logger=wandb",  # offline by default: a local run that `wandb sync` uploads later
         *SMALL,
     )
-    return {"sft": tmp / "sft", "rl": tmp / "rl", "start": sft_checkpoint}
+    (cached,) = (tmp / "cache" / "sft").glob("*/icepop-cache.json")  # complete, written last
+    return {"tmp": tmp, "first": first, "sft": tmp / "rl" / "sft-warmup", "rl": tmp / "rl",
+            "start": cached.parent}  # fmt: skip
 
 
-def test_sft_run_directory(runs: dict[str, Path]) -> None:
+def test_sft_run_directory(runs: dict[str, Any]) -> None:
     sft = rows(runs["sft"] / "metrics.jsonl")
     assert [r["step"] for r in sft] == [1, 2, 3, 4]
     assert all(math.isfinite(r["sft/loss"]) for r in sft)
     assert yaml.safe_load((runs["sft"] / "config.yaml").read_text())["stage"] == "sft"
 
 
-def test_rl_metrics_present_and_finite_every_step(runs: dict[str, Path]) -> None:
+def test_rl_metrics_present_and_finite_every_step(runs: dict[str, Any]) -> None:
     metrics = rows(runs["rl"] / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
@@ -100,7 +108,7 @@ def test_rl_metrics_present_and_finite_every_step(runs: dict[str, Path]) -> None
     assert len(offline_runs) == 1 and any(offline_runs[0].glob("*.wandb"))
 
 
-def test_weights_changed_and_checkpoint_loads_in_transformers_and_vllm(runs: dict[str, Path]) -> None:
+def test_weights_changed_and_checkpoint_loads_in_transformers_and_vllm(runs: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from icepop.rollout.vllm import VllmEngine
@@ -126,7 +134,7 @@ def test_weights_changed_and_checkpoint_loads_in_transformers_and_vllm(runs: dic
     assert (scored - expected).abs().max() < 1e-4
 
 
-def test_the_report_renders_from_the_recorded_run(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_the_report_renders_from_the_recorded_run(runs: dict[str, Any], tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "icepop.report", str(runs["rl"]), "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
@@ -136,12 +144,10 @@ def test_the_report_renders_from_the_recorded_run(runs: dict[str, Path], tmp_pat
     assert "rl: icepop [0.5, 5.0], noise 0.0, float32 engine | 3 |" in (tmp_path / "report.md").read_text()
 
 
-def test_the_tiny_default_runs_its_sft_warm_up_once_and_caches_it(tmp_path: Path) -> None:
-    quick = ["+recipe=rlvr", "sft.steps=2", "train.steps=1", "sft.eval_size=8", "train.eval_every=0", *SMALL]
-    first = icepop_train(tmp_path, *quick, "run.dir=first")
-    assert "has no SFT checkpoint for countdown yet; running +recipe=sft first" in first.stdout
-    (entry,) = (tmp_path / "cache" / "sft").glob("*/icepop-cache.json")  # complete, written last
-    assert (entry.parent / "model.safetensors").is_file()
-    second = icepop_train(tmp_path, *quick, "run.dir=second")
-    assert "running +recipe=sft first" not in second.stdout and str(entry.parent) in second.stdout
-    assert json.loads((tmp_path / "second" / "summary.json").read_text())["stage"] == "rlvr"
+def test_the_tiny_default_runs_its_sft_warm_up_once_and_caches_it(runs: dict[str, Any]) -> None:
+    assert "has no SFT checkpoint for countdown yet; running +recipe=sft first" in runs["first"].stdout
+    assert (runs["start"] / "model.safetensors").is_file()
+    quick = ["+recipe=rlvr", *QUICK_SFT, "train.steps=1", "train.eval_every=0", *SMALL]
+    second = icepop_train(runs["tmp"], *quick, "run.dir=second")
+    assert "running +recipe=sft first" not in second.stdout and str(runs["start"]) in second.stdout
+    assert json.loads((runs["tmp"] / "second" / "summary.json").read_text())["stage"] == "rlvr"

@@ -23,6 +23,8 @@ from icepop.rollout.base import RolloutEngine
 from icepop.rollout.vllm import VllmEngine
 from icepop.types import Completion, SamplingSettings
 
+pytestmark = pytest.mark.slow  # vLLM engines
+
 PROMPTS = [[1, 5, 7, 9, 11], [40, 90, 200], [300, 17, 3, 8]]
 
 

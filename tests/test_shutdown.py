@@ -18,6 +18,8 @@ import pytest
 
 from icepop.weights import shm_dir
 
+pytestmark = pytest.mark.slow  # whole runs of python -m icepop.train, interrupted
+
 RAY_PROCESS_MARKS = ("raylet", "gcs_server", "ray::", "default_worker.py")
 
 

@@ -96,6 +96,8 @@ def timed(fn: Any, *args: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
+SPAWNS_RANKS = pytest.mark.slow  # DeepSpeed on 2 gloo ranks in spawned processes
+
 # ---- the spawned run ------------------------------------------------------------------------
 
 
@@ -278,6 +280,7 @@ def safetensors_layout(path: Path) -> dict[str, tuple[int, ...]]:
 # ---- tests -----------------------------------------------------------------------------------
 
 
+@SPAWNS_RANKS
 def test_logprobs_match_transformers_log_softmax(dense: dict[str, Any], moe: dict[str, Any]) -> None:
     probe = rl_batch(0, 4)
     # bf16 weights and activations make a real, small difference; fp32 must agree to rounding.
@@ -294,6 +297,7 @@ def test_logprobs_match_transformers_log_softmax(dense: dict[str, Any], moe: dic
             torch.testing.assert_close(ours, expected, atol=atol, rtol=0)
 
 
+@SPAWNS_RANKS
 def test_rl_and_sft_steps_equal_one_full_batch_torch_step(dense: dict[str, Any]) -> None:
     steps = exact_steps()
     expected_params, expected = reference_training(dense["model_dir"], steps)
@@ -316,6 +320,7 @@ def test_rl_and_sft_steps_equal_one_full_batch_torch_step(dense: dict[str, Any])
     print(f"step seconds (rank 0): {[round(s, 3) for s in dense['ranks'][0]['step_s']]}")
 
 
+@SPAWNS_RANKS
 def test_moe_steps_under_zero3_and_zero1_are_exact_too_and_bf16_runs(moe: dict[str, Any]) -> None:
     expected_params, expected = reference_training(moe["model_dir"], exact_steps()[:1])
     for tag in MOE_CONFIGS:
@@ -333,12 +338,14 @@ def test_moe_steps_under_zero3_and_zero1_are_exact_too_and_bf16_runs(moe: dict[s
         print(f"{tag} MoE: step {moe['ranks'][0][f'{tag}_step_s']:.3f} s, max |Δθ| vs torch {diff:.1e}")
 
 
+@SPAWNS_RANKS
 def test_nonfinite_loss_skips_the_step_on_every_rank(dense: dict[str, Any]) -> None:
     for rank_result in dense["ranks"]:
         assert rank_result["nan_metrics"]["actor/nonfinite_skipped"] == 1.0
         assert rank_result["nan_max_change"] == 0.0
 
 
+@SPAWNS_RANKS
 def test_sft_on_a_repeated_batch_lowers_the_loss(dense: dict[str, Any]) -> None:
     losses = dense["ranks"][0]["sft_losses"]
     assert losses == dense["ranks"][1]["sft_losses"]
@@ -346,6 +353,7 @@ def test_sft_on_a_repeated_batch_lowers_the_loss(dense: dict[str, Any]) -> None:
     assert losses[-1] < 0.9 * losses[0]
 
 
+@SPAWNS_RANKS
 def test_export_has_save_pretrained_layout_and_values(moe: dict[str, Any], dense: dict[str, Any]) -> None:
     for run, names in ((moe, [f"moe_{tag}" for tag in MOE_CONFIGS]), (dense, ["dense"])):
         fresh = AutoModelForCausalLM.from_pretrained(run["model_dir"], dtype=torch.float32)
@@ -378,6 +386,7 @@ def test_export_has_save_pretrained_layout_and_values(moe: dict[str, Any], dense
     print(f"export seconds (rank 0): { {k: round(v, 3) for k, v in seconds.items()} }")
 
 
+@SPAWNS_RANKS
 def test_saved_checkpoint_loads_with_auto_classes(dense: dict[str, Any], moe: dict[str, Any]) -> None:
     original = AutoTokenizer.from_pretrained(dense["model_dir"])
     for folder, expected in (
@@ -429,6 +438,7 @@ def _contract_worker(rank: int, _: int, ports: list[int], model_dir: str, out: s
         trainer.close()
 
 
+@SPAWNS_RANKS
 @pytest.mark.parametrize(("arch", "zero"), [("dense", 2), ("moe", 3)])
 def test_deepspeed_trainer_passes_the_trainer_backend_contract(tmp_path: Path, arch: str, zero: int) -> None:
     model = build_tiny_model(tmp_path / "model", arch)
@@ -471,6 +481,7 @@ def _reward_worker(rank: int, world_size: int, port: int, model_dir: str, out: s
     torch.save(whole, f"{out}/rm_batch.pt")
 
 
+@SPAWNS_RANKS
 def test_reward_model_trains_bradley_terry_over_ranks_and_saves_a_loadable_classifier(tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 

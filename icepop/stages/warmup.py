@@ -13,6 +13,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from icepop.config import Config
 from icepop.stages.setup import TINY_PREFIX, cache_dir, cached, resolve_model
 from icepop.stages.sft import run_sft
@@ -52,7 +54,10 @@ def policy_path(config: Config, run_dir: Path) -> str:
             f"({config.sft.steps} steps), cached for later runs"
         )
         sft_config = replace(config, stage="sft", run=replace(config.run, dir=str(run_dir / "sft-warmup")))
-        summary = run_sft(sft_config, Path(sft_config.run.dir), model_path=base)
+        sft_dir = Path(sft_config.run.dir)
+        sft_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(sft_config), sft_dir / "config.yaml")
+        summary = run_sft(sft_config, sft_dir, model_path=base)
         shutil.copytree(str(summary.checkpoint), tmp, dirs_exist_ok=True)
 
     return str(cached(sft_warmup_key(config), "sft", build))
