@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 SMALL = [
     "algo.prompts_per_step=4",
@@ -45,3 +48,18 @@ def icepop_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess
     result = run_icepop(tmp_path, *overrides)
     assert result.returncode == 0, f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}"
     return result
+
+
+RAY_PROCESS_MARKS = ("raylet", "gcs_server", "ray::", "default_worker.py")
+
+
+def ray_processes(cache: str) -> set[int]:
+    """Ray's processes (daemons, agents, workers) of the runs whose ICEPOP_CACHE is `cache`: they all
+    inherit the driver's environment, so runs of other tests (or users) on the machine do not count."""
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any(mark in " ".join(proc.info["cmdline"] or []) for mark in RAY_PROCESS_MARKS):
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get("ICEPOP_CACHE") == cache:
+                    found.add(proc.info["pid"])
+    return found

@@ -15,21 +15,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from e2e_helpers import ray_processes
 
 from icepop.weights import shm_dir
 
 pytestmark = pytest.mark.slow  # whole runs of python -m icepop.train, interrupted
-
-RAY_PROCESS_MARKS = ("raylet", "gcs_server", "ray::", "default_worker.py")
-
-
-def ray_processes() -> set[int]:
-    found = set()
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(mark in cmdline for mark in RAY_PROCESS_MARKS):
-            found.add(proc.info["pid"])
-    return found
 
 
 def listening_addresses(pid: int) -> set[str]:
@@ -49,13 +39,14 @@ def weight_dirs() -> set[str]:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_leaves_nothing_behind(tmp_path: Path, signum: int) -> None:
-    before_ray, before_dirs = ray_processes(), weight_dirs()
+    before_dirs = weight_dirs()
     overrides = [
         "+recipe=rlvr", "run.dir=run", "model.sft_warmup=false", "train.steps=500", "algo.prompts_per_step=4",
         "algo.samples_per_prompt=4", "trainer.micro_batch_size=4", "rollout.max_new_tokens=8",
         "data.eval_size=4", "reward.workers=1", "rollout.weight_sync=file",
     ]  # fmt: skip
-    env = {**os.environ, "ICEPOP_CACHE": str(tmp_path / "cache")}
+    cache = str(tmp_path / "cache")  # Ray's processes of this run carry it in their environment
+    env = {**os.environ, "ICEPOP_CACHE": cache}
     run = subprocess.Popen([sys.executable, "-m", "icepop.train", *overrides], cwd=tmp_path, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -67,6 +58,7 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path: Path, signum: int) -> N
         assert run.poll() is None, run.stderr.read() if run.stderr else ""
         held_weight_dirs = weight_dirs() - before_dirs
         listeners = listening_addresses(run.pid)
+        assert len(ray_processes(cache)) >= 4  # GCS, raylet, the engine and trainer actors: found by env
         run.send_signal(signum)
         _, stderr = run.communicate(timeout=120)
     finally:
@@ -81,7 +73,7 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path: Path, signum: int) -> N
     assert run.returncode in (128 + signum, -signum), stderr[-3000:]
     assert json.loads(metrics.read_text().splitlines()[0])["step"] == 1
     deadline = time.monotonic() + 30  # Ray's processes exit asynchronously after shutdown
-    while ray_processes() - before_ray and time.monotonic() < deadline:
+    while ray_processes(cache) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not ray_processes() - before_ray, "orphaned Ray processes"
+    assert not ray_processes(cache), "orphaned Ray processes"
     assert not held_weight_dirs & weight_dirs(), "the run left its weight-sync directory behind"
