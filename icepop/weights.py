@@ -22,10 +22,11 @@ from icepop.types import Prompt
 PROBES = 8
 """Probe sequences scored after every sync."""
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
-"""Default limit per engine dtype, on the largest |Δ log p| of a probe token for float32 engines (exact
-up to 5e-7 here) and on the mean |Δ log p| over all probe tokens for bfloat16 ones: there a single
-token's difference is no evidence — a routing flip of an MoE moved one probe token by 2.2 at exactly
-synced weights — while the mean stays at 0.01-0.05 synced and reaches 2.4 with stale weights."""
+"""Default limit by the less precise of the engine's and trainer's dtypes, on the largest |Δ log p| of a
+probe token when both are float32 (exact up to 5e-7 here) and on the mean |Δ log p| over all probe
+tokens when either is bfloat16: there a single token's difference is no evidence — a routing flip of
+an MoE moved one probe token by 2.2 at exactly synced weights — while the mean stays at 0.01-0.05
+synced and reaches 2.4 with stale weights."""
 
 
 class WeightSyncError(RuntimeError):
@@ -63,15 +64,23 @@ def probe_difference(rollout: Any, trainer: Any, sequences: list[list[int]]) -> 
     return ProbeDifference(float(every.max()), float(every.mean()))
 
 
-def check_probe(difference: ProbeDifference, rollout: RolloutConfig, step: int) -> None:
-    """Raise WeightSyncError when the probe difference is beyond the tolerance (see TOLERANCE)."""
-    tolerance = rollout.probe_tolerance if rollout.probe_tolerance is not None else TOLERANCE[rollout.dtype]
-    statistic, value = ("max", difference.max) if rollout.dtype == "float32" else ("mean", difference.mean)
+def probe_precision(engine_dtype: str, trainer_dtype: str) -> str:
+    """The dtype whose noise the probe must allow: the less precise of the engine's and the trainer's."""
+    return "bfloat16" if "bfloat16" in (engine_dtype, trainer_dtype) else "float32"
+
+
+def check_probe(difference: ProbeDifference, rollout: RolloutConfig, trainer_dtype: str, step: int) -> None:
+    """Raise WeightSyncError when the probe difference is beyond the tolerance (see TOLERANCE) of the
+    less precise side: a float32 engine against a bfloat16 trainer is as noisy as a bfloat16 engine."""
+    precision = probe_precision(rollout.dtype, trainer_dtype)
+    tolerance = rollout.probe_tolerance if rollout.probe_tolerance is not None else TOLERANCE[precision]
+    statistic, value = ("max", difference.max) if precision == "float32" else ("mean", difference.mean)
     if not value <= tolerance:  # also catches NaN
         raise WeightSyncError(
             f"after the weight sync of step {step}, engine and trainer disagree on the probe sequences: "
             f"{statistic} |Δ log p| = {value:.3g} > {tolerance:g} (rollout.probe_tolerance; the numerical "
-            f"noise of {rollout.dtype} engines is below it). The engine holds stale or corrupted weights."
+            f"noise of a {rollout.dtype} engine against a {trainer_dtype} trainer is below it). The engine "
+            "holds stale or corrupted weights."
         )
 
 

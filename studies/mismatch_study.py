@@ -125,14 +125,15 @@ def sft_checkpoints(size: Size, runs: Path, models: set[str]) -> dict[str, str]:
     return checkpoints
 
 
-def rl_overrides(size: Size, checkpoint: str, steps: int) -> list[str]:
-    """One RLVR run of the study, from an SFT checkpoint, with the size's batch and budget."""
+def rl_overrides(size: Size, model: str, checkpoint: str, steps: int) -> list[str]:
+    """One RLVR run of the study, from an SFT checkpoint of a tiny model (with that model's preset:
+    lr 1e-4, a float32 engine, 32-token replies), with the size's batch and budget."""
     return [
         "+recipe=rlvr",
         "data=arithmetic",
+        f"model=tiny-{model}",
         f"model.path={checkpoint}",
         "model.sft_warmup=false",
-        "trainer.lr=1e-4",  # the tiny models' rate (conf/model/tiny-*.yaml)
         f"train.steps={steps}",
         "train.eval_every=0",
         "data.eval_size=64",
@@ -151,7 +152,11 @@ def part_a(size: Size, runs: Path, out: Path, checkpoints: dict[str, str]) -> di
     results = {}
     for model, start in itertools.product(("dense", "moe"), ("sft", "init")):
         path = checkpoints[model] if start == "sft" else f"tiny:{model}"
-        overrides = [*rl_overrides(size, path, steps=1), "rollout.dtype=bfloat16", "algo.prompts_per_step=32"]
+        overrides = [
+            *rl_overrides(size, model, path, steps=1),
+            "rollout.dtype=bfloat16",
+            "algo.prompts_per_step=32",
+        ]
         run_dir = train(runs, f"a-{model}-{start}-bf16", overrides)
         edges, rows = read_histograms(run_dir)
         first, metrics = rows[0], read_metrics(run_dir)[0]
@@ -192,7 +197,7 @@ def run_grid(size: Size, runs: Path, checkpoint: str, model: str, grid: dict[str
             for seed in seeds if level else seeds[:1]:
                 name = (f"{prefix}-{model}-{label.split()[0]}{_band(correction)}-noise{level}-seed{seed}"
                         f"-{size.rl_steps}steps")  # fmt: skip
-                overrides = [*rl_overrides(size, checkpoint, size.rl_steps), *correction,
+                overrides = [*rl_overrides(size, model, checkpoint, size.rl_steps), *correction,
                              f"rollout.mismatch_noise={level}", f"run.seed={seed}"]  # fmt: skip
                 found.setdefault((label, level), []).append(train(runs, name, overrides))
     return found

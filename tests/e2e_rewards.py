@@ -29,3 +29,8 @@ def hangs_sometimes(prompt: Prompt, response_text: str) -> float:
     if zlib.crc32(response_text.encode()) % 8 == 0:
         time.sleep(10**6)
     return longer(prompt, response_text)
+
+
+def broken(prompt: Prompt, response_text: str) -> float:
+    """A reward function with a bug: it raises on every sample."""
+    return float(prompt.meta["no_such_column"])

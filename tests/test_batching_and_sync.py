@@ -8,6 +8,7 @@ from test_config import compose_config
 
 from icepop.config import RolloutConfig
 from icepop.ray.cluster import _check_capacity, needed_resources, process_env
+from icepop.ray.workers import engine_settings
 from icepop.stages.batch import rl_batch, sequence_count, split_rows
 from icepop.types import Completion, Prompt
 from icepop.weights import ProbeDifference, WeightSyncError, check_probe
@@ -72,19 +73,29 @@ def test_rl_batch_refuses_advantages_of_the_wrong_size() -> None:
 
 
 def test_probe_check_raises_beyond_the_dtype_noise() -> None:
-    check_probe(ProbeDifference(max=5e-7, mean=1e-7), RolloutConfig(dtype="float32"), step=1)
+    fp32, bf16 = RolloutConfig(dtype="float32"), RolloutConfig(dtype="bfloat16")
+    check_probe(ProbeDifference(max=5e-7, mean=1e-7), fp32, "float32", step=1)
     # bf16: one token far off (an MoE routing flip) is noise; the mean over the probe tokens decides.
-    check_probe(ProbeDifference(max=2.2, mean=0.03), RolloutConfig(dtype="bfloat16"), step=1)
-    for bad, rollout in [
-        (ProbeDifference(max=0.01, mean=1e-4), RolloutConfig()),
-        (ProbeDifference(max=float("nan"), mean=float("nan")), RolloutConfig()),
-        (ProbeDifference(max=6.2, mean=2.4), RolloutConfig(dtype="bfloat16")),  # stale weights
-        (ProbeDifference(max=float("nan"), mean=float("nan")), RolloutConfig(dtype="bfloat16")),
+    check_probe(ProbeDifference(max=2.2, mean=0.03), bf16, "float32", step=1)
+    # The less precise side sets the tolerance: a float32 engine against a bfloat16 trainer (README's
+    # GPU preset before it set both dtypes stopped at step 1 on exactly this).
+    check_probe(ProbeDifference(max=0.4, mean=0.03), fp32, "bfloat16", step=1)
+    for bad, rollout, trainer in [
+        (ProbeDifference(max=0.01, mean=1e-4), fp32, "float32"),
+        (ProbeDifference(max=float("nan"), mean=float("nan")), fp32, "float32"),
+        (ProbeDifference(max=6.2, mean=2.4), bf16, "float32"),  # stale weights
+        (ProbeDifference(max=6.2, mean=2.4), fp32, "bfloat16"),
+        (ProbeDifference(max=float("nan"), mean=float("nan")), bf16, "bfloat16"),
     ]:
         with pytest.raises(WeightSyncError, match="stale or corrupted"):
-            check_probe(bad, rollout, step=3)
+            check_probe(bad, rollout, trainer, step=3)
     with pytest.raises(WeightSyncError):
-        check_probe(ProbeDifference(max=2e-4, mean=1e-4), RolloutConfig(probe_tolerance=1e-4), step=3)
+        check_probe(
+            ProbeDifference(max=2e-4, mean=1e-4),
+            RolloutConfig(dtype="float32", probe_tolerance=1e-4),
+            "float32",
+            step=3,
+        )
 
 
 def test_a_too_small_cluster_is_explained_in_one_message() -> None:
@@ -125,3 +136,17 @@ def test_reference_policy_scores_like_transformers(tmp_path) -> None:
     valid = mask[:, 1:].bool()
     assert got.shape == (3, 4)
     torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=0)
+
+
+def test_the_engines_get_the_configured_context_and_eager_mode() -> None:
+    config = compose_config("+recipe=rlvr", "data.max_prompt_tokens=100", "rollout.max_new_tokens=28")
+    settings = engine_settings(config, "/model")
+    assert settings["max_model_len"] == 128 and settings["enforce_eager"] is True
+    assert (
+        engine_settings(compose_config("+recipe=rlvr", "rollout.max_model_len=300"), "/model")[
+            "max_model_len"
+        ]
+        == 300
+    )
+    gpu = compose_config("+recipe=rlvr", "cluster=gpu", "rollout.enforce_eager=false")
+    assert engine_settings(gpu, "/model")["enforce_eager"] is False

@@ -96,32 +96,29 @@ def test_a_shortfall_names_each_role_and_each_node() -> None:
 
 
 def test_a_bundle_never_spans_nodes() -> None:
-    # 2 engines of 8 GPUs (tensor parallel 8) + 8 ranks of 1 GPU = 24 GPUs, and 6 nodes × 4 GPUs = 24:
-    # enough in all, but no node holds one engine.
+    # 2 engines of 40 CPUs + 8 ranks of 1 CPU = 88 CPUs, and 6 nodes × 32 CPUs = 192: enough in all, but
+    # no node holds one engine.
     config = compose_config(
         "+recipe=rlvr",
         "cluster=gpu",
         "rollout.engines=2",
-        "rollout.gpus_per_engine=8",
+        "rollout.cpus_per_engine=40",
         "trainer.ranks=8",
         "algo.prompts_per_step=32",
     )
     message = placement_shortfall(config, [{"CPU": 32.0, "GPU": 4.0}] * 6)
     assert message == (
-        "the cluster is too small: rollout needs 2 CPUs/16 GPUs, trainer 8 CPUs/8 GPUs, cluster has "
-        "192 CPUs/24 GPUs on 6 nodes (6 × 32 CPUs/4 GPUs). One rollout engine needs 1 CPU/8 GPUs on a "
+        "the cluster is too small: rollout needs 80 CPUs/2 GPUs, trainer 8 CPUs/8 GPUs, cluster has "
+        "192 CPUs/24 GPUs on 6 nodes (6 × 32 CPUs/4 GPUs). One rollout engine needs 40 CPUs/1 GPU on a "
         "single node (a bundle never spans nodes), more than any of the nodes has."
     )
-    # Two 8-GPU nodes and two 4-GPU nodes: 24 GPUs, both engines fit; nothing rules the run out.
-    nodes = [{"CPU": 32.0, "GPU": 8.0}] * 2 + [{"CPU": 32.0, "GPU": 4.0}] * 2
+    # Two 64-CPU nodes and two 32-CPU nodes: both engines fit; nothing rules the run out.
+    nodes = [{"CPU": 64.0, "GPU": 4.0}] * 2 + [{"CPU": 32.0, "GPU": 4.0}] * 2
     assert placement_shortfall(config, nodes) is None
-    # One 8-GPU node only: one engine of the two fits (and 16 + 8 GPUs exceed the 20 there are).
-    message = placement_shortfall(config, [{"CPU": 32.0, "GPU": 8.0}] + [{"CPU": 32.0, "GPU": 4.0}] * 3)
+    # One 64-CPU node only: one engine of the two fits (and 88 CPUs are exactly what there is).
+    message = placement_shortfall(config, [{"CPU": 64.0, "GPU": 4.0}] + [{"CPU": 8.0, "GPU": 2.0}] * 3)
     assert message is not None
-    assert message.endswith(
-        "24 GPUs needed in all, 20 in the cluster; only 1 of the 2 rollout engines of 1 CPU/8 GPUs fit on "
-        "the nodes."
-    )
+    assert message.endswith("Only 1 of the 2 rollout engines of 40 CPUs/1 GPU fit on the nodes.")
 
 
 def test_role_resources_steer_bundles_and_are_checked_per_node() -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from icepop.rewards import RewardPool, resolve_reward_fn, verify, verify_countdown
+from icepop.rewards import RewardPool, Scores, resolve_reward_fn, verify, verify_countdown
+from icepop.stages.rl_run import failure_streak, reward_failure
 from icepop.types import Prompt
 
 COUNTDOWN = {"target": 14, "numbers": [7, 2, 4]}
@@ -208,3 +209,22 @@ def test_pool_rejects_a_reward_function_it_cannot_import() -> None:
         RewardPool("no_such_package_xyz:score")
     with pytest.raises(ValueError, match="start_method"):
         RewardPool(start_method="fork")
+
+
+def test_a_reward_that_fails_on_every_sample_stops_the_run_with_its_first_error() -> None:
+    prompts = [Prompt([1], "4", "math", {"messages": []})] * 3
+    with RewardPool("e2e_rewards:broken", num_workers=1, timeout_s=10.0) as pool:
+        scored = pool.score(prompts, ["4", "5", "6"])
+    assert scored.rewards == [0.0] * 3 and scored.stats["reward/errors"] == 3
+    assert "KeyError: 'no_such_column'" in scored.first_error
+    streak = 0
+    for _ in range(2):
+        streak = failure_streak(streak, scored, 3)
+    assert streak == 2  # two steps in a row with no usable reward ...
+    assert (
+        failure_streak(streak, Scores([1.0, 0.0, 0.0], {"reward/errors": 2.0}), 3) == 0
+    )  # ... one good one resets
+    message = reward_failure(scored, 3, step=7)
+    assert (
+        "failed on every sample of 3 steps in a row (up to step 7" in message and "no_such_column" in message
+    )

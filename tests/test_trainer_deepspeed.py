@@ -253,17 +253,19 @@ def reference_training(model_dir: Path, steps: list[Any]) -> tuple[dict[str, tor
             old = lp.detach() if batch.old_logprobs is None else batch.old_logprobs
             tensors = (batch.rollout_logprobs, batch.advantages, batch.response_mask)
             # Local counts: this *is* the full batch.
-            loss, _, _ = pg_loss(lp, old, *tensors, options, ref_logprobs=batch.ref_logprobs)
+            loss, pg_metrics, _ = pg_loss(lp, old, *tensors, options, ref_logprobs=batch.ref_logprobs)
+            pg_part = float(pg_metrics["actor/pg_loss"])
         else:
             lp = reference_logprobs(model, batch, 1.0)
             loss = torch.where(batch.loss_mask, -lp, 0.0).sum() / batch.loss_mask.sum()
+            pg_part = float(loss.detach())
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
-        metrics.append({"loss": float(loss.detach()), "grad_norm": grad_norm, "lr": lr})
+        metrics.append({"loss": float(loss.detach()), "pg_loss": pg_part, "grad_norm": grad_norm, "lr": lr})
     return params(model), metrics
 
 
@@ -307,6 +309,8 @@ def test_rl_and_sft_steps_equal_one_full_batch_torch_step(dense: dict[str, Any])
             # The loss is the full-batch loss on every rank; the pre-clip norm is that of the
             # full-batch gradient (Adam's update alone would hide a wrong gradient scale).
             assert ours[f"{prefix}/loss"] == pytest.approx(ref["loss"], rel=1e-5)
+            if kind == "rl":  # its policy-gradient part (step 2 adds a KL term): also that of one rank
+                assert ours["actor/pg_loss"] == pytest.approx(ref["pg_loss"], rel=1e-5)
             assert ours[f"{prefix}/grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
             assert ours[f"{prefix}/lr"] == pytest.approx(ref["lr"], rel=1e-12)
             assert ours[f"{prefix}/nonfinite_skipped"] == 0.0

@@ -196,20 +196,17 @@ def pg_loss(
         "policy/logp_mean": masked_mean(lp, active),
         **staleness_metrics(logprobs, old_logprobs, rollout_logprobs, response_mask),
     }
-    if options.kl_coef != 0.0 and ref_logprobs is not None:
+    counts = {"global_token_count": global_token_count, "global_seq_count": global_seq_count,
+              "max_response_length": options.max_response_length}  # fmt: skip
+    pg = aggregate(token_loss, response_mask, options.agg, **counts)
+    loss = pg
+    if options.kl_coef != 0.0 and ref_logprobs is not None:  # outside the correction's mask (§2)
         policy = torch.where(response_mask, logprobs, zero)
         kl = kl_estimate(policy, torch.where(response_mask, ref_logprobs, zero), options.kl_estimator)
-        token_loss = token_loss + options.kl_coef * torch.where(response_mask, kl, zero)
+        kl_term = options.kl_coef * torch.where(response_mask, kl, zero)
+        loss = pg + aggregate(kl_term, response_mask, options.agg, **counts)
         metrics["actor/kl"] = masked_mean(kl, response_mask)
-    loss = aggregate(
-        token_loss,
-        response_mask,
-        options.agg,
-        global_token_count=global_token_count,
-        global_seq_count=global_seq_count,
-        max_response_length=options.max_response_length,
-    )
-    metrics["actor/pg_loss"] = loss.detach().double()
+    metrics["actor/pg_loss"] = pg.detach().double()  # the policy-gradient part, without the KL term
     return PolicyLoss(loss, metrics, active)
 
 

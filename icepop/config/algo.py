@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from icepop.algo import AGGREGATIONS, PolicyLossOptions
-from icepop.config.checks import one_of, positive
+from icepop.config.checks import non_negative, one_of, positive
+from icepop.rewards.verifiers import VERIFIERS
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
@@ -53,6 +54,13 @@ class AlgoConfig:
                 "algo.updates_per_step": self.updates_per_step,
             }
         )
+        non_negative(**{"algo.kl_coef": self.kl_coef})
+        if self.samples_per_prompt < 2:
+            raise ValueError(
+                f"algo.samples_per_prompt={self.samples_per_prompt}: group-relative advantages compare the "
+                "samples of one prompt, so a group of one has advantage 0 and trains nothing; use 2 or more "
+                "(e.g. 8)"
+            )
         self.loss_options()  # raises ValueError naming the field if the loss options are inconsistent
 
     def loss_options(self, max_response_length: int | None = None) -> PolicyLossOptions:
@@ -78,7 +86,8 @@ class RewardConfig:
     function: str | None = None
     """Custom reward as a dotted path "pkg.module:function"; None uses the built-in verifier of the task."""
     task: str | None = None
-    """Verifier for dataset rows without a task column ("math", "arithmetic", "countdown"); None: "math"."""
+    """Verifier for dataset rows without a task column ("math", "arithmetic", "countdown", "code");
+    None: "math"."""
     workers: int = 2
     """Reward worker processes."""
     timeout_seconds: float = 10.0
@@ -99,6 +108,9 @@ class RewardConfig:
     """GPUs per reward-model actor; 0 on CPU machines."""
     model_batch_size: int = 32
     """Conversations per reward-model forward."""
+    max_error_steps: int = 3
+    """Stop the run, with the first error's message, after this many steps in a row in which the rule
+    reward raised on every sample (instead of training on zeros)."""
 
     def __post_init__(self) -> None:
         positive(
@@ -107,5 +119,14 @@ class RewardConfig:
                 "reward.timeout_seconds": self.timeout_seconds,
                 "reward.model_workers": self.model_workers,
                 "reward.model_batch_size": self.model_batch_size,
+                "reward.cpus_per_model_worker": self.cpus_per_model_worker,
+                "reward.max_error_steps": self.max_error_steps,
             }
         )
+        non_negative(**{"reward.rule_weight": self.rule_weight, "reward.model_weight": self.model_weight,
+                        "reward.gpus_per_model_worker": self.gpus_per_model_worker})  # fmt: skip
+        if self.task is not None and self.task not in VERIFIERS:
+            raise ValueError(
+                f"reward.task={self.task!r} has no built-in verifier; choose one of {', '.join(VERIFIERS)}, "
+                "or score with a custom reward.function=package.module:function"
+            )

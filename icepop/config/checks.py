@@ -14,3 +14,9 @@ def positive(**values: float) -> None:
     for name, value in values.items():
         if value <= 0:
             raise ValueError(f"{name} must be > 0; got {value}")
+
+
+def non_negative(**values: float) -> None:
+    for name, value in values.items():
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0; got {value}")

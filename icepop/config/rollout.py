@@ -1,10 +1,12 @@
-"""Where rollouts come from: the inference engines and the cluster they run on."""
+"""Where rollouts come from: the inference engines and the cluster they run on. The defaults are a real
+model's (a bfloat16 engine against a float32 trainer, 512 new tokens); the tiny models' presets set
+their own."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icepop.config.checks import DTYPES, one_of, positive
+from icepop.config.checks import DTYPES, non_negative, one_of, positive
 
 
 @dataclass
@@ -19,18 +21,25 @@ class RolloutConfig:
     """Nucleus sampling; keep 1.0 for RL unless the trainer applies the same truncation."""
     top_k: int = 0
     """Top-k sampling, 0 = off; keep 0 for RL for the same reason."""
-    max_new_tokens: int = 32
-    """Longest response; longer ones are truncated and counted."""
-    dtype: str = "float32"
-    """Engine weight dtype; "bfloat16" against a float32 trainer gives a real, small mismatch."""
-    kv_cache_gib: float = 0.25
+    max_new_tokens: int = 512
+    """Longest response; longer ones are truncated and counted (response_length/truncated_frac)."""
+    max_model_len: int | None = None
+    """The engine's context length; None: data.max_prompt_tokens + rollout.max_new_tokens. Checked
+    against the model's max_position_embeddings."""
+    dtype: str = "bfloat16"
+    """Engine weight dtype; "bfloat16" against a float32 trainer gives the real, small mismatch IcePop
+    corrects, "float32" an exact one (to ~1e-6)."""
+    enforce_eager: bool = True
+    """Run the engine's model eagerly; false lets vLLM capture CUDA graphs (GPU only, faster decoding)."""
+    kv_cache_gib: float = 1.0
     """KV-cache size per engine on CPU (vLLM's default asks for most of the RAM)."""
     gpu_memory_utilization: float = 0.5
     """Fraction of a GPU's memory an engine may take (GPU only)."""
     cpus_per_engine: int = 1
     """CPUs reserved per engine in the placement group."""
     gpus_per_engine: int = 0
-    """GPUs per engine (tensor parallel size); 0 on CPU machines."""
+    """GPUs per engine: 0 on CPU machines, 1 on GPUs (tensor parallelism, more than 1, is not supported:
+    the weight sync reaches only an engine that runs in its actor's process)."""
     weight_sync: str = "broadcast"
     """"broadcast" (rank 0 → engines over a gloo/NCCL group, multi-node) or "file" (/dev/shm, one node)."""
     mismatch_noise: float = 0.0
@@ -38,8 +47,8 @@ class RolloutConfig:
     max_restarts: int = 3
     """Engines that die are restarted, re-synced and the step retried, at most this many times a run."""
     probe_tolerance: float | None = None
-    """Sync probe limit on |Δ log p|: its max for float32 engines (None: 1e-3), its mean over the probe
-    tokens for bfloat16 ones (None: 0.1), whose single tokens jump with MoE routing flips."""
+    """Sync probe limit on |Δ log p|: its max when engine and trainer are both float32 (None: 1e-3), else
+    its mean over the probe tokens (None: 0.1), since single bfloat16 tokens jump with MoE routing flips."""
 
     def __post_init__(self) -> None:
         one_of("rollout.dtype", self.dtype, DTYPES)
@@ -52,8 +61,36 @@ class RolloutConfig:
                 "rollout.kv_cache_gib": self.kv_cache_gib,
             }
         )
+        non_negative(**{"rollout.top_k": self.top_k, "rollout.mismatch_noise": self.mismatch_noise,
+                        "rollout.max_restarts": self.max_restarts})  # fmt: skip
+        positive(**{"rollout.cpus_per_engine": self.cpus_per_engine})
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"rollout.top_p must be in (0, 1]; got {self.top_p}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(
+                f"rollout.max_model_len must be >= 2 (or null: prompt + response); got {self.max_model_len}"
+            )
+        if self.gpus_per_engine > 1:
+            raise ValueError(
+                f"rollout.gpus_per_engine={self.gpus_per_engine}: tensor parallelism is not supported (the "
+                "weight sync reaches only an engine running in its actor's process); use 1 GPU per engine "
+                "and more engines (rollout.engines)"
+            )
+        if not self.enforce_eager and self.gpus_per_engine == 0:
+            raise ValueError(
+                "rollout.enforce_eager=false needs GPUs (rollout.gpus_per_engine=1, e.g. cluster=gpu): "
+                "vLLM's CPU backend runs eagerly"
+            )
+        if self.gpus_per_engine < 0:
+            raise ValueError(
+                f"rollout.gpus_per_engine must be 0 (CPU) or 1 (GPU); got {self.gpus_per_engine}"
+            )
+        if self.probe_tolerance is not None and not self.probe_tolerance > 0:
+            raise ValueError(f"rollout.probe_tolerance must be > 0 (or null); got {self.probe_tolerance}")
+
+    def context_length(self, max_prompt_tokens: int) -> int:
+        """The engine's context: max_model_len, or prompt + response budget."""
+        return self.max_model_len or max_prompt_tokens + self.max_new_tokens
 
 
 @dataclass
@@ -63,7 +100,14 @@ class ClusterConfig:
     num_cpus: int | None = None
     """Logical CPUs of the local cluster; None: enough for every bundle plus one for the driver's tasks."""
     placement: str = "disaggregated"
-    """"disaggregated" (separate bundles) or "colocated" (GPU only: shared GPUs, vLLM asleep in training)."""
+    """"disaggregated": engines and trainer ranks on bundles of their own (the only placement so far)."""
 
     def __post_init__(self) -> None:
-        one_of("cluster.placement", self.placement, ("disaggregated", "colocated"))
+        if self.placement == "colocated":
+            raise ValueError(
+                "cluster.placement=colocated (engines sharing the trainer ranks' devices) is not implemented "
+                "yet; use cluster.placement=disaggregated"
+            )
+        one_of("cluster.placement", self.placement, ("disaggregated",))
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"cluster.num_cpus must be >= 1 (or null); got {self.num_cpus}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from icepop.config.checks import one_of, positive
+from icepop.config.checks import non_negative, one_of, positive
 
 
 @dataclass
@@ -17,6 +17,9 @@ class RunConfig:
     resume: bool = False
     """RL stages: continue the newest run of this stage beside run.dir (e.g. runs/rlvr-*) from its last
     complete checkpoint. A run.dir that already holds a checkpoint is always continued."""
+    dry_run: bool = False
+    """Check everything that can be checked without a cluster (settings, model, tokenizer, data, reward),
+    print the plan (settings and their sources, batch sizes, placement, data) and exit."""
 
 
 @dataclass
@@ -54,6 +57,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive(**{"train.steps": self.steps, "train.max_nonfinite_steps": self.max_nonfinite_steps})
+        non_negative(**{"train.eval_every": self.eval_every})
         if self.checkpoint_every < 0 or self.keep_last < 0:
             raise ValueError(
                 f"train.checkpoint_every={self.checkpoint_every} and train.keep_last={self.keep_last} "
@@ -69,8 +73,8 @@ class SFTConfig:
     """Conversations generated for a built-in task's SFT set (datasets use all their rows)."""
     batch_size: int = 64
     """Conversations per optimizer step (over all ranks)."""
-    lr: float = 1e-3
-    """Peak learning rate of the SFT stage."""
+    lr: float = 1e-5
+    """Peak learning rate of the SFT stage (a real model's; the tiny models' presets use 1e-3)."""
     warmup_steps: int = 20
     """Linear warm-up of the SFT learning rate."""
     group_by_length: bool = False
@@ -88,6 +92,8 @@ class SFTConfig:
             "lr": self.lr,
         }
         positive(**{f"sft.{name}": value for name, value in values.items()})
+        non_negative(**{"sft.warmup_steps": self.warmup_steps, "sft.eval_size": self.eval_size,
+                        "sft.eval_every": self.eval_every})  # fmt: skip
 
 
 @dataclass
@@ -100,8 +106,8 @@ class RMConfig:
     """Pairs: a built-in task, or a jsonl/json/parquet file or hub name with prompt/chosen/rejected."""
     batch_size: int = 32
     """Pairs per optimizer step (over all ranks); trainer.micro_batch_size pairs per forward."""
-    lr: float = 1e-3
-    """Peak learning rate of reward-model training."""
+    lr: float = 5e-6
+    """Peak learning rate of reward-model training (a real model's; the tiny models' presets use 1e-3)."""
     warmup_steps: int = 10
     """Linear warm-up of the reward-model learning rate."""
     eval_size: int = 256
@@ -113,6 +119,7 @@ class RMConfig:
         values = {"steps": self.steps, "pairs": self.pairs, "batch_size": self.batch_size, "lr": self.lr,
                   "eval_size": self.eval_size}  # fmt: skip
         positive(**{f"rm.{name}": value for name, value in values.items()})
+        non_negative(**{"rm.warmup_steps": self.warmup_steps, "rm.eval_every": self.eval_every})
 
 
 @dataclass

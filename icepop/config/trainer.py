@@ -1,10 +1,13 @@
-"""The trainer backend: DeepSpeed ZeRO ranks and their optimizer."""
+"""The trainer backend: DeepSpeed ZeRO ranks and their optimizer. The defaults are a real model's
+(Ring-1T's RLVR learning rate); the tiny models' presets set their own."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icepop.config.checks import one_of, positive
+from icepop.config.checks import non_negative, one_of, positive
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -18,15 +21,17 @@ class TrainerConfig:
     offload: bool = False
     """Offload optimizer state to CPU memory (ZeRO-Offload)."""
     lr: float = 2e-6
-    """Peak learning rate of AdamW (Ring-1T RLVR: 2e-6)."""
+    """Peak learning rate of AdamW in RL stages (Ring-1T RLVR: 2e-6); SFT and RM have sft.lr, rm.lr."""
+    lr_schedule: str = "constant"
+    """After warm-up: "constant", or "cosine" (decays to 0 at the stage's last optimizer step)."""
     weight_decay: float = 0.01
-    """AdamW weight decay."""
+    """AdamW weight decay (not applied to biases and norm gains)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up, in optimizer steps."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value."""
+    """Clip the global gradient norm to this value (0: no clipping)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward on one rank; gradients accumulate over the rank's share."""
     cpus_per_rank: int = 1
@@ -36,10 +41,24 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         one_of("trainer.zero_stage", self.zero_stage, (1, 2, 3))
+        one_of("trainer.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         positive(
             **{
                 "trainer.ranks": self.ranks,
                 "trainer.lr": self.lr,
                 "trainer.micro_batch_size": self.micro_batch_size,
+                "trainer.cpus_per_rank": self.cpus_per_rank,
             }
         )
+        non_negative(
+            **{
+                "trainer.weight_decay": self.weight_decay,
+                "trainer.warmup_steps": self.warmup_steps,
+                "trainer.grad_clip": self.grad_clip,
+                "trainer.gpus_per_rank": self.gpus_per_rank,
+            }
+        )
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(
+                f"trainer.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {self.betas}"
+            )

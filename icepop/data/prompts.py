@@ -13,6 +13,7 @@ Also the pieces every data loader shares: chat-message validation that names wha
 
 from __future__ import annotations
 
+import difflib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,27 @@ class PromptSet:
         }
 
 
+class ChatTokenizer:
+    """A tokenizer whose chat template always gets a run's options: a system message before every
+    conversation that has none, and extra template arguments (Qwen3's `enable_thinking`). Everything
+    else is the wrapped tokenizer's, so every prompt, SFT conversation and preference pair of a run is
+    formatted alike."""
+
+    def __init__(
+        self, tokenizer: Any, system_prompt: str | None = None, template_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        self.tokenizer, self.system_prompt = tokenizer, system_prompt
+        self.template_kwargs = dict(template_kwargs or {})
+
+    def apply_chat_template(self, messages: Messages, **kwargs: Any) -> Any:
+        if self.system_prompt and not (messages and messages[0]["role"] == "system"):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return self.tokenizer.apply_chat_template(messages, **{**self.template_kwargs, **kwargs})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+
 def chat_ids(tokenizer: Any, messages: Messages, add_generation_prompt: bool) -> list[int]:
     """Token ids of `messages` under the tokenizer's chat template (a plain list, not a BatchEncoding)."""
     ids = tokenizer.apply_chat_template(
@@ -68,8 +90,10 @@ def chat_ids(tokenizer: Any, messages: Messages, add_generation_prompt: bool) ->
     return [int(i) for i in ids]
 
 
-def load_rows(source: str, split: str = "train") -> Any:  # -> datasets.Dataset
-    """A `datasets.Dataset` from a local .jsonl/.json/.parquet file or a hub name (online only)."""
+def load_rows(source: str, split: str = "train", subset: str | None = None) -> Any:  # -> datasets.Dataset
+    """A `datasets.Dataset` from a local .jsonl/.json/.parquet file, a local dataset folder (its README's
+    `configs:` name the subsets), or a hub name "org/name" (online, or in the Hugging Face cache).
+    ValueError/FileNotFoundError say what is wrong and what would be right."""
     import datasets
 
     path = Path(source)
@@ -78,9 +102,53 @@ def load_rows(source: str, split: str = "train") -> Any:  # -> datasets.Dataset
         if not path.is_file():
             raise FileNotFoundError(f"dataset file {source!r} does not exist")
         return datasets.load_dataset(file_format, data_files=str(path), split="train")
-    if path.exists():
+    if path.is_file():
         raise ValueError(f"dataset file {source!r} must end in one of {', '.join(FILE_FORMATS)}")
-    return datasets.load_dataset(source, split=split)
+    if not path.is_dir() and source.count("/") != 1:
+        guess = difflib.get_close_matches(source, TASKS, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        raise ValueError(
+            f"{source!r} is neither a built-in task ({', '.join(TASKS)}), a local file or folder, nor a hub "
+            f"dataset named 'org/name'{hint}"
+        )
+    if not path.is_dir():
+        snapshot = _hub_snapshot(source)  # offline, a dataset downloaded into the hub cache still loads
+        path = Path(snapshot) if snapshot is not None else path
+    # A local folder is read again every time: datasets' cache keys it by its name alone and would
+    # serve the rows it saw first after the files changed.
+    fresh = {"download_mode": "force_redownload", "verification_mode": "no_checks"} if path.is_dir() else {}
+    try:
+        return datasets.load_dataset(str(path) if path.is_dir() else source, subset, split=split, **fresh)
+    except (ValueError, FileNotFoundError, OSError, ConnectionError) as error:
+        where = "local folder" if Path(source).is_dir() else "hub dataset"
+        if "Config name is missing" in str(error):  # a multi-config dataset
+            raise ValueError(
+                f"{where} {source!r} has several subsets; name one with data.subset: "
+                f"{_first_lines(str(error), 2)}"
+            ) from error
+        raise ValueError(
+            f"{where} {source!r} (subset {subset!r}, split {split!r}) could not be loaded: "
+            f"{_first_lines(str(error))}"
+        ) from error
+
+
+def _hub_snapshot(repo_id: str) -> str | None:
+    """The folder of a hub dataset in the local Hugging Face cache (`hf download --repo-type dataset`
+    puts it there) when the hub cannot be reached (HF_HUB_OFFLINE=1, an air-gapped cluster); None
+    otherwise, and then `datasets` fetches it (or uses its own cache) as usual."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if not constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+    except LocalEntryNotFoundError:  # not in the cache: datasets' own error then says so
+        return None
+
+
+def _first_lines(text: str, lines: int = 3) -> str:
+    return " ".join(line.strip() for line in text.strip().splitlines()[:lines])
 
 
 def row_messages(value: Any, index: int, field: str) -> Messages | None:
@@ -207,15 +275,20 @@ def dataset_prompts(
     task_field: str | None = None,
     task: str = "math",
     split: str = "train",
+    subset: str | None = None,
     skip_malformed: bool = False,
 ) -> PromptSet:
     """Prompts from dataset rows. The prompt field holds a string or a messages list; answer_field=None
     means rows carry no answer (a reward model scores them); the task comes from task_field or `task`.
     Other columns are kept in `Prompt.meta` for custom reward functions."""
-    rows = load_rows(source, split)
-    for name in (prompt_field, answer_field, task_field):
+    rows = load_rows(source, split, subset)
+    fields = {"prompt_field": prompt_field, "answer_field": answer_field, "task_field": task_field}
+    for param, name in fields.items():
         if name is not None and name not in rows.column_names:
-            raise ValueError(f"{source!r} has no column {name!r}; its columns are {rows.column_names}")
+            raise ValueError(
+                f"{source!r} ({split} split) has no column {name!r} (data.{param}); its columns are "
+                f"{rows.column_names}"
+            )
     used = {prompt_field, answer_field, task_field}
     prompts, overlong, malformed = [], 0, 0
     for index, row in enumerate(rows):

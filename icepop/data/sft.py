@@ -153,12 +153,13 @@ def dataset_sft_examples(
     messages_field: str = "messages",
     max_tokens: int | None = None,
     split: str = "train",
+    subset: str | None = None,
 ) -> SFTSet:
     """SFT examples from dataset rows whose `messages_field` holds a chat with an assistant turn.
 
     A row that cannot be used (see SFT_SKIP_REASONS) is skipped and recorded, never fatal; a source
     with no usable row at all raises a ValueError that lists them. Log `SFTSet.describe(source)`."""
-    rows = load_rows(source, split)
+    rows = load_rows(source, split, subset)
     if messages_field not in rows.column_names:
         raise ValueError(f"{source!r} has no column {messages_field!r}; its columns are {rows.column_names}")
     examples: list[SFTExample] = []

@@ -125,6 +125,23 @@ def actor_index(actors: list[Any], error: Exception) -> int | None:
     return ids.index(actor_id) if actor_id in ids else None
 
 
+def engine_settings(config: Config, model_path: str) -> dict[str, Any]:
+    """The keyword arguments every rollout engine of the run is built with (icepop.rollout.base)."""
+    rollout = config.rollout
+    return {
+        "model_path": model_path,
+        "dtype": rollout.dtype,
+        "seed": config.run.seed,
+        "max_model_len": rollout.context_length(config.data.max_prompt_tokens),
+        "enforce_eager": rollout.enforce_eager,
+        "kv_cache_bytes": int(rollout.kv_cache_gib * 2**30),
+        "gpu_memory_utilization": rollout.gpu_memory_utilization,
+        "enable_sleep_mode": config.cluster.placement == "colocated",
+        # On CPU vLLM's worker pins its own thread count; more threads than the bundle's cores stall it.
+        "cpu_threads": rollout.cpus_per_engine if rollout.gpus_per_engine == 0 else None,
+    }
+
+
 class RolloutGroup:
     """N vLLM engines; prompts are split across them in contiguous blocks (a group never splits)."""
 
@@ -134,16 +151,7 @@ class RolloutGroup:
         self._resources = (placement.rollout, rollout.cpus_per_engine, rollout.gpus_per_engine)
         self.restarts = 0
         self.actors = _actors(EngineHost, rollout.engines, *self._resources, "rollout")
-        self._kwargs = {
-            "model_path": model_path,
-            "dtype": rollout.dtype,
-            "seed": config.run.seed,
-            "kv_cache_bytes": int(rollout.kv_cache_gib * 2**30),
-            "gpu_memory_utilization": rollout.gpu_memory_utilization,
-            "enable_sleep_mode": config.cluster.placement == "colocated",
-            # On CPU vLLM's worker pins its own thread count; more threads than the bundle's cores stall it.
-            "cpu_threads": rollout.cpus_per_engine if rollout.gpus_per_engine == 0 else None,
-        }
+        self._kwargs = engine_settings(config, model_path)
         self._engine = engine_class(rollout.backend)
         self.pending = [a.setup.remote(self._engine, self._kwargs) for a in self.actors]
 
@@ -233,6 +241,7 @@ class TrainerGroup:
             "weight_decay": trainer.weight_decay,
             "betas": tuple(trainer.betas),
             "warmup_steps": warmup_steps,
+            "lr_schedule": trainer.lr_schedule,
             "total_steps": total_steps,
             "grad_clip": trainer.grad_clip,
             "micro_batch_size": trainer.micro_batch_size,
@@ -306,8 +315,11 @@ class ReferenceGroup:
         }
         self.pending = [self.actor.setup.remote(ReferencePolicy, kwargs)]
 
-    def async_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        return self.actor.call.remote("logprobs", input_ids, attention_mask)
+    def async_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float
+    ) -> Any:
+        """log π_ref at the sampling temperature (the policy's log-probs use the same one)."""
+        return self.actor.call.remote("logprobs", input_ids, attention_mask, temperature)
 
 
 class RewardModelGroup:

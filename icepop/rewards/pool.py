@@ -41,6 +41,8 @@ class Scores:
     """One reward per (prompt, response); 0.0 for samples that raised or timed out."""
     stats: dict[str, float]
     """"reward/errors" and "reward/timeouts": how many samples scored 0.0 for that reason."""
+    first_error: str | None = None
+    """The traceback of the first sample that raised, if any."""
 
 
 def _worker_main(conn: Connection, reward_fn: str, sys_path: list[str]) -> None:
@@ -203,7 +205,7 @@ class RewardPool:
                 "%d of %d samples timed out after %s s", progress.timeouts, len(prompts), self.timeout_s
             )
         stats = {"reward/errors": float(len(progress.errors)), "reward/timeouts": float(progress.timeouts)}
-        return Scores(progress.rewards, stats)
+        return Scores(progress.rewards, stats, progress.errors[0] if progress.errors else None)
 
     def _dispatch(self, progress: _Progress, prompts: Sequence[Prompt], responses: Sequence[str]) -> None:
         """Send pending samples to idle workers, one each."""

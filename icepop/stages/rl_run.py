@@ -18,6 +18,7 @@ import ray
 from icepop import weights
 from icepop.config import Config
 from icepop.ray.workers import ReferenceGroup, RolloutGroup, TrainerGroup, WeightSync
+from icepop.rewards.pool import Scores
 from icepop.stages import checkpoint
 from icepop.stages.evaluate import evaluate
 from icepop.stages.rewards import Rewards
@@ -53,6 +54,8 @@ class RLRun:
     """The held-out measures before training (kept in checkpoints: a resumed run does not redo them)."""
     nonfinite_streak: int = 0
     """Steps in a row whose update was skipped for a non-finite loss or gradient."""
+    reward_error_streak: int = 0
+    """Steps in a row in which the rule reward failed (raised or timed out) on every sample."""
 
 
 def sync(run: RLRun, step: int) -> weights.ProbeDifference:
@@ -60,7 +63,7 @@ def sync(run: RLRun, step: int) -> weights.ProbeDifference:
     tests, push a noisy copy (the noise of step s is seeded by run.seed + s)."""
     run.weight_sync.push()  # blocks until every engine holds the new weights
     probe_diff = weights.probe_difference(run.rollout, run.trainer, run.probe)
-    weights.check_probe(probe_diff, run.config.rollout, step)
+    weights.check_probe(probe_diff, run.config.rollout, run.config.model.dtype, step)
     inject_mismatch(run, step)
     return probe_diff
 
@@ -132,9 +135,35 @@ def count_nonfinite(run: RLRun, step: int, skipped: bool) -> None:
         )
 
 
+def count_reward_failures(run: RLRun, step: int, scored: Scores, samples: int) -> None:
+    """Stop, with the first error, after reward.max_error_steps steps in a row in which the rule reward
+    raised or timed out on every sample: the run would otherwise train on all-zero rewards."""
+    run.reward_error_streak = failure_streak(run.reward_error_streak, scored, samples)
+    limit = run.config.reward.max_error_steps
+    if run.reward_error_streak >= limit:
+        raise RunStopped(f"{reward_failure(scored, limit, step)} {checkpoint.resume_hint(run.run_dir)}")
+
+
+def failure_streak(streak: int, scored: Scores, samples: int) -> int:
+    """Steps in a row in which every one of `samples` rewards raised or timed out, after this one."""
+    failed = scored.stats.get("reward/errors", 0.0) + scored.stats.get("reward/timeouts", 0.0)
+    return streak + 1 if failed >= samples else 0
+
+
+def reward_failure(scored: Scores, limit: int, step: int) -> str:
+    """Why a run whose rewards all failed for `limit` steps stops: the first error of the last step."""
+    cause = scored.first_error or "every sample timed out (reward.timeout_seconds)"
+    return (
+        f"the rule reward failed on every sample of {limit} steps in a row (up to step {step}; "
+        f"reward.max_error_steps={limit}), so the run would train on zeros. The first error of step "
+        f"{step}:\n{cause.strip()}\n"
+    )
+
+
 def save_checkpoint(run: RLRun, step: int) -> Path:
     """A resumable checkpoint of the run at `step` (icepop.stages.checkpoint)."""
-    state = {"data": run.data.state_dict(), "before": run.before, "nonfinite_streak": run.nonfinite_streak}
+    state = {"data": run.data.state_dict(), "before": run.before, "nonfinite_streak": run.nonfinite_streak,
+             "reward_error_streak": run.reward_error_streak}  # fmt: skip
     return checkpoint.save(run.run_dir, step, run.trainer, state, run.config.train.keep_last)
 
 
@@ -145,6 +174,7 @@ def resume(run: RLRun, step: int, path: Path) -> None:
     state = checkpoint.restore(path, run.trainer)
     run.data.load_state_dict(state["data"])
     run.before, run.nonfinite_streak = state["before"], state["nonfinite_streak"]
+    run.reward_error_streak = state.get("reward_error_streak", 0)  # absent from older checkpoints
     run.telemetry.replay(read_metrics(run.run_dir))
     sync(run, step)
     print(f"icepop: resumed from {path.resolve()} (step {step} of {run.config.train.steps})")

@@ -18,6 +18,7 @@ import torch
 
 from icepop.algo import pairwise_accuracy
 from icepop.config import Config
+from icepop.errors import input_errors
 from icepop.ray import cluster
 from icepop.ray.workers import TrainerGroup, blocks, wait_ready
 from icepop.stages import setup, warmup
@@ -39,7 +40,7 @@ def _log_eval(tracker: Tracker, step: int, accuracy: float) -> None:
     tracker.log_eval(step, {"pairwise_accuracy": accuracy}, f"held-out pairwise accuracy {accuracy:.3f}")
 
 
-def _pairs(config: Config, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+def preference_pairs(config: Config, tokenizer: Any) -> tuple[list[Any], list[Any]]:
     """Tokenized (train, held-out) preference pairs of rm.source; the skipped rows are logged."""
     from icepop.data.preferences import load_preference_pairs, tokenize_pairs
     from icepop.data.prompts import split_holdout
@@ -64,9 +65,10 @@ def run_rm(config: Config, run_dir: Path) -> Summary:
     from icepop.data.prompts import ShuffledBatches
 
     started, rm = time.perf_counter(), config.rm
+    tokenizer = setup.load_tokenizer(setup.resolve_model(config), config.data)
+    with input_errors(f"rm.source={config.rm.source!r}"):  # before any warm-up, engine or rank starts
+        train, held_out = preference_pairs(config, tokenizer)
     model_path = warmup.policy_path(config, run_dir)
-    tokenizer = setup.load_tokenizer(model_path)
-    train, held_out = _pairs(config, tokenizer)
     batch_size = max(config.trainer.ranks, min(rm.batch_size, len(train)))
     batches = ShuffledBatches(train, batch_size, config.run.seed)
     print(f"icepop rm: model {model_path}; {len(train)} training pairs, {len(held_out)} held out")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from icepop.config import Config
+from icepop.config import Config, DataConfig
 from icepop.types import SamplingSettings
 
 TINY_PREFIX = "tiny:"
@@ -61,10 +62,19 @@ def resolve_model(config: Config) -> str:
     return str(tiny_base_model(path.removeprefix(TINY_PREFIX), config.run.seed))
 
 
-def load_tokenizer(model_path: str) -> Any:
+def load_tokenizer(model_path: str, data: DataConfig | None = None) -> Any:
+    """The model's tokenizer; with `data`, wrapped so its chat template gets data.system_prompt and
+    data.chat_template_kwargs everywhere (icepop.data.prompts.ChatTokenizer)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_path)
+    from icepop.data.prompts import ChatTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out everywhere; any id will do
+    if data is None:
+        return tokenizer
+    return ChatTokenizer(tokenizer, data.system_prompt, data.chat_template_kwargs)
 
 
 def sampling_settings(config: Config, seed: int) -> SamplingSettings:
@@ -91,7 +101,10 @@ EVAL_SEED_OFFSET = 1_000_003
 
 
 def prompt_streams(config: Config, tokenizer: Any) -> tuple[Any, list[Any]]:
-    """Training prompts as endless shuffled batches of `prompts_per_step`, and the held-out prompts."""
+    """Training prompts as endless shuffled batches of `prompts_per_step`, and the held-out prompts:
+    another seed's problems for a built-in task; for a dataset, data.eval_size rows of data.eval_source /
+    data.eval_split when given (a seeded sample; the training split stays whole), else the last
+    data.eval_size rows of the training split (removed from training)."""
     from icepop.data.prompts import ShuffledBatches, load_prompts
     from icepop.data.tasks import TASKS
 
@@ -101,21 +114,60 @@ def prompt_streams(config: Config, tokenizer: Any) -> tuple[Any, list[Any]]:
         held_out = load_prompts(
             data.source, tokenizer, data.max_prompt_tokens, count=data.eval_size, seed=seed + EVAL_SEED_OFFSET
         ).prompts
+        where = "another seed's problems"
     else:
-        train = load_prompts(
-            data.source,
-            tokenizer,
-            data.max_prompt_tokens,
-            prompt_field=data.prompt_field,
-            answer_field=data.answer_field,
-            task_field=data.task_field,
-            task=config.reward.task or "math",
-            split=data.split,
+        train = _dataset_prompts(config, tokenizer, data.source, data.split)
+        if data.eval_source is not None or data.eval_split is not None:
+            source, split = data.eval_source or data.source, data.eval_split or data.split
+            held = _dataset_prompts(config, tokenizer, source, split).prompts
+            chosen = random.Random(f"eval/{seed}").sample(range(len(held)), min(data.eval_size, len(held)))
+            held_out = [held[i] for i in sorted(chosen)]
+            where = f"{source} ({split} split)"
+        else:
+            held_out, train.prompts = train.prompts[-data.eval_size :], train.prompts[: -data.eval_size]
+            where = f"the last rows of the {data.split} split"
+        _check_tasks(config, train.prompts + held_out)
+    if len(train.prompts) < config.algo.prompts_per_step or not held_out:
+        raise ValueError(
+            f"data.source={data.source!r} leaves {len(train.prompts)} training and {len(held_out)} held-out "
+            f"prompts; a step needs algo.prompts_per_step={config.algo.prompts_per_step} and evaluation at "
+            "least one (lower data.eval_size, or give data.eval_split / data.eval_source)"
         )
-        held_out, train.prompts = train.prompts[-data.eval_size :], train.prompts[: -data.eval_size]
     print(
         f"icepop data: {len(train.prompts)} training prompts from {data.source} "
         f"({train.num_overlong} longer than data.max_prompt_tokens={data.max_prompt_tokens} dropped), "
-        f"{len(held_out)} held out"
+        f"{len(held_out)} held out from {where}"
     )
     return ShuffledBatches(train.prompts, config.algo.prompts_per_step, seed), held_out
+
+
+def _dataset_prompts(config: Config, tokenizer: Any, source: str, split: str) -> Any:
+    from icepop.data.prompts import dataset_prompts
+
+    data = config.data
+    return dataset_prompts(
+        source,
+        tokenizer,
+        data.max_prompt_tokens,
+        prompt_field=data.prompt_field,
+        answer_field=data.answer_field,
+        task_field=data.task_field,
+        task=config.reward.task or "math",
+        split=split,
+        subset=data.subset,
+    )
+
+
+def _check_tasks(config: Config, prompts: list[Any]) -> None:
+    """Without a custom reward function, every row's task needs a built-in verifier (else every sample
+    of it would score 0 and the run go on)."""
+    from icepop.rewards.verifiers import VERIFIERS
+
+    if config.reward.function is not None or config.reward.rule_weight == 0:
+        return
+    unknown = sorted({p.task for p in prompts if p.task not in VERIFIERS})
+    if unknown:
+        raise ValueError(
+            f"data.task_field={config.data.task_field!r} names tasks with no built-in verifier: {unknown}; "
+            f"built-in: {', '.join(VERIFIERS)} (or score with reward.function=package.module:function)"
+        )

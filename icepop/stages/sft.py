@@ -18,6 +18,7 @@ import ray
 import torch
 
 from icepop.config import Config
+from icepop.errors import input_errors
 from icepop.ray import cluster
 from icepop.ray.workers import TrainerGroup, wait_ready
 from icepop.stages import setup
@@ -37,15 +38,17 @@ def _log_eval(tracker: Tracker, step: int, loss: float) -> None:
     tracker.log_eval(step, {"validation_loss": loss}, f"validation loss {loss:.4f}")
 
 
-def _examples(config: Config, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+def sft_examples(config: Config, tokenizer: Any) -> tuple[list[Any], list[Any]]:
     """(training, validation) conversations of data.source; the skipped rows are logged."""
     from icepop.data.prompts import split_holdout
     from icepop.data.sft import load_sft_examples
+    from icepop.data.tasks import TASKS
 
     max_tokens = config.data.max_prompt_tokens + config.rollout.max_new_tokens
     source, seed = config.data.source, config.run.seed
+    where = {} if source in TASKS else {"split": config.data.split, "subset": config.data.subset}
     dataset = load_sft_examples(
-        source, tokenizer, count=config.sft.examples, seed=seed, max_tokens=max_tokens
+        source, tokenizer, count=config.sft.examples, seed=seed, max_tokens=max_tokens, **where
     )
     print(dataset.describe(source))
     train, held_out = split_holdout(dataset.examples, config.sft.eval_size, seed)
@@ -61,8 +64,9 @@ def run_sft(config: Config, run_dir: Path, model_path: str | None = None) -> Sum
 
     started, sft = time.perf_counter(), config.sft
     model_path = model_path or setup.resolve_model(config)
-    tokenizer = setup.load_tokenizer(model_path)
-    train, held_out = _examples(config, tokenizer)
+    tokenizer = setup.load_tokenizer(model_path, config.data)
+    with input_errors(f"data.source={config.data.source!r}"):  # before anything starts
+        train, held_out = sft_examples(config, tokenizer)
     grouping = LengthGroupedBatches if sft.group_by_length else ShuffledBatches
     batches = grouping(train, min(sft.batch_size, len(train)), config.run.seed)
     validation = collate_sft(held_out, tokenizer.pad_token_id)

@@ -174,13 +174,15 @@ class DeepSpeedTrainer:
         self.engine.set_gradient_accumulation_boundary(is_last)
         self.engine.backward(loss * (self.world_size * poison), scale_wrt_gas=False)
 
-    def _step(self, local_loss: float, prefix: str) -> dict[str, float]:
-        """Apply the accumulated gradient (or skip it if non-finite) and return the step metrics."""
+    def _step(self, local_sums: dict[str, float], prefix: str) -> dict[str, float]:
+        """Apply the accumulated gradient (or skip it if non-finite) and return the step metrics;
+        local_sums ("loss" and other additive parts) are summed over the ranks: full-batch values."""
         lr, skipped_before = float(self.engine.get_lr()[0]), self.engine.skipped_steps
         self.engine.step()
         norm = self.engine.get_global_grad_norm()  # before clipping; inf when the step was skipped
+        totals = self._all_reduce(list(local_sums.values()), "sum")  # each loss carries the global count
         values = {
-            "loss": self._all_reduce([local_loss], "sum")[0],  # Σ over ranks: the full-batch loss
+            **dict(zip(local_sums, totals, strict=True)),
             "grad_norm": math.inf if norm is None else float(norm),
             "lr": lr,
             "nonfinite_skipped": float(self.engine.skipped_steps > skipped_before),
@@ -207,18 +209,22 @@ class DeepSpeedTrainer:
     ) -> dict[str, float]:
         """One optimizer step of `pg_loss` on this rank's shard; collective. The counts are those of
         the whole batch over all ranks. old_logprobs=None means on-policy (θ_old = θ): ℓ_old is the
-        detached current ℓ. Metrics: actor/loss is the full-batch loss (same on every rank);
-        pg_loss's metrics are means over this rank's micro-batches; actor/entropy (and
+        detached current ℓ. Metrics: actor/loss is the full-batch loss and actor/pg_loss its
+        policy-gradient part (without the KL term), the same on every rank; pg_loss's other metrics are
+        means over this rank's micro-batches; actor/entropy (and
         actor/entropy_masked) is the token mean over this rank's response (masked) tokens at the
         sampling temperature."""
         check_batch(batch, options)
         self.engine.train()
         slices = self._micro_batches(batch.input_ids.shape[0])
-        sums: dict[str, float] = {}
-        local_loss, entropy_sum, tokens, masked_entropy_sum, masked = 0.0, 0.0, 0.0, 0.0, 0.0
+        sums: dict[str, float] = {}  # pg_loss's metrics over this rank's micro-batches
+        local = dict.fromkeys(("loss", "pg_loss"), 0.0)  # additive: summed over ranks in _step
+        entropy = dict.fromkeys(("all", "all_tokens", "masked", "masked_tokens"), 0.0)
         for i, rows in enumerate(slices):
             mb = rows_of(batch, rows, self.device)
-            logprobs, entropy = self._forward(mb["input_ids"], mb["attention_mask"], self.temperature, True)
+            logprobs, token_entropy = self._forward(
+                mb["input_ids"], mb["attention_mask"], self.temperature, True
+            )
             old = logprobs.detach() if mb["old_logprobs"] is None else mb["old_logprobs"]
             loss, metrics, keep = pg_loss(
                 logprobs,
@@ -232,22 +238,23 @@ class DeepSpeedTrainer:
                 ref_logprobs=mb["ref_logprobs"],
             )
             self._backward(loss, is_last=i == len(slices) - 1)
-            local_loss += float(loss.detach())
+            local["loss"] += float(loss.detach())
+            local["pg_loss"] += float(metrics.pop("actor/pg_loss"))
             if rows is not None:
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
-                entropy_sum += float(torch.where(mb["response_mask"], entropy.detach(), 0.0).sum())
-                tokens += float(mb["response_mask"].sum())
                 dropped = mb["response_mask"] & ~keep  # the tokens the correction masked
-                masked_entropy_sum += float(torch.where(dropped, entropy.detach(), 0.0).sum())
-                masked += float(dropped.sum())
+                for name, where in (("all", mb["response_mask"]), ("masked", dropped)):
+                    entropy[name] += float(torch.where(where, token_entropy.detach(), 0.0).sum())
+                    entropy[f"{name}_tokens"] += float(where.sum())
         real = max(1, sum(rows is not None for rows in slices))
         result = {key: value / real for key, value in sums.items()}
-        result["actor/pg_loss"] = local_loss  # this rank's share of actor/loss, not a mean
-        result["actor/entropy"] = entropy_sum / max(1.0, tokens)
-        result["actor/entropy_masked"] = masked_entropy_sum / max(1.0, masked)  # 0 when nothing is masked
+        result["actor/entropy"] = entropy["all"] / max(1.0, entropy["all_tokens"])
+        result["actor/entropy_masked"] = entropy["masked"] / max(
+            1.0, entropy["masked_tokens"]
+        )  # 0: none masked
         result["actor/micro_batches"] = float(len(slices))
-        return {**result, **self._step(local_loss, "actor")}
+        return {**result, **self._step(local, "actor")}
 
     def train_sft(self, batch: SFTBatch, global_token_count: int) -> dict[str, float]:
         """One optimizer step of Σ −ℓ·loss_mask / global_token_count (temperature 1); collective.
@@ -263,7 +270,7 @@ class DeepSpeedTrainer:
             loss = torch.where(mb["loss_mask"], -logprobs, 0.0).sum() / max(1, global_token_count)
             self._backward(loss, is_last=i == len(slices) - 1)
             local_loss += float(loss.detach())
-        return {**self._step(local_loss, "sft"), "sft/micro_batches": float(len(slices))}
+        return {**self._step({"loss": local_loss}, "sft"), "sft/micro_batches": float(len(slices))}
 
     @torch.no_grad()
     def scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -297,7 +304,7 @@ class DeepSpeedTrainer:
             local_loss += float(loss.detach())
             correct += float(metrics["accuracy"]) * chosen.numel() if rows is not None else 0.0
         accuracy = self._all_reduce([correct], "sum")[0] / global_pair_count
-        return {**self._step(local_loss, "rm"), "rm/accuracy": accuracy}
+        return {**self._step({"loss": local_loss}, "rm"), "rm/accuracy": accuracy}
 
     def _score_rows(self, input_ids: Tensor, attention_mask: Tensor, rows: Any) -> Tensor:
         """Scores of the selected rows (a slice or an index tensor), trimmed to their longest; rows None

@@ -1,0 +1,137 @@
+"""What a run will do, said before it does it: the settings that matter most for its stage, each with
+where its value comes from (the command line, the recipe, a group option such as model=tiny-dense, or
+icepop's default), and for `run.dry_run=true` also the derived batch sizes, the placement and the data.
+
+Key design choice: a value's source is read from the same files Hydra composed (conf/config.yaml's
+defaults list, the chosen group options, the recipe) in Hydra's order of precedence, so the line says
+exactly which file to edit; nothing here changes a value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from icepop.config import Config
+from icepop.errors import input_errors
+
+KEY_SETTINGS = {
+    "rl": ("model.path", "model.dtype", "rollout.dtype", "trainer.lr", "trainer.lr_schedule",
+           "trainer.zero_stage", "data.source", "data.max_prompt_tokens", "rollout.max_new_tokens",
+           "rollout.max_model_len", "rollout.temperature", "algo.correction", "algo.kl_coef"),
+    "sft": ("model.path", "model.dtype", "sft.lr", "sft.steps", "sft.batch_size", "trainer.zero_stage",
+            "data.source", "data.max_prompt_tokens", "rollout.max_new_tokens"),
+    "rm": ("model.path", "model.dtype", "rm.lr", "rm.steps", "rm.batch_size", "rm.source",
+           "trainer.zero_stage"),
+    "eval": ("model.path", "rollout.dtype", "data.source", "eval.samples_per_prompt", "eval.temperature",
+             "data.max_prompt_tokens", "rollout.max_new_tokens", "rollout.max_model_len"),
+    "pipeline": ("model.path", "pipeline.stages"),
+}  # fmt: skip
+"""Per kind of stage, the settings the start-up summary shows with their sources."""
+
+
+def override_key(override: str) -> str:
+    """ "+trainer.lr=1e-5" → "trainer.lr"; "model=tiny-moe" → "model"."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def defaults_list(conf_dir: Path) -> dict[str, str]:
+    """The groups of conf/config.yaml's defaults list, in order, with their default option."""
+    entries = OmegaConf.to_container(OmegaConf.load(conf_dir / "config.yaml"))["defaults"]
+    chosen = {}
+    for entry in entries:
+        if isinstance(entry, dict):
+            ((group, option),) = entry.items()
+            if not group.startswith(("override ", "hydra")):
+                chosen[group] = str(option)
+    return chosen
+
+
+def _sets(path: Path, key: str, package: str | None) -> bool:
+    """Does this YAML file set `key`? package: the group the file's keys sit under (None: _global_)."""
+    if not path.is_file():
+        return False
+    if package is None or path.read_text().startswith("# @package _global_"):
+        return OmegaConf.select(OmegaConf.load(path), key, default=None) is not None
+    if not key.startswith(package + "."):
+        return False
+    return OmegaConf.select(OmegaConf.load(path), key.removeprefix(package + "."), default=None) is not None
+
+
+def setting_sources(
+    overrides: list[str], keys: tuple[str, ...], conf_dir: Path, recipes_dir: Path
+) -> dict[str, str]:
+    """Where each key's value comes from, in Hydra's precedence: "command line", "recipe rlvr", a group
+    option ("model=tiny-dense", the later groups of the defaults list winning), else "default"."""
+    groups = defaults_list(conf_dir)
+    given = {override_key(o): o.split("=", 1)[1] for o in overrides if "=" in o}
+    choices = {group: given.get(group, option) for group, option in groups.items()}
+    recipe = given.get("recipe")
+    sources = {}
+    for key in keys:
+        if key in given:
+            sources[key] = "command line"
+        elif recipe is not None and _sets(recipes_dir / f"{recipe}.yaml", key, None):
+            sources[key] = f"recipe {recipe}"
+        else:
+            found = [f"{group}={option}" for group, option in reversed(choices.items())
+                     if _sets(conf_dir / group / f"{option}.yaml", key, group)]  # fmt: skip
+            sources[key] = found[0] if found else "default"
+    return sources
+
+
+def stage_kind(stage: str) -> str:
+    return "rl" if stage in ("rlvr", "rlhf") else stage
+
+
+def settings_summary(config: Config, overrides: list[str], conf_dir: Path, recipes_dir: Path) -> str:
+    """The start-up lines: each key setting of the stage, its value and its source."""
+    keys = KEY_SETTINGS[stage_kind(config.stage)]
+    sources = setting_sources(overrides, keys, conf_dir, recipes_dir)
+    values = {key: OmegaConf.select(OmegaConf.structured(config), key) for key in keys}
+    if "rollout.max_model_len" in values and values["rollout.max_model_len"] is None:
+        values["rollout.max_model_len"] = config.rollout.context_length(config.data.max_prompt_tokens)
+        sources["rollout.max_model_len"] = "data.max_prompt_tokens + rollout.max_new_tokens"
+    width = max(map(len, keys))
+    lines = [f"icepop {config.stage} settings (value, and where it comes from):"]
+    lines += [f"  {key:<{width}}  {_shown(values[key])}  ({sources[key]})" for key in keys]
+    return "\n".join(lines)
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def dry_run(config: Config) -> None:
+    """`run.dry_run=true`: after the settings (printed by icepop.train) and the input checks, load the
+    stage's data exactly as the run would and print the batch sizes and the placement; start nothing."""
+    from icepop.ray.cluster import roles
+    from icepop.stages import setup
+
+    if config.stage == "pipeline":
+        print(
+            f"icepop dry run: the pipeline's stages {config.pipeline.stages} are each checked when they start"
+        )
+        return
+    tokenizer = setup.load_tokenizer(setup.resolve_model(config), config.data)
+    with input_errors(
+        f"data.source={config.data.source!r}" if config.stage != "rm" else f"rm.source={config.rm.source!r}"
+    ):
+        if config.stage in ("rlvr", "rlhf", "eval"):
+            setup.prompt_streams(config, tokenizer)  # prints what it loaded
+        elif config.stage == "sft":
+            from icepop.stages.sft import sft_examples
+
+            sft_examples(config, tokenizer)
+        else:
+            from icepop.stages.rm import preference_pairs
+
+            preference_pairs(config, tokenizer)
+    with_engines = config.stage != "sft" and config.stage != "rm"
+    wanted = roles(config, rollout=with_engines, trainer=config.stage != "eval")
+    placement = "; ".join(f"{r.count} {r.name} {r.unit}(s) × {r.cpus} CPU/{r.gpus} GPU" for r in wanted)
+    cpus, gpus = sum(r.count * r.cpus for r in wanted), sum(r.count * r.gpus for r in wanted)
+    print(f"icepop dry run: {config.describe_batches()}")
+    print(f"icepop dry run: placement {placement} ({cpus} CPUs, {gpus} GPUs in all)")
+    print("icepop dry run: every check passed; nothing was started")
