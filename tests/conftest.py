@@ -1,10 +1,13 @@
-"""Fixtures shared by the data tests."""
+"""Fixtures shared across test modules: the tiny tokenizer, one cache for the end-to-end runs, the
+tiny default's run (with its SFT warm-up) and the reference run of the fault and multi-node tests."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_helpers import REFERENCE, TINY_DEFAULT, Run, icepop_train
 
 from icepop.models.tiny import build_tokenizer
 
@@ -13,3 +16,27 @@ from icepop.models.tiny import build_tokenizer
 def tokenizer() -> Any:
     """The tiny chat tokenizer (a chat template, EOS and PAD tokens), built offline."""
     return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ICEPOP_CACHE for the session's end-to-end runs: the tiny model and its SFT warm-up are built
+    once (by `tiny_default_run`) and reused by every run with the same settings."""
+    return tmp_path_factory.mktemp("icepop-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_default_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Run:
+    """The tiny default's RLVR, whose SFT warm-up runs first and is cached: 3 RL steps with a custom
+    reward, a KL term at a sampling temperature ≠ 1, and wandb (offline). tests/test_rlvr_e2e.py."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    result = icepop_train(tmp, *TINY_DEFAULT, "run.dir=rl", cache=shared_cache)
+    return Run(tmp / "rl", result.stdout)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path, tiny_default_run: Run) -> Run:
+    """`REFERENCE`, run once per session, from the warm-up `tiny_default_run` cached."""
+    tmp = tmp_path_factory.mktemp("reference")
+    result = icepop_train(tmp, *REFERENCE, "run.dir=run", cache=shared_cache)
+    return Run(tmp / "run", result.stdout)

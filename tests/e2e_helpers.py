@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -23,13 +24,43 @@ SMALL = [
 ]
 
 
-def run_icepop(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """`python -m icepop.train *overrides` in tmp_path (its own cache; tests/ on the path for custom
-    rewards); the finished process, whatever its exit status."""
+QUICK_SFT = ["sft.steps=4", "sft.eval_size=8"]
+"""The tiny default's SFT warm-up in the tests: short. Every run with these and SMALL shares one cached
+warm-up (the session's shared ICEPOP_CACHE, tests/conftest.py)."""
+TINY_DEFAULT = [
+    "+recipe=rlvr", *QUICK_SFT, "train.steps=3", "trainer.zero_stage=2", "trainer.lr=1e-4",
+    "reward.function=e2e_rewards:shorter",  # a custom reward by dotted path, never zero-variance
+    "logger=wandb",  # offline by default: a local run that `wandb sync` uploads later
+    "algo.kl_coef=0.01",  # a KL term to the starting policy, scored by the reference actor ...
+    "rollout.temperature=0.8",  # ... at the sampling temperature, like the policy's log-probs
+    *SMALL,
+]  # fmt: skip
+"""The tiny default's RLVR as tests/test_rlvr_e2e.py checks it: its SFT warm-up runs first."""
+REFERENCE = [
+    "+recipe=rlvr", *QUICK_SFT, "reward.function=e2e_rewards:longer", "rollout.dtype=bfloat16", *SMALL,
+    "train.steps=6", "train.checkpoint_every=2", "train.keep_last=2", "train.eval_every=0",
+]  # fmt: skip
+"""The uninterrupted run that runs with faults (tests/test_faults.py) and a two-node run
+(tests/test_multinode.py) must reproduce step for step: the tiny default from its cached SFT warm-up,
+a reward that varies within every group (real updates every step), a bfloat16 engine (a real
+mismatch), checkpoints."""
+
+
+@dataclass
+class Run:
+    """A finished `python -m icepop.train`: its run directory and what it printed."""
+
+    dir: Path
+    stdout: str
+
+
+def run_icepop(tmp_path: Path, *overrides: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m icepop.train *overrides` in tmp_path (with its own cache unless `cache` is given;
+    tests/ on the path for custom rewards); the finished process, whatever its exit status."""
     pythonpath = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
     env = {
         **os.environ,
-        "ICEPOP_CACHE": str(tmp_path / "cache"),
+        "ICEPOP_CACHE": str(cache or tmp_path / "cache"),
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": pythonpath,
     }
@@ -43,9 +74,9 @@ def run_icepop(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     )
 
 
-def icepop_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def icepop_train(tmp_path: Path, *overrides: str, cache: Path | None = None) -> subprocess.CompletedProcess:
     """`run_icepop`, which must succeed."""
-    result = run_icepop(tmp_path, *overrides)
+    result = run_icepop(tmp_path, *overrides, cache=cache)
     assert result.returncode == 0, f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}"
     return result
 

@@ -1,9 +1,9 @@
 """Exact resume and surviving faults, on real runs of `python -m icepop.train +recipe=rlvr`:
 
-- a run killed with SIGKILL mid-training (driver, Ray and every worker at once) resumes from its last
-  complete checkpoint and its later steps equal those of an uninterrupted run;
 - a rollout engine killed mid-run is restarted, re-synced and its step retried: the run's metrics
-  equal the uninterrupted run's;
+  equal the uninterrupted run's; then the same run is killed with SIGKILL (driver, Ray and every
+  worker at once), resumes from its last complete checkpoint, and its later steps equal those of the
+  uninterrupted run too (one run serves both faults);
 - a trainer rank killed mid-run stops the run quickly with a message naming the rank and the
   checkpoint to resume from, and no complete checkpoint is lost;
 - NaN losses skip their update, are counted, and stop the run after `train.max_nonfinite_steps` in a
@@ -23,31 +23,30 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
-from e2e_helpers import SMALL
+from e2e_helpers import REFERENCE, Run
 
 from icepop.stages import checkpoint
 from icepop.tracking import read_metrics
 
 pytestmark = pytest.mark.slow  # whole runs of python -m icepop.train, killed and resumed
 
-RUN = [
-    "+recipe=rlvr", "model.sft_warmup=false", "reward.function=e2e_rewards:longer", *SMALL,
-    "train.steps=6", "train.checkpoint_every=2", "train.keep_last=2", "train.eval_every=0", "run.dir=run",
-]  # fmt: skip
+RUN = [*REFERENCE, "run.dir=run"]
 DETERMINISTIC = ("reward/mean", "reward/std", "actor/loss", "actor/grad_norm", "response_length/mean",
                  "mismatch/abs_logp_diff_max", "icepop/mask_frac", "actor/entropy")  # fmt: skip
 
 
-def start(tmp_path: Path, *overrides: str) -> subprocess.Popen:
-    """The run in tmp_path, in a session of its own (so that a SIGKILL reaches all of it)."""
+def start(tmp_path: Path, cache: Path, *overrides: str) -> subprocess.Popen:
+    """The run in tmp_path, in a session of its own (so that a SIGKILL reaches all of it); `cache` is the
+    session's, which holds the tiny model's SFT warm-up."""
     tests = str(Path(__file__).parent)
     env = {
         **os.environ,
-        "ICEPOP_CACHE": str(tmp_path / "cache"),
+        "ICEPOP_CACHE": str(cache),
         "PYTHONPATH": tests,
         "PYTHONUNBUFFERED": "1",
     }
@@ -62,9 +61,9 @@ def finish(run: subprocess.Popen, timeout: float = 600) -> str:
 
 
 @contextlib.contextmanager
-def running(tmp_path: Path, *overrides: str) -> Iterator[subprocess.Popen]:
+def running(tmp_path: Path, cache: Path, *overrides: str) -> Iterator[subprocess.Popen]:
     """A started run that is killed (with all its processes) if the test leaves early."""
-    run = start(tmp_path, *overrides)
+    run = start(tmp_path, cache, *overrides)
     try:
         yield run
     finally:
@@ -114,61 +113,85 @@ def assert_same_steps(rows: list[dict], reference: list[dict], steps: range) -> 
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """The uninterrupted run: its metrics, and its checkpoints pruned to the last two."""
-    tmp_path = tmp_path_factory.mktemp("reference")
-    run = start(tmp_path)
-    output = finish(run)
-    assert run.returncode == 0, output[-4000:]
-    run_dir = tmp_path / "run"
+def reference(reference_run: Run) -> list[dict]:
+    """The uninterrupted run (shared with test_multinode): its metrics, its checkpoints pruned to the
+    last two."""
+    run_dir = reference_run.dir
     assert [step for step, _ in checkpoint.complete_checkpoints(run_dir)] == [4, 6]  # keep_last=2
     assert not list((run_dir / "checkpoints").glob(".*"))  # no partial folder left
     return read_metrics(run_dir)
 
 
-def test_sigkill_mid_training_then_resume_continues_exactly(tmp_path: Path, reference: list[dict]) -> None:
+@dataclass
+class Killed:
+    """The run whose engine was killed (and restarted), then the whole of it with SIGKILL."""
+
+    output: str
+    returncode: int
+    rows: list[dict]
+    """Its metrics as they were when it was killed."""
+    events: list[dict]
+    latest: tuple[int, Path] | None
+    """Its last complete checkpoint then."""
+    latest_state: dict
+    """That checkpoint's state.json (the resumed run prunes the checkpoint later: keep_last)."""
+    run_dir: Path
+    resumed_returncode: int
+    """The same command run again afterwards: it resumes."""
+    resumed_output: str
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Killed:
+    tmp_path = tmp_path_factory.mktemp("killed")
     run_dir = tmp_path / "run"
-    with running(tmp_path) as run:
-        wait_for(lambda: checkpoint.latest(run_dir) is not None and steps_logged(run_dir) >= 3, run,
-                 "step 3 after the first checkpoint")  # fmt: skip
-        kill_all(run.pid)
-        run.communicate(timeout=60)
-    assert run.returncode == -signal.SIGKILL
-    latest = checkpoint.latest(run_dir)
-    assert latest is not None and latest[0] in (2, 4)  # complete checkpoints survived the kill
-    assert checkpoint.read_state(latest[1])["step"] == latest[0]
-
-    resumed = start(tmp_path)
-    output = finish(resumed)
-    assert resumed.returncode == 0, output[-4000:]
-    assert f"resumed from {latest[1]} (step {latest[0]} of 6)" in output
-    rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # steps after the checkpoint were redone once
-    assert_same_steps(rows, reference, range(1, 7))
-    assert [step for step, _ in checkpoint.complete_checkpoints(run_dir)] == [4, 6]
-
-
-def test_killed_engine_is_restarted_and_the_step_retried(tmp_path: Path, reference: list[dict]) -> None:
-    run_dir = tmp_path / "run"
-    with running(tmp_path) as run:
+    with running(tmp_path, shared_cache) as run:
         wait_for(lambda: steps_logged(run_dir) >= 2, run, "step 2")
         (engine,) = actor_processes(run.pid, "EngineHost")
         engine.kill()
-        output = finish(run)
-    assert run.returncode == 0, output[-4000:]
-    assert "rollout engine 0 died" in output
-    rows = read_metrics(run_dir)
-    assert rows[-1]["fault/engine_restarts"] == 1
+        # The engine is restarted and the step retried; once a step after it is logged (and a checkpoint
+        # is complete), the whole run is killed at once, as a machine failure would.
+        wait_for(lambda: checkpoint.latest(run_dir) is not None and steps_logged(run_dir) >= 3, run,
+                 "step 3 after the first checkpoint and the engine's restart")  # fmt: skip
+        kill_all(run.pid)
+        output = finish(run, timeout=60)
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events if "event" in e] == ["engine_restarted"]
+    rows, latest = read_metrics(run_dir), checkpoint.latest(run_dir)
+    state = checkpoint.read_state(latest[1]) if latest is not None else {}
+    resumed = start(tmp_path, shared_cache)
+    resumed_output = finish(resumed)
+    return Killed(output, run.returncode, rows, events, latest, state, run_dir, resumed.returncode,
+                  resumed_output)  # fmt: skip
+
+
+def test_killed_engine_is_restarted_and_the_step_retried(killed: Killed, reference: list[dict]) -> None:
+    assert "rollout engine 0 died" in killed.output
+    restarted = [r for r in killed.rows if r["fault/engine_restarts"] == 1]
+    assert restarted and restarted[0]["step"] <= 3
+    assert [e["event"] for e in killed.events if "event" in e] == ["engine_restarted"]
     # The restarted engine got the current weights (the probe checks every later sync) and the
-    # retried step sampled exactly what it would have: the whole run equals the uninterrupted one.
+    # retried step sampled exactly what it would have: the run equals the uninterrupted one.
+    assert_same_steps(killed.rows, reference, range(1, len(killed.rows) + 1))
+
+
+def test_sigkill_mid_training_then_resume_continues_exactly(killed: Killed, reference: list[dict]) -> None:
+    assert killed.returncode == -signal.SIGKILL
+    assert killed.latest is not None and killed.latest[0] in (2, 4)  # complete checkpoints survived the kill
+    latest = killed.latest
+    assert killed.latest_state["step"] == latest[0]
+    assert killed.resumed_returncode == 0, killed.resumed_output[-4000:]
+    assert f"resumed from {latest[1]} (step {latest[0]} of 6)" in killed.resumed_output
+    rows = read_metrics(killed.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # steps after the checkpoint were redone once
     assert_same_steps(rows, reference, range(1, 7))
+    assert [step for step, _ in checkpoint.complete_checkpoints(killed.run_dir)] == [4, 6]
 
 
-def test_dead_trainer_rank_stops_the_run_fast_and_keeps_checkpoints(tmp_path: Path) -> None:
+def test_dead_trainer_rank_stops_the_run_fast_and_keeps_checkpoints(
+    tmp_path: Path, shared_cache: Path
+) -> None:
     run_dir = tmp_path / "run"
-    with running(tmp_path) as run:
+    with running(tmp_path, shared_cache) as run:
         wait_for(lambda: checkpoint.latest(run_dir) is not None and steps_logged(run_dir) >= 3, run,
                  "step 3 after the first checkpoint")  # fmt: skip
         ranks = actor_processes(run.pid, "TrainerHost")
@@ -186,10 +209,10 @@ def test_dead_trainer_rank_stops_the_run_fast_and_keeps_checkpoints(tmp_path: Pa
     assert stopped_after < 240, stopped_after
 
 
-def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path: Path) -> None:
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tmp_path: Path, shared_cache: Path) -> None:
     faults = ["train.inject_nonfinite_steps=[2,4,5,6]", "train.max_nonfinite_steps=3",
               "reward.function=e2e_rewards:hangs_sometimes", "reward.timeout_seconds=1"]  # fmt: skip
-    run = start(tmp_path, "train.steps=8", *faults)
+    run = start(tmp_path, shared_cache, "train.steps=8", *faults)
     output = finish(run)
     assert run.returncode != 0
     assert "3 steps in a row (up to step 6) had a NaN/inf loss" in output.replace("\n", ""), output[-4000:]

@@ -100,7 +100,7 @@ CASES = [
     ([*QUESTIONS, "data.eval_size=64"], "leaves 0 training"),
     (["data.source={few}", "data.eval_size=1"], "algo.prompts_per_step=16"),
     ([*QUESTIONS, "data.source={odd_tasks}", "data.eval_size=4"], "no built-in verifier: ['algebra']"),
-    (["data.source=/tmp", "data.subset=main"], "could not be loaded"),
+    (["data.source={no_config}", "data.subset=main"], "could not be loaded"),
     (["reward.function=not_a_dotted_path"], "reward.function='not_a_dotted_path'"),
     (["reward.function=no_such_module:score"], "cannot import module 'no_such_module'"),
     (["reward.function=os:getcwd"], "it is called as fn(prompt, response_text)"),

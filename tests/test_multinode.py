@@ -35,7 +35,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from e2e_helpers import icepop_train
+from e2e_helpers import REFERENCE, Run
 from test_config import compose_config
 
 from icepop.ray.cluster import (
@@ -49,21 +49,6 @@ from icepop.ray.cluster import (
 
 RAY = str(Path(sys.executable).with_name("ray"))
 SUBMIT = Path(__file__).resolve().parents[1] / "launch" / "submit.sh"
-RUN = [
-    "+recipe=rlvr",
-    "model.sft_warmup=false",  # a random-init tiny model: no SFT warm-up in a test
-    "train.steps=3",
-    "reward.function=e2e_rewards:shorter",  # varies within every group: real updates every step
-    "trainer.lr=1e-4",
-    "rollout.dtype=bfloat16",  # a real, small engine/trainer mismatch for the comparison
-    "algo.prompts_per_step=4",
-    "algo.samples_per_prompt=4",
-    "trainer.micro_batch_size=4",
-    "rollout.max_new_tokens=12",
-    "data.size=200",
-    "data.eval_size=8",
-    "reward.workers=1",
-]
 # Every per-step number the two runs must share (perf/ and timing/ measure the machine, not the run).
 COMPARED = [
     "reward/mean",
@@ -303,19 +288,21 @@ def metrics(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow  # a two-node Ray cluster and two whole runs
-def test_a_submitted_job_places_roles_on_their_nodes_and_matches_a_single_node_run(tmp_path: Path) -> None:
+def test_a_submitted_job_places_roles_on_their_nodes_and_matches_a_single_node_run(
+    tmp_path: Path, reference_run: Run, shared_cache: Path
+) -> None:
+    # The single-node run to compare with: the shared reference run (e2e_helpers.REFERENCE, the normal
+    # local path), whose configuration the job is submitted with.
     with two_nodes() as cluster:
-        # The single-node reference runs while the head starts (the normal local path).
-        icepop_train(tmp_path, *RUN, "run.dir=local")
         cluster.add_worker_node()
         job_env = {
             "GLOO_SOCKET_IFNAME": "lo",  # gloo on loopback too (a joined cluster's choice, not icepop's)
-            "ICEPOP_CACHE": str(tmp_path / "cache"),  # the model the local run built: the same start
+            "ICEPOP_CACHE": str(shared_cache),  # the tiny model and its warm-up: the local run's start
             "PYTHONPATH": str(Path(__file__).parent),  # e2e_rewards, for reward.function
             "OMP_NUM_THREADS": "1",  # also one of icepop's own: ray.init must not set it a second time
         }
         submit = subprocess.Popen(
-            ["bash", str(SUBMIT), "rlvr", *RUN[1:], f"run.dir={tmp_path / 'multi'}"],
+            ["bash", str(SUBMIT), "rlvr", *REFERENCE[1:], f"run.dir={tmp_path / 'multi'}"],
             env={**ray_env(), "RAY_ADDRESS": cluster.dashboard, "ICEPOP_JOB_ENV": json.dumps(job_env),
                  "PYTHON": sys.executable, "PATH": f"{Path(RAY).parent}{os.pathsep}{os.environ['PATH']}"},
             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -362,17 +349,17 @@ def test_a_submitted_job_places_roles_on_their_nodes_and_matches_a_single_node_r
     # Same seed, same computation: the runs agree step by step. Observed bit-identical; the tolerance (1e-6
     # relative) only forgives float32 summation order, far below what one different sample would change.
     local, multi = (
-        metrics(tmp_path / "local" / "metrics.jsonl"),
+        metrics(reference_run.dir / "metrics.jsonl"),
         metrics(tmp_path / "multi" / "metrics.jsonl"),
     )
-    assert [m["step"] for m in local] == [m["step"] for m in multi] == [1, 2, 3]
+    assert [m["step"] for m in local] == [m["step"] for m in multi] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(local, multi, strict=True):
         assert a.keys() == b.keys()
         for key in COMPARED:
             assert math.isclose(a[key], b[key], rel_tol=1e-6, abs_tol=1e-12), (a["step"], key, a[key], b[key])
     assert multi[0]["mismatch/abs_logp_diff_mean"] > 1e-4  # bf16 engine: a real mismatch was compared
     eval_local, eval_multi = (
-        metrics(tmp_path / "local" / "eval.jsonl"),
+        metrics(reference_run.dir / "eval.jsonl"),
         metrics(tmp_path / "multi" / "eval.jsonl"),
     )
     assert eval_local == eval_multi

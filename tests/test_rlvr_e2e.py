@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from e2e_helpers import SMALL, icepop_train
+from e2e_helpers import Run
 from safetensors.torch import load_file
 
 from icepop.telemetry import read_histograms
@@ -47,30 +47,12 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-QUICK_SFT = ["sft.steps=4", "sft.eval_size=8"]
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The tiny default's RLVR: its SFT warm-up (run first, then cached), then 3 RL steps from it."""
-    tmp = tmp_path_factory.mktemp("e2e")
-    first = icepop_train(
-        tmp,
-        "+recipe=rlvr",
-        "run.dir=rl",
-        *QUICK_SFT,
-        "train.steps=3",
-        "trainer.zero_stage=2",
-        "trainer.lr=1e-4",
-        "reward.function=e2e_rewards:shorter",  # a custom reward by dotted path, never zero-variance
-        "logger=wandb",  # offline by default: a local run that `wandb sync` uploads later
-        "algo.kl_coef=0.01",  # a KL term to the starting policy, scored by the reference actor ...
-        "rollout.temperature=0.8",  # ... at the sampling temperature, like the policy's log-probs
-        *SMALL,
-    )
-    (cached,) = (tmp / "cache" / "sft").glob("*/icepop-cache.json")  # complete, written last
-    return {"tmp": tmp, "first": first, "sft": tmp / "rl" / "sft-warmup", "rl": tmp / "rl",
-            "start": cached.parent}  # fmt: skip
+def runs(tiny_default_run: Run, shared_cache: Path) -> dict[str, Any]:
+    """The tiny default's RLVR (conftest.tiny_default_run): its SFT warm-up, then 3 RL steps from it."""
+    (cached,) = (shared_cache / "sft").glob("*/icepop-cache.json")  # complete, written last
+    rl = tiny_default_run.dir
+    return {"first": tiny_default_run, "sft": rl / "sft-warmup", "rl": rl, "start": cached.parent}
 
 
 def test_sft_run_directory(runs: dict[str, Any]) -> None:
@@ -149,10 +131,13 @@ def test_the_report_renders_from_the_recorded_run(runs: dict[str, Any], tmp_path
     assert "rl: icepop [0.5, 5.0], noise 0.0, float32 engine | 3 |" in (tmp_path / "report.md").read_text()
 
 
-def test_the_tiny_default_runs_its_sft_warm_up_once_and_caches_it(runs: dict[str, Any]) -> None:
+def test_the_tiny_default_runs_its_sft_warm_up_once_and_caches_it(
+    runs: dict[str, Any], reference_run: Run
+) -> None:
     assert "has no SFT checkpoint for countdown yet; running +recipe=sft first" in runs["first"].stdout
     assert (runs["start"] / "model.safetensors").is_file()
-    quick = ["+recipe=rlvr", *QUICK_SFT, "train.steps=1", "train.eval_every=0", *SMALL]
-    second = icepop_train(runs["tmp"], *quick, "run.dir=second")
-    assert "running +recipe=sft first" not in second.stdout and str(runs["start"]) in second.stdout
-    assert json.loads((runs["tmp"] / "second" / "summary.json").read_text())["stage"] == "rlvr"
+    # A later run with the same warm-up settings (the faults' reference, in the same cache) starts at once.
+    assert (
+        "running +recipe=sft first" not in reference_run.stdout and str(runs["start"]) in reference_run.stdout
+    )
+    assert json.loads((reference_run.dir / "summary.json").read_text())["stage"] == "rlvr"
