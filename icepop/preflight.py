@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from icepop.config import Config
+from icepop.data.gym import check_source, is_gym
 from icepop.data.tasks import TASKS
 from icepop.errors import InputError, input_errors
 from icepop.types import Prompt
@@ -68,6 +69,9 @@ def check_inputs(config: Config) -> None:
     if config.stage == "pipeline":
         return  # each stage is checked when it starts (later stages start from earlier ones' output)
     _check_model(config)
+    if is_gym(config.data.source):
+        with input_errors(f"data.source={config.data.source!r}"):
+            check_source(config.data.source, config.data.task_options)
     if config.stage in ("rlvr", "rlhf", "eval"):
         _check_reward(config)
     if config.stage == "rm" and config.rm.source not in TASKS and not Path(config.rm.source).exists():
@@ -79,7 +83,8 @@ def _check_model(config: Config) -> None:
     positions hold the engine's context."""
     from icepop.stages.setup import load_tokenizer, resolve_model
 
-    path = resolve_model(config)
+    with input_errors(f"model.path={config.model.path!r}"):
+        path = resolve_model(config)
     local = Path(path)
     if local.exists() and not (local / "config.json").is_file():
         raise InputError(

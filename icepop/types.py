@@ -28,6 +28,21 @@ class Prompt:
 
 
 @dataclass
+class Problem:
+    """One generated problem: the chat to prompt with, the verifier's answer and an SFT reply."""
+
+    task: str
+    """The verifier: "arithmetic", "countdown" or "code" (humaneval)."""
+    messages: list[dict[str, str]]
+    """System prompt (the reply format) and the user question, as chat messages."""
+    answer: Any
+    """arithmetic: the int result; countdown: {"target": int, "numbers": list[int]}; humaneval:
+    {"task_id", "prompt", "test", "entry_point"} (see icepop.rewards.verifiers, "code")."""
+    target_reply: str
+    """A correct reply in the task's format, the assistant turn for SFT warm-up."""
+
+
+@dataclass
 class Completion:
     """One sampled response as the inference engine produced it."""
 

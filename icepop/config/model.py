@@ -32,8 +32,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "countdown"
-    """Built-in task ("countdown", "arithmetic"), a local .jsonl/.json/.parquet file or dataset folder,
-    or a hub dataset ("openai/gsm8k")."""
+    """Built-in task ("countdown", "arithmetic", "humaneval"), a reasoning-gym generator
+    ("reasoning_gym:basic_arithmetic"), a local .jsonl/.json/.parquet file or dataset folder, or a hub
+    dataset ("openai/gsm8k")."""
     subset: str | None = None
     """The dataset's configuration (subset) name, e.g. "main" for openai/gsm8k; None: its only one."""
     split: str = "train"
@@ -54,6 +55,9 @@ class DataConfig:
     """A system message put before every prompt (RL, SFT and evaluation) that has none."""
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra arguments of the tokenizer's chat template, e.g. {enable_thinking: false} for Qwen3."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Options of a generated task's problems: a built-in task's (arithmetic: {digits: 3, operators:
+    "+-"}) or a reasoning-gym generator's config fields ({max_terms: 2, max_digits: 2})."""
     max_prompt_tokens: int = 512
     """Prompts longer than this (after the chat template) are dropped and counted."""
     size: int = 20000

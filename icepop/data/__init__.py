@@ -21,7 +21,8 @@ from icepop.data.sft import (
     load_sft_examples,
     tokenize_conversation,
 )
-from icepop.data.tasks import TASKS, Problem, generate_problems, problem, solve_countdown
+from icepop.data.tasks import TASKS, generate_problems, is_generated, problem, solve_countdown
+from icepop.types import Problem
 
 __all__ = [
     "TASKS",
@@ -37,6 +38,7 @@ __all__ = [
     "dataset_prompts",
     "dataset_sft_examples",
     "generate_problems",
+    "is_generated",
     "load_prompts",
     "load_rows",
     "load_sft_examples",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from icepop.data.tasks import TASKS, generate_problems
+from icepop.data.tasks import TASKS, generate_problems, is_generated
 from icepop.types import Prompt
 
 T = TypeVar("T")
@@ -321,9 +321,10 @@ def dataset_prompts(
 def load_prompts(
     source: str, tokenizer: Any, max_prompt_tokens: int, count: int = 1000, seed: int = 0, **options: Any
 ) -> PromptSet:
-    """A built-in task by name ("arithmetic", "countdown"; count/seed/options shape it), else a dataset
-    file or hub name (options go to `dataset_prompts`; count and seed are not used)."""
-    if source in TASKS:
+    """A generated task by name (built-in "arithmetic", "countdown", "humaneval", or
+    "reasoning_gym:<name>"; count/seed/options shape it), else a dataset file, folder or hub name
+    (options go to `dataset_prompts`; count and seed are not used)."""
+    if is_generated(source):
         return builtin_prompts(source, tokenizer, count, seed, max_prompt_tokens, **options)
     else:
         return dataset_prompts(source, tokenizer, max_prompt_tokens, **options)

@@ -38,7 +38,7 @@ from icepop.data.prompts import (
     parse_messages,
     skipped_stats,
 )
-from icepop.data.tasks import TASKS, generate_problems
+from icepop.data.tasks import generate_problems, is_generated
 from icepop.types import SFTBatch
 
 T = TypeVar("T")
@@ -185,7 +185,7 @@ def load_sft_examples(
 ) -> SFTSet:
     """A built-in task by name (count/seed/options shape it), else a dataset file or hub name (options
     go to `dataset_sft_examples`; count and seed are not used)."""
-    if source in TASKS:
+    if is_generated(source):
         return builtin_sft_examples(source, tokenizer, count, seed, max_tokens, **options)
     else:
         return dataset_sft_examples(source, tokenizer, max_tokens=max_tokens, **options)

@@ -28,27 +28,15 @@ from functools import cache
 from itertools import count as count_up
 from typing import Any
 
+from icepop.data.gym import gym_problems, is_gym
+from icepop.types import Problem
+
 TASKS = ("arithmetic", "countdown", "humaneval")
 
 ARITHMETIC_SYSTEM = "Answer with the number only."
 COUNTDOWN_SYSTEM = "Use + - * / and each number at most once. Answer with the expression only."
 HUMANEVAL_SYSTEM = "Complete the Python function. Answer with the whole function in one ```python block."
 OPERATORS = "+-*"
-
-
-@dataclass
-class Problem:
-    """One generated problem: the chat to prompt with, the verifier's answer and an SFT reply."""
-
-    task: str
-    """The verifier: "arithmetic", "countdown" or "code" (humaneval)."""
-    messages: list[dict[str, str]]
-    """System prompt (the reply format) and the user question, as chat messages."""
-    answer: Any
-    """arithmetic: the int result; countdown: {"target": int, "numbers": list[int]}; humaneval:
-    {"task_id", "prompt", "test", "entry_point"} (see icepop.rewards.verifiers, "code")."""
-    target_reply: str
-    """A correct reply in the task's format, the assistant turn for SFT warm-up."""
 
 
 def _chat(system: str, user: str) -> list[dict[str, str]]:
@@ -195,9 +183,20 @@ def problem(task: str, seed: int, index: int, **options: Any) -> Problem:
     raise ValueError(f"task={task!r} is not a built-in task; built-in: {', '.join(TASKS)}")
 
 
+def is_generated(source: str) -> bool:
+    """A data source icepop generates problems of: a built-in task or a reasoning-gym generator."""
+    return source in TASKS or is_gym(source)
+
+
 def generate_problems(task: str, seed: int, count: int | None = None, **options: Any) -> Iterator[Problem]:
     """Problems 0, 1, … of (task, seed): `count` of them, or endlessly when count is None; a fixed
-    set (humaneval) stops at its end."""
+    set (humaneval) stops at its end. A reasoning-gym source ("reasoning_gym:<name>", icepop.data.gym)
+    needs a count; its options go to the generator."""
+    if is_gym(task):
+        if count is None:
+            raise ValueError(f"{task}: reasoning-gym problems are drawn in fixed-size sets; give a count")
+        yield from gym_problems(task, seed, count, options)
+        return
     size = len(humaneval_problems()) if task == "humaneval" else None
     if size is not None:
         count = size if count is None else min(count, size)

