@@ -7,7 +7,8 @@ import torch
 from test_config import compose_config
 
 from icepop.config import RolloutConfig
-from icepop.ray.cluster import _check_capacity, needed_resources, process_env
+from icepop.ray.cluster import process_env
+from icepop.ray.placement import check_capacity, needed_resources
 from icepop.ray.workers import engine_settings
 from icepop.stages.batch import rl_batch, sequence_count, split_rows
 from icepop.types import Completion, Prompt
@@ -106,8 +107,8 @@ def test_a_too_small_cluster_is_explained_in_one_message() -> None:
     with pytest.raises(
         RuntimeError, match="rollout needs 8 CPUs/8 GPUs, trainer 8 CPUs/8 GPUs, cluster has 16 CPUs/12 GPUs"
     ):
-        _check_capacity(config, {"CPU": 16.0, "GPU": 12.0})
-    _check_capacity(config, {"CPU": 16.0, "GPU": 16.0})
+        check_capacity(config, {"CPU": 16.0, "GPU": 12.0})
+    check_capacity(config, {"CPU": 16.0, "GPU": 16.0})
 
 
 def test_process_env_keeps_the_users_values(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import free_port
+from dist_helpers import free_port, send_file
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -206,24 +206,13 @@ def test_score_matches_transformers(engine: VllmEngine, hf_model: torch.nn.Modul
         engine.score(PROMPTS[0], 0)
 
 
-def _send_file(port: int, path: str) -> None:
-    """A stand-in for trainer rank 0 (spawned): broadcast a safetensors file's tensors in two buckets."""
-    from icepop import comm
-
-    group = comm.weight_group("127.0.0.1", port, 0, 2, torch.device("cpu"))
-    state = load_file(path)
-    names = sorted(state)
-    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
-    comm.send_tensors(group, [{n: state[n] for n in half} for half in halves], torch.device("cpu"))
-
-
 def push(engine: VllmEngine, path: Path, sync: str) -> None:
     """Put the weights in `path` into the engine by file, or by broadcast from another process."""
     if sync == "file":
         engine.load_weights(str(path))
         return
     port = free_port()
-    sender = multiprocessing.get_context("spawn").Process(target=_send_file, args=(port, str(path)))
+    sender = multiprocessing.get_context("spawn").Process(target=send_file, args=(port, str(path)))
     sender.start()
     try:
         engine.join_weight_group("127.0.0.1", port, 1, 2)

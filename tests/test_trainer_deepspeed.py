@@ -123,10 +123,14 @@ def _dense_part(rank: int, world_size: int, port: int, model_dir: str, out: str)
     rows = PROBE_ROWS[rank]
     res["logprobs"] = trainer.logprobs(probe.input_ids[rows], probe.attention_mask[rows], TEMPERATURE)
     res["metrics"], res["step_s"] = [], []
+    _, first, _, first_rows = exact_steps()[0]  # on-policy: old_logprobs None
+    mine = shard(first, first_rows[rank])
+    res["two_pass_old"] = trainer.logprobs(mine.input_ids, mine.attention_mask, TEMPERATURE)
     for kind, batch, options, shards in exact_steps():
         metrics, seconds = timed(run_step, trainer, kind, batch, options, shards[rank])
         res["metrics"].append(metrics)
         res["step_s"].append(seconds)
+        res.setdefault("single_pass_old", trainer.last_old_logprobs())  # the first (on-policy) step's
     res["params"] = before = params(trainer.engine.module)
 
     # A NaN advantage on a valid token of rank 1 only: every rank must skip the step.
@@ -322,6 +326,19 @@ def test_rl_and_sft_steps_equal_one_full_batch_torch_step(dense: dict[str, Any])
     assert first["actor/entropy"] > 5.0  # near ln 375 ≈ 5.9 for a random model
     assert dense["ranks"][1]["metrics"][1]["actor/micro_batches"] == 3.0  # 1 real + 2 dummies
     print(f"step seconds (rank 0): {[round(s, 3) for s in dense['ranks'][0]['step_s']]}")
+
+
+@SPAWNS_RANKS
+def test_the_training_forward_gives_the_old_log_probs_of_an_on_policy_step(dense: dict[str, Any]) -> None:
+    # One update per step: θ_old is θ, so ℓ_old is the training forward's own detached ℓ, no second pass.
+    _, first, _, rows = exact_steps()[0]
+    for rank, result in enumerate(dense["ranks"]):
+        mask = shard(first, rows[rank]).response_mask
+        two_pass, single_pass = result["two_pass_old"], result["single_pass_old"]
+        assert single_pass.shape == two_pass.shape and mask.any()
+        difference = (single_pass - two_pass)[mask].abs().max().item()
+        print(f"rank {rank}: max |ℓ_old single pass − separate pass| = {difference:.1e}")
+        assert difference < 1e-5  # float noise: train vs eval mode, the in-place backward kernel
 
 
 @SPAWNS_RANKS

@@ -56,6 +56,8 @@ def check_trainer_backend_contract(
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values()), metrics
     after = trainer.logprobs(mine.input_ids, mine.attention_mask, 1.0)
     assert not torch.equal(before, after), "train_rl did not change the weights"
+    old = trainer.last_old_logprobs()  # ℓ_old the step trained against (on-policy: its own forward's ℓ)
+    assert old.shape == before.shape and torch.isfinite(old[valid]).all() and (old[valid] <= 0).all()
 
     sft_metrics = trainer.train_sft(_share(sft, rank, world_size), int(sft.loss_mask.sum()))
     assert math.isfinite(sft_metrics["sft/loss"]) and sft_metrics["sft/loss"] > 0

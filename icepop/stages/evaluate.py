@@ -67,8 +67,7 @@ def run_eval(config: Config, run_dir: Path) -> Summary:
         max_new_tokens=config.rollout.max_new_tokens,
         seed=config.run.seed,
     )
-    cluster.start(config)
-    try:
+    with cluster.session(config):
         placement = cluster.reserve(config, trainer=False)
         rollout = RolloutGroup(config, model_path, placement)
         model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
@@ -78,8 +77,6 @@ def run_eval(config: Config, run_dir: Path) -> Summary:
             groups = RolloutGroup.merge(ray.get(rollout.async_generate(prompts, k, sampling)))
             measures = sample_measures(rewards, prompts, groups)
         ray.get(rollout.async_call("close"))
-    finally:
-        cluster.shutdown()
     shown = ", ".join(f"{key} {value:.3f}" for key, value in measures.items())
     print(f"icepop eval: {model_path} on {len(prompts)} held-out problems of {config.data.source}: {shown}")
     (run_dir / "eval.json").write_text(

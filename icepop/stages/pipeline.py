@@ -10,16 +10,22 @@ same `run.dir` resumes at the stage it stopped in.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Protocol
 
 from icepop.config import Config
+from icepop.ray import cluster
 from icepop.stages.summary import Summary, read_summary
 
 RM_USERS = ("rlhf", "eval")  # stages that get the pipeline's reward model as reward.model_path
-Composer = Callable[[list[str]], Config]
-"""Hydra overrides → the composed, checked config of one stage (icepop.train supplies it)."""
+
+
+class Composer(Protocol):
+    """Hydra overrides → the composed, checked config of one stage (icepop.train supplies it); with
+    check=False only the settings are checked, not the model, data and reward (for sizing)."""
+
+    def __call__(self, overrides: list[str], check: bool = True) -> Config: ...
 
 
 def run_stage(config: Config, run_dir: Path, compose: Composer | None = None) -> Summary | list[Summary]:
@@ -48,39 +54,53 @@ def run_pipeline(config: Config, run_dir: Path, compose: Composer) -> list[Summa
     """Run (or resume) the stages in order; prints and saves the table of their before/after measures."""
     from omegaconf import OmegaConf
 
+    # Every stage composed once up front: a wrong stage override stops the pipeline before its first
+    # stage, and the one cluster the stages share is sized for the largest of them.
+    stand_in = {"reward.model_path": "pipeline-reward-model"}  # its path once the rm stage has run
+    sizes = [compose(stage_overrides(config, stage, run_dir, stand_in if stage in RM_USERS else {}),
+                     check=False) for stage in config.pipeline.stages]  # fmt: skip
     policy: str | None = None  # the latest policy checkpoint: where the next policy stage starts
     reward_model: str | None = None
     summaries = []
-    for index, stage in enumerate(config.pipeline.stages, start=1):
-        stage_dir = run_dir / f"{index}-{stage}"
-        summary = read_summary(stage_dir)
-        if summary is not None:
-            print(f"icepop pipeline: stage {index} ({stage}) is complete in {stage_dir}; skipping it")
-        else:
-            overrides = [
-                f"+recipe={stage}",
-                *config.pipeline.overrides.get(stage, []),
-                f"run.dir={stage_dir}",
-            ]
-            overrides += [f"model.path={policy}"] if policy else []
-            overrides += [f"reward.model_path={reward_model}"] if stage in RM_USERS and reward_model else []
-            print(f"icepop pipeline: stage {index} ({stage}): {' '.join(overrides)}")
-            stage_config = compose(overrides)
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(OmegaConf.structured(stage_config), stage_dir / "config.yaml")
-            result = run_stage(stage_config, stage_dir)
-            assert isinstance(result, Summary)
-            summary = result
-        summaries.append(summary)
-        if stage == "rm":
-            reward_model = summary.checkpoint
-        elif stage != "eval":
-            policy = summary.checkpoint
+    with cluster.kept(config, sizes):
+        for index, stage in enumerate(config.pipeline.stages, start=1):
+            stage_dir = run_dir / f"{index}-{stage}"
+            summary = read_summary(stage_dir)
+            if summary is not None:
+                print(f"icepop pipeline: stage {index} ({stage}) is complete in {stage_dir}; skipping it")
+            else:
+                given = {"model.path": policy} if policy else {}
+                given |= {"reward.model_path": reward_model} if stage in RM_USERS and reward_model else {}
+                overrides = stage_overrides(config, stage, run_dir, given)
+                print(f"icepop pipeline: stage {index} ({stage}): {' '.join(overrides)}")
+                stage_config = compose(overrides)
+                stage_dir.mkdir(parents=True, exist_ok=True)
+                OmegaConf.save(OmegaConf.structured(stage_config), stage_dir / "config.yaml")
+                result = run_stage(stage_config, stage_dir)
+                assert isinstance(result, Summary)
+                summary = result
+            summaries.append(summary)
+            if stage == "rm":
+                reward_model = summary.checkpoint
+            elif stage != "eval":
+                policy = summary.checkpoint
     table = summary_table(summaries)
     print(table)
     (run_dir / "pipeline.md").write_text(table + "\n")
     (run_dir / "pipeline.json").write_text(json.dumps([asdict(s) for s in summaries], indent=2))
     return summaries
+
+
+def stage_overrides(config: Config, stage: str, run_dir: Path, paths: dict[str, str]) -> list[str]:
+    """A stage's command line: its recipe, pipeline.overrides.<stage>, its run directory, and the paths
+    earlier stages produced."""
+    index = config.pipeline.stages.index(stage) + 1
+    return [
+        f"+recipe={stage}",
+        *config.pipeline.overrides.get(stage, []),
+        f"run.dir={run_dir / f'{index}-{stage}'}",
+        *(f"{key}={value}" for key, value in paths.items()),
+    ]
 
 
 def summary_table(summaries: list[Summary]) -> str:

@@ -1,7 +1,8 @@
 """The RL stages (RLVR, RLHF): GRPO with the IcePop correction on vLLM rollouts and DeepSpeed ranks.
 
 `rl_step` is the whole algorithm and reads top to bottom: generate → reward → advantages → old
-log-probs → train → sync weights → log → checkpoint, with every blocking `ray.get` in plain sight.
+log-probs (a separate pass only when a step makes several updates) → train → sync weights → log →
+checkpoint, with every blocking `ray.get` in plain sight.
 `run_rl` sets up the cluster, workers, data and rewards around it and tears them down whatever
 happens (success, error, Ctrl-C).
 """
@@ -96,9 +97,13 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     if algo.advantage == "reinforce_pp":  # REINFORCE++-baseline: whiten over the batch's valid tokens
         batch.advantages = reinforce_pp_baseline_advantages(rewards, group_ids, batch.response_mask)
 
-    # 4. ℓ_old: the trainer's log-probs at the rollout weights θ_old, before any update.
-    refs = run.trainer.async_logprobs(batch.input_ids, batch.attention_mask, config.rollout.temperature)
-    batch.old_logprobs = concat_rows(gather(refs), batch.response_mask.shape[1])
+    # 4. ℓ_old: the trainer's log-probs at the rollout weights θ_old, before any update. With one update
+    # per step the trainer's θ is θ_old, so the training forward's own detached ℓ_θ is ℓ_old (fetched
+    # after step 5: no separate pass); a later update of the same step needs them first.
+    single_pass = algo.updates_per_step == 1
+    if not single_pass:
+        refs = run.trainer.async_logprobs(batch.input_ids, batch.attention_mask, config.rollout.temperature)
+        batch.old_logprobs = concat_rows(gather(refs), batch.response_mask.shape[1])
     if run.reference is not None:  # kl_coef ≠ 0: log π_ref of the frozen starting policy
         ref = run.reference.async_logprobs(batch.input_ids, batch.attention_mask, config.rollout.temperature)
         batch.ref_logprobs = ray.get(ref)  # at the sampling temperature, like ℓ_old and ℓ_θ
@@ -118,6 +123,10 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         }
         shards = split_rows(mini, run.trainer.ranks)
         train_metrics += gather(run.trainer.async_train_rl(shards, options=options, **counts))
+    if single_pass:  # each rank's rows in order: the contiguous blocks of split_rows
+        batch.old_logprobs = concat_rows(
+            gather(run.trainer.async_call("last_old_logprobs")), mini.response_mask.shape[1]
+        )
     lap("train")
 
     # 6. Sync the new weights into every engine, check engine and trainer agree on the probe, and
@@ -182,11 +191,10 @@ def run_rl(config: Config, run_dir: Path) -> Summary:
     model_path = warmup.policy_path(config, run_dir)
     print(f"icepop {config.stage}: model {config.model.path} ({model_path}); {config.describe_batches()}")
     weights_dir = Path(tempfile.mkdtemp(prefix="icepop-weights-", dir=weights.shm_dir()))
-    cluster.start(config)
     step = start.step
     run: RLRun | None = None
     try:
-        with contextlib.ExitStack() as stack:
+        with cluster.session(config), contextlib.ExitStack() as stack:
             run, eval_prompts = _set_up(config, run_dir, model_path, (*data, tokenizer.pad_token_id),
                                         weights_dir, stack)  # fmt: skip
             if start.path is not None:
@@ -211,7 +219,6 @@ def run_rl(config: Config, run_dir: Path) -> Summary:
             f"other ranks cannot go on without its ZeRO shard. {checkpoint.resume_hint(run.run_dir)}"
         ) from error
     finally:
-        cluster.shutdown()
         shutil.rmtree(weights_dir, ignore_errors=True)
     key = "model_score" if config.stage == "rlhf" else "accuracy"
     assert run is not None and run.before is not None

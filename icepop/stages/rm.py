@@ -73,8 +73,7 @@ def run_rm(config: Config, run_dir: Path) -> Summary:
     batches = ShuffledBatches(train, batch_size, config.run.seed)
     print(f"icepop rm: model {model_path}; {len(train)} training pairs, {len(held_out)} held out")
     final, pad = run_dir / "checkpoints" / f"step-{rm.steps}", tokenizer.pad_token_id
-    cluster.start(config)
-    try:
+    with cluster.session(config):
         placement = cluster.reserve(config, rollout=False)
         trainer = TrainerGroup(
             config, model_path, placement, total_steps=rm.steps, lr=rm.lr, warmup_steps=rm.warmup_steps,
@@ -95,8 +94,6 @@ def run_rm(config: Config, run_dir: Path) -> Summary:
             _log_eval(tracker, rm.steps, after)
         ray.get(trainer.async_call("save", str(final)))
         ray.get(trainer.async_call("close"))
-    finally:
-        cluster.shutdown()
     seconds = time.perf_counter() - started
     return write_summary(
         run_dir, "rm", rm.steps, seconds, "held-out pairwise accuracy", before, after, str(final)

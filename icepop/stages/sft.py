@@ -78,8 +78,7 @@ def run_sft(config: Config, run_dir: Path, model_path: str | None = None) -> Sum
     )
     final = run_dir / "checkpoints" / f"step-{sft.steps}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    cluster.start(config)
-    try:
+    with cluster.session(config):
         placement = cluster.reserve(config, rollout=False)
         trainer = TrainerGroup(
             config, model_path, placement, total_steps=sft.steps, lr=sft.lr, warmup_steps=sft.warmup_steps,
@@ -103,7 +102,5 @@ def run_sft(config: Config, run_dir: Path, model_path: str | None = None) -> Sum
             _log_eval(tracker, sft.steps, after)
         ray.get(trainer.async_call("save", str(final)))
         ray.get(trainer.async_call("close"))
-    finally:
-        cluster.shutdown()
     seconds, measure = time.perf_counter() - started, "validation loss (lower is better)"
     return write_summary(run_dir, "sft", sft.steps, seconds, measure, before, after, str(final))

@@ -29,6 +29,12 @@ class TrainerBackend(Protocol):
         """One optimizer step of the policy loss on this rank's shard; returns metrics."""
         ...
 
+    def last_old_logprobs(self) -> Tensor:
+        """ℓ_old of the rows of the last `train_rl` call, [rows, L-1]: its batch's old_logprobs, or, when
+        they were None (on-policy), the training forward's own detached ℓ at the step's starting weights
+        — equal to `logprobs` before the step, without that second forward."""
+        ...
+
     def train_sft(self, batch: SFTBatch, global_token_count: int) -> dict[str, float]:
         """One optimizer step of the token-mean cross-entropy on assistant tokens; returns metrics."""
         ...

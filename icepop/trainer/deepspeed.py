@@ -30,6 +30,7 @@ from icepop import comm
 from icepop.algo import PolicyLossOptions, bradley_terry_loss, logprobs_and_entropy, pg_loss
 from icepop.trainer.export import state_buckets, write_checkpoint, write_weights_file
 from icepop.trainer.inputs import (
+    RLStepRecord,
     check_args,
     check_batch,
     check_pairs,
@@ -87,6 +88,7 @@ class DeepSpeedTrainer:
         torch.manual_seed(seed)
         self.device = self._init_distributed(master_addr, master_port, local_rank)
         self._weight_group: dist.ProcessGroup | None = None  # rank 0 only, after join_weight_group
+        self._last_old_logprobs: Tensor | None = None
         config = deepspeed_config(
             micro_batch_size, grad_clip, zero_stage, dtype, offload, (lr, betas, eps), ds_config_overrides
         )
@@ -217,14 +219,10 @@ class DeepSpeedTrainer:
         check_batch(batch, options)
         self.engine.train()
         slices = self._micro_batches(batch.input_ids.shape[0])
-        sums: dict[str, float] = {}  # pg_loss's metrics over this rank's micro-batches
-        local = dict.fromkeys(("loss", "pg_loss"), 0.0)  # additive: summed over ranks in _step
-        entropy = dict.fromkeys(("all", "all_tokens", "masked", "masked_tokens"), 0.0)
+        record = RLStepRecord()
         for i, rows in enumerate(slices):
             mb = rows_of(batch, rows, self.device)
-            logprobs, token_entropy = self._forward(
-                mb["input_ids"], mb["attention_mask"], self.temperature, True
-            )
+            logprobs, entropy = self._forward(mb["input_ids"], mb["attention_mask"], self.temperature, True)
             old = logprobs.detach() if mb["old_logprobs"] is None else mb["old_logprobs"]
             loss, metrics, keep = pg_loss(
                 logprobs,
@@ -238,23 +236,19 @@ class DeepSpeedTrainer:
                 ref_logprobs=mb["ref_logprobs"],
             )
             self._backward(loss, is_last=i == len(slices) - 1)
-            local["loss"] += float(loss.detach())
-            local["pg_loss"] += float(metrics.pop("actor/pg_loss"))
-            if rows is not None:
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                dropped = mb["response_mask"] & ~keep  # the tokens the correction masked
-                for name, where in (("all", mb["response_mask"]), ("masked", dropped)):
-                    entropy[name] += float(torch.where(where, token_entropy.detach(), 0.0).sum())
-                    entropy[f"{name}_tokens"] += float(where.sum())
-        real = max(1, sum(rows is not None for rows in slices))
-        result = {key: value / real for key, value in sums.items()}
-        result["actor/entropy"] = entropy["all"] / max(1.0, entropy["all_tokens"])
-        result["actor/entropy_masked"] = entropy["masked"] / max(
-            1.0, entropy["masked_tokens"]
-        )  # 0: none masked
-        result["actor/micro_batches"] = float(len(slices))
-        return {**result, **self._step(local, "actor")}
+            record.add(loss, metrics, entropy, keep, mb["response_mask"], old, real=rows is not None)
+        self._last_old_logprobs = torch.cat(
+            [torch.empty(0, batch.input_ids.shape[1] - 1), *record.old_logprobs]
+        )
+        return {**record.metrics(len(slices)), **self._step(record.additive, "actor")}
+
+    def last_old_logprobs(self) -> Tensor:
+        """ℓ_old of every row of the last `train_rl` call, [rows, L-1] float32 on the CPU: the batch's own
+        old_logprobs, or, on-policy, the training forward's detached ℓ at the step's starting weights —
+        what a separate `logprobs` pass before the step would have returned, without that pass."""
+        if self._last_old_logprobs is None:
+            raise RuntimeError("last_old_logprobs before any train_rl")
+        return self._last_old_logprobs
 
     def train_sft(self, batch: SFTBatch, global_token_count: int) -> dict[str, float]:
         """One optimizer step of Σ −ℓ·loss_mask / global_token_count (temperature 1); collective.

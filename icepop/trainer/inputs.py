@@ -154,3 +154,43 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         {"params": [p for p, m in zip(params, matrix, strict=True) if m], "weight_decay": weight_decay},
         {"params": [p for p, m in zip(params, matrix, strict=True) if not m], "weight_decay": 0.0},
     ]
+
+
+class RLStepRecord:
+    """What one `train_rl` call reports, accumulated over its micro-batches: pg_loss's metrics (means
+    over the real micro-batches), the additive loss parts (summed over ranks later), the entropy of all
+    and of the masked response tokens, and the ℓ_old each real row was trained against."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.additive = {"loss": 0.0, "pg_loss": 0.0}
+        self.entropy = dict.fromkeys(("all", "all_tokens", "masked", "masked_tokens"), 0.0)
+        self.old_logprobs: list[Tensor] = []
+        self.real = 0
+
+    def add(
+        self, loss: Tensor, metrics: dict[str, Tensor], entropy: Tensor, keep: Tensor, mask: Tensor,
+        old_logprobs: Tensor, real: bool,
+    ) -> None:  # fmt: skip
+        """One micro-batch; `real` False for the padding one, whose loss (0) is all that counts."""
+        self.additive["loss"] += float(loss.detach())
+        self.additive["pg_loss"] += float(metrics["actor/pg_loss"])
+        if not real:
+            return
+        self.real += 1
+        for key, value in metrics.items():
+            if key != "actor/pg_loss":
+                self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        for name, where in (("all", mask), ("masked", mask & ~keep)):  # the tokens the correction masked
+            self.entropy[name] += float(torch.where(where, entropy.detach(), 0.0).sum())
+            self.entropy[f"{name}_tokens"] += float(where.sum())
+        self.old_logprobs.append(old_logprobs.detach().float().cpu())
+
+    def metrics(self, micro_batches: int) -> dict[str, float]:
+        """pg_loss's metrics (micro-batch means), the entropies, the micro-batch count."""
+        result = {key: value / max(1, self.real) for key, value in self.sums.items()}
+        result["actor/entropy"] = self.entropy["all"] / max(1.0, self.entropy["all_tokens"])
+        # 0 when nothing was masked
+        result["actor/entropy_masked"] = self.entropy["masked"] / max(1.0, self.entropy["masked_tokens"])
+        result["actor/micro_batches"] = float(micro_batches)
+        return result
