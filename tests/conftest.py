@@ -12,6 +12,15 @@ from e2e_helpers import REFERENCE, TINY_DEFAULT, Run, icepop_train
 from icepop.models.tiny import build_tokenizer
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `pytest -n 2 --dist loadgroup` (make test) every `slow` test goes to one worker, in order:
+    they start Ray clusters, engines and process groups and share the session fixtures below, so they
+    never run beside each other; the fast tests run on the other worker meanwhile."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("stack"))
+
+
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
     """The tiny chat tokenizer (a chat template, EOS and PAD tokens), built offline."""
