@@ -12,13 +12,13 @@ from e2e_helpers import REFERENCE, TINY_DEFAULT, Run, icepop_train
 from icepop.models.tiny import build_tokenizer
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_itemcollected(item: pytest.Item) -> None:
     """Under `pytest -n 2 --dist loadgroup` (make test) every `slow` test goes to one worker, in order:
     they start Ray clusters, engines and process groups and share the session fixtures below, so they
-    never run beside each other; the fast tests run on the other worker meanwhile."""
-    for item in items:
-        if item.get_closest_marker("slow") is not None:
-            item.add_marker(pytest.mark.xdist_group("stack"))
+    never run beside each other; the fast tests run on the other worker meanwhile. (Marked as each item
+    is collected: xdist reads the groups in its own `pytest_collection_modifyitems`.)"""
+    if item.get_closest_marker("slow") is not None:
+        item.add_marker(pytest.mark.xdist_group("stack"))
 
 
 @pytest.fixture(scope="module")
