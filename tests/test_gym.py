@@ -13,6 +13,7 @@ from icepop.data.gym import check_source, gym_problems
 from icepop.rewards import RewardPool, verify
 from icepop.rewards.gym import as_number, lenient, score, strict
 from icepop.rewards.verifiers import lenient_correct, strict_correct
+from icepop.types import Prompt
 
 SOURCE = "reasoning_gym:basic_arithmetic"
 OPTIONS = {"min_terms": 2, "max_terms": 2, "max_digits": 2, "operators": ["+", "-"],
@@ -59,6 +60,17 @@ def test_lenient_and_strict_readings_of_the_built_in_tasks() -> None:
     assert strict_correct("arithmetic", " 042\n", 42) and not lenient_correct("arithmetic", "42, or 43", 42)
     assert lenient_correct("math", "so 18 + 54 = 72", "18 + 54 = 72\n#### 72")  # GSM8K's gold answer
     assert lenient_correct("countdown", "(3+5)*7", {"target": 56, "numbers": [3, 5, 7]}) is None
+
+
+def test_the_lenient_reward_pays_the_last_number_in_the_reward_workers() -> None:
+    # reward.function=icepop.rewards.verifiers:lenient_reward: the last number, whatever the format;
+    # a task without a numeric answer (countdown) keeps its verifier.
+    arithmetic = Prompt([1], answer=42, task="arithmetic")
+    countdown = Prompt([1], answer={"target": 56, "numbers": [3, 5, 7]}, task="countdown")
+    prompts = [arithmetic] * 3 + [countdown] * 2
+    replies = ["The answer is 42.", "42, or 43", "42", "(3+5)*7", "(3+5)+7"]
+    with RewardPool("icepop.rewards.verifiers:lenient_reward", num_workers=1, timeout_s=30.0) as pool:
+        assert pool.score(prompts, replies).rewards == [1.0, 0.0, 1.0, 1.0, 0.0]
 
 
 def test_gym_prompts_are_scored_in_the_reward_workers(tokenizer: Any) -> None:

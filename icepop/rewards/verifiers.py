@@ -90,6 +90,15 @@ def builtin_reward(prompt: Prompt, response_text: str) -> float:
     return verify(prompt.task, response_text, prompt.answer)
 
 
+def lenient_reward(prompt: Prompt, response_text: str) -> float:
+    """A shaped reward for `reward.function=icepop.rewards.verifiers:lenient_reward`: 1.0 when the reply's
+    last number is the answer, whatever the format (the reading held-out `accuracy_lenient` uses), so
+    that a model is paid for the right number before it has learned the requested format; tasks without
+    a numeric answer fall back to the built-in verifier."""
+    correct = lenient_correct(prompt.task, response_text, prompt.answer)
+    return builtin_reward(prompt, response_text) if correct is None else float(correct)
+
+
 def _canonical_integer(text: str) -> str:
     """Sign and digits without leading zeros ("-042" → "-42", "+0" → "0"); compared as strings, a
     10⁵-digit reply costs no int() (which Python limits to 4300 digits)."""
