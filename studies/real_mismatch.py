@@ -1,13 +1,13 @@
 """Part (d) of the study: the real train/inference mismatch of a real model, with no injection.
 
 SmolLM2-135M-Instruct (model=smollm2-135m) with a bfloat16 vLLM engine against the float32 trainer, at
-the start and after RL (a checkpoint given with --after), on short replies (reasoning-gym's
-basic_arithmetic) and long ones (gsm_symbolic, up to 256 tokens): one RL step each, whose step-1
-metrics are measured before any update. Reported: mean and max |log k|, the fraction of tokens IcePop
+the start and after RL (a checkpoint given with --after), on short replies (the built-in 2-digit
+addition of README's run) and long ones (gsm_symbolic, up to 256 tokens): one RL step each, whose
+step-1 metrics are measured before any update. Reported: mean and max |log k|, the fraction of tokens IcePop
 [0.5, 5] masks (low and high), the fraction TIS (C = 2) would clip (from the log k histogram, 0.1-wide
 bins: log k ≥ 0.7), and mean |log k| by response position — the analogue of the paper's Fig. 1-2.
 
-    python studies/real_mismatch.py --after runs/smol-s0/checkpoints/step-20   # ≈ 15 min here
+    python studies/real_mismatch.py --after runs/smol-s0/checkpoints/step-24   # ≈ 15 min here
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from icepop.telemetry import read_histograms
 from icepop.tracking import read_metrics
 
 TASKS = {
-    "short replies (basic_arithmetic)": ["data=gym-arithmetic", "rollout.max_new_tokens=96",
-                                         "algo.prompts_per_step=16"],
+    "short replies (arithmetic)": ["data=arithmetic", "rollout.max_new_tokens=96",
+                                   "algo.prompts_per_step=16"],
     "long replies (gsm_symbolic)": ["data.source=reasoning_gym:gsm_symbolic", "rollout.max_new_tokens=256",
                                     "algo.prompts_per_step=8", "data.size=64"],
 }  # fmt: skip

@@ -77,3 +77,35 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path: Path, signum: int) -> N
         time.sleep(0.5)
     assert not ray_processes(cache), "orphaned Ray processes"
     assert not held_weight_dirs & weight_dirs(), "the run left its weight-sync directory behind"
+
+
+WAITING_DRIVER = """
+import ray, sys, time
+from icepop.ray import cluster
+from icepop.ray.workers import gather
+
+ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=1, include_dashboard=False)
+cluster._graceful_stop()
+nap = ray.remote(lambda: time.sleep(120))
+try:
+    print("waiting", flush=True)
+    gather([nap.remote()])
+finally:
+    ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_during_a_long_remote_call_stops_the_driver(signum: int) -> None:
+    # ray.wait swallows the exception a signal handler raises while it blocks; gather raises it again.
+    # (Seen on a real run: SIGTERM during a 60-s step was lost and the run went on.)
+    driver = subprocess.Popen([sys.executable, "-c", WAITING_DRIVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout is not None and driver.stdout.readline().strip() == "waiting"
+        time.sleep(2)  # inside gather's ray.wait
+        driver.send_signal(signum)
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode in (128 + signum, -signum)

@@ -73,7 +73,7 @@ def start(config: Config, need: dict[str, float] | None = None) -> None:
         submitted = _submitted_job_env_vars()
         runtime_env = {"env_vars": {key: value for key, value in env.items() if key not in submitted}}
         ray.init(address=config.cluster.address, runtime_env=runtime_env, log_to_driver=True)
-        _graceful_sigterm()
+        _graceful_stop()
         return
     _keep_ray_on_loopback()
     num_cpus = config.cluster.num_cpus or int(need["CPU"]) + 1  # + 1 for the driver's own tasks
@@ -86,7 +86,7 @@ def start(config: Config, need: dict[str, float] | None = None) -> None:
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )
-    _graceful_sigterm()
+    _graceful_stop()
 
 
 def _submitted_job_env_vars() -> set[str]:
@@ -108,24 +108,34 @@ def _keep_ray_on_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
-INTERRUPTED = threading.Event()
-"""Set by Ctrl-C: `ray.wait` swallows the KeyboardInterrupt raised while it blocks, so the code that
-waits (icepop.ray.workers.gather) raises it again when it sees this."""
+STOP_SIGNAL: list[int] = []
+"""The signal (SIGINT or SIGTERM) that asked the driver to stop. `ray.wait` swallows the exception a
+signal handler raises while it blocks, so the code that waits (icepop.ray.workers.gather) raises it
+again, through `raise_if_stopping`, when it sees this."""
 
 
-def _graceful_sigterm() -> None:
+def _graceful_stop() -> None:
     """ray.init installs a SIGTERM handler that aborts the driver on the spot; put back one that raises
-    SystemExit, which unwinds through the stages' `finally` blocks (Ray shutdown, temp files). Ctrl-C
-    raises KeyboardInterrupt as usual and also sets INTERRUPTED."""
+    SystemExit(128 + 15), which unwinds through the stages' `finally` blocks (Ray shutdown, temp files).
+    Ctrl-C raises KeyboardInterrupt as usual. Both note the signal in STOP_SIGNAL."""
     if threading.current_thread() is threading.main_thread():
-        INTERRUPTED.clear()
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-        signal.signal(signal.SIGINT, _interrupt)
+        STOP_SIGNAL.clear()
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    INTERRUPTED.set()
-    raise KeyboardInterrupt
+def _stop(signum: int, frame: Any) -> None:
+    STOP_SIGNAL.append(signum)
+    raise_if_stopping()
+
+
+def raise_if_stopping() -> None:
+    """Raise what the first stop signal asked for: KeyboardInterrupt for Ctrl-C, SystemExit(128 + 15)
+    for SIGTERM; nothing when none came."""
+    if STOP_SIGNAL:
+        if STOP_SIGNAL[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + STOP_SIGNAL[0])
 
 
 def shutdown() -> None:

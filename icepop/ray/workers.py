@@ -87,10 +87,15 @@ def gather(refs: list[Any]) -> list[Any]:
 
     pending = list(refs)
     while pending:
-        # In short waits, so that a Ctrl-C is noticed within one of them.
-        done, pending = ray.wait(pending, num_returns=1, timeout=WAIT_SLICE_SECONDS)
-        if cluster.INTERRUPTED.is_set():  # a Ctrl-C that ray.wait swallowed
-            raise KeyboardInterrupt
+        # In short waits, so that a Ctrl-C or SIGTERM is noticed within one of them. ray.wait swallows a
+        # KeyboardInterrupt raised while it blocks and turns a SystemExit into SystemExit(1): raise what
+        # the signal asked for instead.
+        try:
+            done, pending = ray.wait(pending, num_returns=1, timeout=WAIT_SLICE_SECONDS)
+        except SystemExit:
+            cluster.raise_if_stopping()
+            raise
+        cluster.raise_if_stopping()
         ray.get(done)
     return ray.get(refs)
 

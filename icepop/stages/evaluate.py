@@ -18,7 +18,7 @@ import ray
 from icepop.config import Config
 from icepop.errors import input_errors
 from icepop.ray import cluster
-from icepop.ray.workers import RewardModelGroup, RolloutGroup, wait_ready
+from icepop.ray.workers import RewardModelGroup, RolloutGroup, gather, wait_ready
 from icepop.stages import setup, warmup
 from icepop.stages.rewards import Rewards
 from icepop.stages.summary import Summary, write_summary
@@ -28,7 +28,7 @@ from icepop.types import Prompt, SamplingSettings
 def evaluate(run: Any, prompts: list[Prompt], step: int) -> dict[str, float]:
     """Greedy measures of the engines' current weights on held-out prompts; appended to eval.jsonl."""
     sampling = SamplingSettings(temperature=0.0, max_new_tokens=run.config.rollout.max_new_tokens, seed=0)
-    groups = RolloutGroup.merge(ray.get(run.rollout.async_generate(prompts, 1, sampling)))
+    groups = RolloutGroup.merge(gather(run.rollout.async_generate(prompts, 1, sampling)))
     measures = run.rewards.measures(prompts, [group[0].text for group in groups])
     shown = ", ".join(f"{k} {v:.3f}" for k, v in measures.items())
     run.tracker.log_eval(
@@ -74,7 +74,7 @@ def run_eval(config: Config, run_dir: Path) -> Summary:
         wait_ready(rollout, model)
         with setup.reward_pool(config) as pool:
             rewards = Rewards(config.reward, pool if config.reward.rule_weight else None, model)
-            groups = RolloutGroup.merge(ray.get(rollout.async_generate(prompts, k, sampling)))
+            groups = RolloutGroup.merge(gather(rollout.async_generate(prompts, k, sampling)))
             measures = sample_measures(rewards, prompts, groups)
         ray.get(rollout.async_call("close"))
     shown = ", ".join(f"{key} {value:.3f}" for key, value in measures.items())

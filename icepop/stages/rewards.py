@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import ray
 import torch
 
 from icepop.algo import whiten
 from icepop.config import RewardConfig
+from icepop.ray.workers import gather
 from icepop.rewards.model import prompt_messages
 from icepop.rewards.pool import Scores
 from icepop.rewards.verifiers import lenient_correct, strict_correct
@@ -33,7 +33,7 @@ class Rewards:
         """Raw reward-model scores, one per (prompt, response)."""
         assert self.model is not None
         refs = self.model.async_score([prompt_messages(p) for p in prompts], list(texts))
-        return torch.tensor([s for block in ray.get(refs) for s in block], dtype=torch.float32)
+        return torch.tensor([s for block in gather(refs) for s in block], dtype=torch.float32)
 
     def score(self, prompts: Sequence[Prompt], texts: Sequence[str]) -> Scores:
         """rule_weight · rule + model_weight · (whitened) reward-model score, with their means in stats."""

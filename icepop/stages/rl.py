@@ -106,7 +106,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         batch.old_logprobs = concat_rows(gather(refs), batch.response_mask.shape[1])
     if run.reference is not None:  # kl_coef ≠ 0: log π_ref of the frozen starting policy
         ref = run.reference.async_logprobs(batch.input_ids, batch.attention_mask, config.rollout.temperature)
-        batch.ref_logprobs = ray.get(ref)  # at the sampling temperature, like ℓ_old and ℓ_θ
+        batch.ref_logprobs = gather([ref])[0]  # at the sampling temperature, like ℓ_old and ℓ_θ
     if step in config.train.inject_nonfinite_steps:  # fault injection: a NaN loss, whose update is skipped
         batch.advantages = torch.where(batch.response_mask, torch.nan, batch.advantages)
     lap("old_logprobs")

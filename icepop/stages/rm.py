@@ -20,7 +20,7 @@ from icepop.algo import pairwise_accuracy
 from icepop.config import Config
 from icepop.errors import input_errors
 from icepop.ray import cluster
-from icepop.ray.workers import TrainerGroup, blocks, wait_ready
+from icepop.ray.workers import TrainerGroup, blocks, gather, wait_ready
 from icepop.stages import setup, warmup
 from icepop.stages.summary import Summary, write_summary
 from icepop.tracking import Tracker
@@ -31,7 +31,7 @@ def held_out_accuracy(trainer: TrainerGroup, pairs: list[Any], pad_id: int) -> f
     from icepop.data.preferences import collate_pairs
 
     batch = collate_pairs(pairs, pad_id)
-    scores = torch.cat(ray.get(trainer.async_scores(batch.input_ids, batch.attention_mask)))
+    scores = torch.cat(gather(trainer.async_scores(batch.input_ids, batch.attention_mask)))
     chosen, rejected = scores.view(2, -1)
     return float(pairwise_accuracy(chosen, rejected))
 
@@ -86,7 +86,7 @@ def run_rm(config: Config, run_dir: Path) -> Summary:
             for step in range(1, rm.steps + 1):
                 batch = batches.next_batch()
                 shards = [collate_pairs(batch[rows], pad) for rows in blocks(len(batch), trainer.ranks)]
-                metrics = ray.get(trainer.async_train_rm(shards, global_pair_count=len(batch)))[0]
+                metrics = gather(trainer.async_train_rm(shards, global_pair_count=len(batch)))[0]
                 tracker.log(step, metrics, status=f"loss {metrics['rm/loss']:.3f}")
                 if rm.eval_every and step % rm.eval_every == 0 and step != rm.steps:
                     _log_eval(tracker, step, held_out_accuracy(trainer, held_out, pad))

@@ -20,7 +20,7 @@ import torch
 from icepop.config import Config
 from icepop.errors import input_errors
 from icepop.ray import cluster
-from icepop.ray.workers import TrainerGroup, wait_ready
+from icepop.ray.workers import TrainerGroup, gather, wait_ready
 from icepop.stages import setup
 from icepop.stages.batch import concat_rows, split_rows
 from icepop.stages.summary import Summary, write_summary
@@ -29,7 +29,7 @@ from icepop.tracking import Tracker
 
 def validation_loss(trainer: TrainerGroup, batch: Any) -> float:
     """Token-mean cross-entropy on the assistant tokens of a held-out batch (no gradient)."""
-    blocks = ray.get(trainer.async_logprobs(batch.input_ids, batch.attention_mask, 1.0))
+    blocks = gather(trainer.async_logprobs(batch.input_ids, batch.attention_mask, 1.0))
     logprobs = concat_rows(blocks, batch.loss_mask.shape[1])
     return float(-torch.where(batch.loss_mask, logprobs, 0.0).sum() / batch.loss_mask.sum())
 
@@ -91,7 +91,7 @@ def run_sft(config: Config, run_dir: Path, model_path: str | None = None) -> Sum
             for step in range(1, sft.steps + 1):
                 batch = collate_sft(batches.next_batch(), tokenizer.pad_token_id)
                 shards = split_rows(batch, trainer.ranks)
-                per_rank = ray.get(
+                per_rank = gather(
                     trainer.async_train_sft(shards, global_token_count=int(batch.loss_mask.sum()))
                 )
                 metrics = {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
