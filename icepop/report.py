@@ -4,8 +4,9 @@ Markdown summary next to them.
 Key design choice: everything comes from what a run already wrote — config.yaml (the run's correction
 and mismatch-injection level name it in every legend), metrics.jsonl, histograms.jsonl, events.jsonl —
 so any finished or running run directory can be reported on, on any machine, without re-running it.
-Plots: reward, gradient norm, mismatch mean and max, mask fraction low/high, response length (one panel
-each, a line per run), and each run's log k histogram over time (a heat map).
+Plots: reward, gradient norm, mismatch mean and max, mask fraction low/high, response length, held-out
+greedy accuracy from eval.jsonl (lenient where the run measured it; one panel each, a line per run), and
+each run's log k histogram over time (a heat map).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ PANELS = [
     ("icepop/mask_frac_low", "mask fraction, k < α"),
     ("icepop/mask_frac_high", "mask fraction, k > β"),
     ("response_length/mean", "response length (tokens)"),
+    ("eval/accuracy_lenient", "held-out greedy accuracy"),
 ]
 
 
@@ -45,6 +47,18 @@ def run_label(run_dir: Path) -> str:
     return (
         f"{run_dir.name}: {correction}, noise {rollout.get('mismatch_noise', 0.0)}, {rollout['dtype']} engine"
     )
+
+
+def read_evals(run_dir: Path) -> list[dict[str, Any]]:
+    """eval.jsonl's rows; `eval/accuracy_lenient` falls back to `eval/accuracy` where a task has no
+    lenient reading (the plotted and tabled held-out measure)."""
+    path = run_dir / "eval.jsonl"
+    rows = (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    )
+    return [
+        {**r, "eval/accuracy_lenient": r.get("eval/accuracy_lenient", r.get("eval/accuracy"))} for r in rows
+    ]
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -78,7 +92,9 @@ def plot_metrics(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:
     fig, axes = pyplot().subplots(panel_rows, 2, figsize=(12, 3.2 * panel_rows))
     for ax, (key, title) in zip(axes.flat, PANELS, strict=False):
         for i, (label, rows) in enumerate(runs.items()):  # dashes keep overlapping runs visible
-            ax.plot(*series(rows, key), label=label, linewidth=1.4, linestyle=STYLES[i % len(STYLES)])
+            marker = "o" if key.startswith("eval/") else None  # a few evaluations, not a point per step
+            ax.plot(*series(rows, key), label=label, linewidth=1.4, linestyle=STYLES[i % len(STYLES)],
+                    marker=marker)  # fmt: skip
         ax.set(title=title, xlabel="RL step", ylabel=key)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(PANELS) :]:
@@ -103,11 +119,17 @@ def plot_histograms(run_dirs: list[Path], labels: list[str], out: Path) -> Path:
     return save_figure(fig, "train/inference log-ratio per step", out / "histograms.png")
 
 
-def summary(runs: dict[str, list[dict[str, Any]]], events: dict[str, list[dict[str, Any]]]) -> str:
-    """A Markdown table: steps, first/last-window reward, max mismatch, mean mask fraction, alerts."""
+def summary(
+    runs: dict[str, list[dict[str, Any]]],
+    events: dict[str, list[dict[str, Any]]],
+    evals: dict[str, list[dict[str, Any]]],
+) -> str:
+    """A Markdown table: steps, first/last-window reward, held-out accuracy first → last, max mismatch,
+    mean mask fraction, alerts."""
     lines = [
-        "| run | steps | reward, first → last 10% of steps | max \\|log k\\| | mean mask fraction | alerts |",
-        "|---|---:|---|---:|---:|---|",
+        "| run | steps | reward, first → last 10% of steps | held-out accuracy | max \\|log k\\| "
+        "| mean mask fraction | alerts |",
+        "|---|---:|---|---|---:|---:|---|",
     ]
     for label, rows in runs.items():
         tenth = max(1, len(rows) // 10)
@@ -116,8 +138,11 @@ def summary(runs: dict[str, list[dict[str, Any]]], events: dict[str, list[dict[s
         worst = max((r["mismatch/abs_logp_diff_max"] for r in rows), default=float("nan"))
         mask = sum(r["icepop/mask_frac"] for r in rows) / len(rows)
         alerts = ", ".join(f"{e['alert']} @ {e['step']}" for e in events[label]) or "none"
+        _, accuracy = series(evals[label], "eval/accuracy_lenient")
+        held_out = f"{accuracy[0]:.3f} → {accuracy[-1]:.3f}" if accuracy else "—"
         lines.append(
-            f"| {label} | {len(rows)} | {first:.3f} → {last:.3f} | {worst:.3g} | {mask:.4f} | {alerts} |"
+            f"| {label} | {len(rows)} | {first:.3f} → {last:.3f} | {held_out} | {worst:.3g} | {mask:.4f} "
+            f"| {alerts} |"
         )
     return "\n".join(lines)
 
@@ -132,9 +157,18 @@ def report(run_dirs: list[Path], out: Path) -> Path:
         if (d / "events.jsonl").is_file() else []
         for label, d in zip(labels, run_dirs, strict=True)
     }  # fmt: skip
-    plots = [plot_metrics(runs, out), plot_histograms(run_dirs, labels, out)]
+    evals = {label: read_evals(d) for label, d in zip(labels, run_dirs, strict=True)}
+    plotted = {label: rows + evals[label] for label, rows in runs.items()}
+    plots = [plot_metrics(plotted, out), plot_histograms(run_dirs, labels, out)]
     text = "\n".join(
-        ["# icepop report", "", f"Runs: {', '.join(str(d) for d in run_dirs)}", "", summary(runs, events), ""]
+        [
+            "# icepop report",
+            "",
+            f"Runs: {', '.join(str(d) for d in run_dirs)}",
+            "",
+            summary(runs, events, evals),
+            "",
+        ]
         + [f"![{p.stem}]({p.name})" for p in plots]
     )
     path = out / "report.md"

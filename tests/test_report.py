@@ -46,6 +46,10 @@ def record_run(run_dir: Path, correction: str, noise: float, drift: float) -> No
 def test_report_renders_plots_and_a_summary_of_two_runs(tmp_path: Path) -> None:
     record_run(tmp_path / "stable", "icepop", 0.0, drift=0.0)
     record_run(tmp_path / "collapsing", "none", 0.02, drift=0.01)
+    (tmp_path / "stable" / "eval.jsonl").write_text(
+        '{"step": 0, "eval/accuracy": 0.1, "eval/accuracy_lenient": 0.2}\n'
+        '{"step": 12, "eval/accuracy": 0.3, "eval/accuracy_lenient": 0.5}\n'
+    )
     out = tmp_path / "report"
     done = subprocess.run(
         [sys.executable, "-m", "icepop.report", str(tmp_path / "stable"), str(tmp_path / "collapsing"),
@@ -61,6 +65,7 @@ def test_report_renders_plots_and_a_summary_of_two_runs(tmp_path: Path) -> None:
     stable_row = next(line for line in text.splitlines() if line.startswith("| stable"))
     collapsing_row = next(line for line in text.splitlines() if line.startswith("| collapsing"))
     assert stable_row.endswith("| none |")  # silent on the stable run
+    assert "| 0.200 → 0.500 |" in stable_row and "| — |" in collapsing_row  # held-out, lenient reading
     # mean |k − 1| = 0.01 + 0.01·step first exceeds 0.05 at step 5; the mask falls as KL rises from step 6
     assert "mismatch_above_threshold @ 5, mask_falls_while_kl_rises @ 6" in collapsing_row
     assert "![metrics](metrics.png)" in text
