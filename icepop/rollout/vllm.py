@@ -356,8 +356,12 @@ class VllmEngine:
     def _reload(self, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
         """Stream (name, tensor) pairs into vLLM's in-place reload, then refresh what it leaves stale."""
         # Every reload warns "Failed to load weights" for layers no checkpoint tensor maps to (the tied
-        # lm_head, rotary embeddings): two lines per step. `_check_complete` is the real check.
+        # lm_head, rotary embeddings): two lines per step. `_check_complete` is the real check. A
+        # bfloat16 engine fed a float32 trainer's weights also warns once per narrowed tensor (≈60 lines
+        # a step for SmolLM2's norms): narrowing is what that engine dtype means, and the probe after
+        # the sync checks the result.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+        logging.getLogger("vllm.model_executor.models.utils").setLevel(logging.ERROR)
         self._llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": tensors, "is_checkpoint_format": True}
         )
