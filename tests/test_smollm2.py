@@ -92,3 +92,14 @@ def test_rlvr_on_the_real_model_syncs_exactly_continues_and_saves_a_loadable_che
     finally:
         engine.close()
     assert (scored - expected).abs().max() < 1e-3
+
+
+def test_the_readme_command_for_the_real_model_passes_a_dry_run(
+    smollm2: Path, tmp_path: Path, shared_cache: Path
+) -> None:
+    from test_inputs import readme_commands
+
+    (command,) = readme_commands("A real model on this CPU: SmolLM2-135M-Instruct")
+    result = icepop_train(tmp_path, *command, "run.dry_run=true", cache=shared_cache)
+    assert "every check passed; nothing was started" in result.stdout
+    assert "reward.function" in " ".join(command) and "samples/step 48 = 8 prompts × 6" in result.stdout
