@@ -1,12 +1,15 @@
 """The RL step's reward with a reward model: Ray actors on their own placement bundles score the
 (prompt, reply) conversations with the reward model's own tokenizer, exactly as transformers does; the
-scores are whitened over the batch and mixed with the rule reward by the configured weights."""
+scores are whitened over the batch and mixed with the rule reward by the configured weights. (Also: the
+cluster's workers run at the driver's priority.)"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from test_config import compose_config
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -47,6 +50,7 @@ def test_reward_model_actors_score_like_transformers_and_mix_with_the_rule(rewar
     cluster.start(config)
     try:
         placement = cluster.reserve(config)
+        assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == os.nice(0)  # not Ray's niceness 15
         assert placement.reward is not None and placement.reward.bundle_count == 2  # its own bundles
         group = RewardModelGroup(config, placement)
         wait_ready(group)

@@ -76,6 +76,10 @@ def start(config: Config, need: dict[str, float] | None = None) -> None:
         _graceful_stop()
         return
     _keep_ray_on_loopback()
+    # Ray's raylet starts every worker at niceness 15, so any other process on the machine preempts the
+    # whole job: workers run at the driver's own priority instead (RAY_worker_niceness, read by the
+    # raylet this ray.init starts; a cluster from `ray start` keeps what its starter chose).
+    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
     num_cpus = config.cluster.num_cpus or int(need["CPU"]) + 1  # + 1 for the driver's own tasks
     ray.init(
         address="local",  # a new cluster, even when another one runs on this machine (ray start)
