@@ -11,6 +11,7 @@ from icepop.ray.cluster import process_env
 from icepop.ray.placement import check_capacity, needed_resources
 from icepop.ray.workers import engine_settings
 from icepop.stages.batch import rl_batch, sequence_count, split_rows
+from icepop.trainer.inputs import micro_batch_rows, place_rows, rows_of
 from icepop.types import Completion, Prompt
 from icepop.weights import ProbeDifference, WeightSyncError, check_probe
 
@@ -66,6 +67,40 @@ def test_split_rows_trims_each_shard_and_keeps_every_token() -> None:
     assert sequence_count(batch.response_mask) == 4
     with pytest.raises(ValueError, match="do not split"):
         split_rows(batch, 3)
+
+
+def test_token_budget_micro_batches_pack_sorted_rows_and_come_back_in_batch_order() -> None:
+    lengths = [5, 12, 3, 12, 7, 4, 30]
+    assert [g.tolist() for g in micro_batch_rows(lengths, 3)] == [[0, 1, 2], [3, 4, 5], [6]]
+    groups = micro_batch_rows(lengths, 3, token_budget=24)
+    # Longest first; a micro-batch grows while rows × its longest ≤ 24; the 30-token row goes alone.
+    assert [g.tolist() for g in groups] == [[6], [1, 3], [4, 0, 5], [2]]
+    assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
+    assert all(len(g) * max(lengths[i] for i in g.tolist()) <= 24 for g in groups[1:])
+
+    batch = example_batch()  # row lengths 5, 4, 5, 3
+    order = micro_batch_rows(batch.attention_mask.sum(-1).tolist(), 2, token_budget=9)
+    assert [g.tolist() for g in order] == [[0], [2], [1, 3]]  # 2 rows × 4 ≤ 9
+    parts = []
+    for rows in order:
+        mb = rows_of(batch, rows, torch.device("cpu"))
+        width = int(batch.attention_mask[rows].sum(-1).max())  # trimmed to its own longest row
+        assert mb["input_ids"].shape == (len(rows), width)
+        assert mb["rollout_logprobs"].shape == (len(rows), width - 1)
+        parts.append((rows, mb["rollout_logprobs"]))
+    assert torch.equal(place_rows(parts, *batch.rollout_logprobs.shape), batch.rollout_logprobs)
+    dummy = rows_of(batch, None, torch.device("cpu"))
+    assert dummy["input_ids"].shape == (1, 2) and not dummy["response_mask"].any()
+
+
+def test_a_token_budget_takes_any_row_count_and_says_so() -> None:
+    config = compose_config("+recipe=rlvr", "trainer.micro_batch_size=7", "trainer.micro_batch_tokens=512")
+    derived = config.derived()
+    assert derived.micro_batches_per_update is None and derived.sft_micro_batches is None
+    description = derived.describe(config.algo, config.trainer, config.rollout, config.cluster)
+    assert "micro-batches of ≤ 512 tokens" in description
+    with pytest.raises(ValueError, match=r"trainer\.micro_batch_tokens must be >= 0"):
+        compose_config("+recipe=rlvr", "trainer.micro_batch_tokens=-1")
 
 
 def test_rl_batch_refuses_advantages_of_the_wrong_size() -> None:

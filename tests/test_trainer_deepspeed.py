@@ -3,8 +3,8 @@ reference: exact gradients under micro-batching and data parallelism, log-probs,
 save_pretrained's layout (MoE experts per expert), checkpoints, non-finite steps, and learning.
 
 One spawned run of two ranks is shared by all tests (a module fixture): ZeRO-2 on the dense model,
-then, in the same processes (exercising close() and a new process group), ZeRO-3, ZeRO-1 and ZeRO-2
-with bf16 + optimizer offload + gradient checkpointing on the MoE model.
+then, in the same processes (exercising close() and a new process group), ZeRO-3, ZeRO-1 (micro-batches
+by a token budget) and ZeRO-2 with bf16 + optimizer offload + gradient checkpointing on the MoE model.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from icepop.algo import PolicyLossOptions, pg_loss
 from icepop.models.tiny import build_tiny_model, build_tokenizer
+from icepop.trainer.inputs import micro_batch_rows
 from icepop.types import RLBatch, SFTBatch
 
 LR, CLIP, WARMUP, MICRO, TEMPERATURE = 1e-3, 1.0, 2, 2, 0.7
@@ -135,8 +136,9 @@ def _dense_part(rank: int, world_size: int, port: int, model_dir: str, out: str)
 
     # A NaN advantage on a valid token of rank 1 only: every rank must skip the step.
     bad = rl_batch(5, 4)
-    bad.advantages[3, -1] = float("nan")
-    bad.response_mask[3, -1] = True
+    last = int(bad.attention_mask[3].sum()) - 2  # row 3's last label position
+    bad.advantages[3, last] = float("nan")
+    bad.response_mask[3, last] = True
     res["nan_metrics"] = trainer.train_rl(
         shard(bad, PROBE_ROWS[rank]), PolicyLossOptions(correction="none"), 10, 4
     )
@@ -160,7 +162,8 @@ def _dense_part(rank: int, world_size: int, port: int, model_dir: str, out: str)
 PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 MOE_CONFIGS = {
     "z3": {"zero_stage": 3, "ds_config_overrides": PARTITION_ALL},
-    "z1": {"zero_stage": 1},
+    # Micro-batches by a token budget: rows sorted longest first, 1-2 rows each (lengths 7-12).
+    "z1": {"zero_stage": 1, "micro_batch_tokens": 20},
     "z2bf16": {"zero_stage": 2, "dtype": "bfloat16", "offload": True, "gradient_checkpointing": True},
 }
 """Trainers built one after the other in the same two processes (close() then a new process group)."""
@@ -300,7 +303,9 @@ def test_logprobs_match_transformers_log_softmax(dense: dict[str, Any], moe: dic
                 continue
             ours = torch.cat([r[key] for r in run["ranks"]])  # rank 0 had rows 0-2, rank 1 row 3
             assert ours.dtype == torch.float32 and ours.shape == (4, 11)
-            torch.testing.assert_close(ours, expected, atol=atol, rtol=0)
+            # Each micro-batch is cut at its longest row: label positions past a row's end mean nothing.
+            valid = probe.attention_mask[:, 1:].bool()
+            torch.testing.assert_close(ours[valid], expected[valid], atol=atol, rtol=0)
 
 
 @SPAWNS_RANKS
@@ -357,6 +362,13 @@ def test_moe_steps_under_zero3_and_zero1_are_exact_too_and_bf16_runs(moe: dict[s
             diff = max_diff(rank_result[f"{tag}_params"], expected_params)
             assert diff < (1e-6 if exact else 0.01)
         print(f"{tag} MoE: step {moe['ranks'][0][f'{tag}_step_s']:.3f} s, max |Δθ| vs torch {diff:.1e}")
+    # z1's token budget of 20 packs rank 0's 4 rows (lengths 7-12) into 3 micro-batches, not 4 / 2 = 2.
+    _, batch, _, shards = exact_steps()[0]
+    budget = MOE_CONFIGS["z1"]["micro_batch_tokens"]
+    lengths = [batch.attention_mask[rows].sum(-1).tolist() for rows in shards]
+    expected_count = max(len(micro_batch_rows(rank_lengths, MICRO, budget)) for rank_lengths in lengths)
+    assert expected_count != len(lengths[0]) // MICRO
+    assert moe["ranks"][0]["z1_metrics"]["actor/micro_batches"] == expected_count
 
 
 @SPAWNS_RANKS
@@ -395,9 +407,11 @@ def test_export_has_save_pretrained_layout_and_values(moe: dict[str, Any], dense
             assert max_diff(params(loaded), {k: v.float() for k, v in trained.items()}) == 0.0
             if name in ("moe_z3", "moe_z1"):  # fp32: the engine computes what the trainer computed
                 with torch.no_grad():
-                    logprobs = reference_logprobs(loaded, rl_batch(0, 4), TEMPERATURE)
+                    probe = rl_batch(0, 4)
+                    logprobs = reference_logprobs(loaded, probe, TEMPERATURE)
                 after = torch.cat([r[f"{tag}_logprobs_after"] for r in run["ranks"]])
-                torch.testing.assert_close(after, logprobs, atol=1e-5, rtol=0)
+                valid = probe.attention_mask[:, 1:].bool()
+                torch.testing.assert_close(after[valid], logprobs[valid], atol=1e-5, rtol=0)
     moe_keys = safetensors_layout(moe["root"] / "moe_z3.safetensors")
     assert "model.layers.0.mlp.experts.3.down_proj.weight" in moe_keys  # per expert, as vLLM loads
     with safe_open(str(moe["root"] / "moe_z2bf16.safetensors"), framework="pt") as f:
@@ -490,7 +504,7 @@ def _reward_worker(rank: int, world_size: int, port: int, model_dir: str, out: s
     mine = collate_pairs(pairs[rank * 3 : rank * 3 + 3], tokenizer.pad_token_id)  # 3 pairs per rank
     trainer = DeepSpeedTrainer(
         model_dir, rank=rank, world_size=world_size, master_port=port, model_kind="reward", zero_stage=3,
-        ds_config_overrides=PARTITION_ALL, **{**TRAINER_ARGS, "micro_batch_size": 2},
+        ds_config_overrides=PARTITION_ALL, **{**TRAINER_ARGS, "micro_batch_tokens": 160},
     )  # fmt: skip
     res: dict[str, Any] = {"before": trainer.scores(whole.input_ids, whole.attention_mask)}
     res["expected_first_loss"] = float(bradley_terry_loss(*res["before"].view(2, -1))[0])

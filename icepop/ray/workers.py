@@ -250,6 +250,7 @@ class TrainerGroup:
             "total_steps": total_steps,
             "grad_clip": trainer.grad_clip,
             "micro_batch_size": trainer.micro_batch_size,
+            "micro_batch_tokens": trainer.micro_batch_tokens,
             "gradient_checkpointing": config.model.gradient_checkpointing,
             "seed": config.run.seed,
             "temperature": temperature,  # the sampling temperature: ℓ under the processed distribution

@@ -73,7 +73,8 @@ def run_sft(config: Config, run_dir: Path, model_path: str | None = None) -> Sum
     validation = collate_sft(held_out, tokenizer.pad_token_id)
     print(
         f"icepop sft: model {model_path}; {sft.steps} steps × {sft.batch_size} conversations over "
-        f"{config.trainer.ranks} rank(s), {config.derived().sft_micro_batches} micro-batch(es) per rank; "
+        f"{config.trainer.ranks} rank(s), {config.derived().sft_micro_batches or 'token-budget'} "
+        f"micro-batch(es) per rank; "
         f"{len(train)} training and {len(held_out)} validation conversations"
     )
     final = run_dir / "checkpoints" / f"step-{sft.steps}"

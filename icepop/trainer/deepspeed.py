@@ -37,6 +37,8 @@ from icepop.trainer.inputs import (
     decay_groups,
     deepspeed_config,
     lr_factor,
+    micro_batch_rows,
+    place_rows,
     rows_of,
 )
 from icepop.trainer.models import load_model
@@ -70,6 +72,7 @@ class DeepSpeedTrainer:
         total_steps: int | None = None,
         grad_clip: float = 1.0,
         micro_batch_size: int = 1,
+        micro_batch_tokens: int = 0,
         temperature: float = 1.0,
         gradient_checkpointing: bool = False,
         seed: int = 0,
@@ -80,11 +83,13 @@ class DeepSpeedTrainer:
         temperature, applied by `train_rl` (docs/algorithm.md §1); `ds_config_overrides` is merged
         last into the generated DeepSpeed config (e.g. ZeRO-3 bucket sizes). `model_kind` "reward"
         builds a sequence-classification model with one output (a reward model, `train_rm`/`scores`)
-        on top of the checkpoint instead of the causal LM policy."""
+        on top of the checkpoint instead of the causal LM policy. `micro_batch_tokens` > 0 forms
+        micro-batches by a token budget instead of `micro_batch_size` rows (inputs.micro_batch_rows)."""
         check_args(zero_stage, dtype, micro_batch_size, lr_schedule, total_steps, model_kind)
         self.model_kind = model_kind
         self.model_path, self.rank, self.world_size = model_path, rank, world_size
         self.zero_stage, self.micro_batch_size, self.temperature = zero_stage, micro_batch_size, temperature
+        self.micro_batch_tokens = micro_batch_tokens
         torch.manual_seed(seed)
         self.device = self._init_distributed(master_addr, master_port, local_rank)
         self._weight_group: dist.ProcessGroup | None = None  # rank 0 only, after join_weight_group
@@ -148,13 +153,14 @@ class DeepSpeedTrainer:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return tensor.tolist()
 
-    def _micro_batches(self, rows: int) -> list[slice | None]:
-        """This rank's micro-batch row slices, padded with None (dummy) to the largest count of any
-        rank, so every rank runs the same number of forwards and backwards (their collectives)."""
-        size = self.micro_batch_size
-        slices: list[slice | None] = [slice(i, min(rows, i + size)) for i in range(0, rows, size)]
-        count = int(self._all_reduce([len(slices)], "max")[0])
-        return slices + [None] * (count - len(slices))
+    def _micro_batches(self, lengths: Tensor, rows_per_item: int = 1) -> list[Tensor | None]:
+        """This rank's micro-batches (indices into `lengths`, the token length of each row or pair of
+        `rows_per_item` rows), padded with None (dummy) to the largest count of any rank, so every rank
+        runs the same number of forwards and backwards (their collectives)."""
+        budget = self.micro_batch_tokens // rows_per_item
+        groups: list[Tensor | None] = [*micro_batch_rows(lengths.tolist(), self.micro_batch_size, budget)]
+        count = int(self._all_reduce([len(groups)], "max")[0])
+        return groups + [None] * (count - len(groups))
 
     def _forward(
         self, input_ids: Tensor, attention_mask: Tensor, temperature: float, inplace_backward: bool
@@ -193,18 +199,19 @@ class DeepSpeedTrainer:
 
     @torch.no_grad()
     def logprobs(self, input_ids: Tensor, attention_mask: Tensor, temperature: float) -> Tensor:
-        """ℓ of every label position, [B, L-1] float32 on the CPU, no gradient; collective."""
+        """ℓ of every label position, [B, L-1] float32 on the CPU (meaningless past a row's end: 0 past
+        its micro-batch's longest row), no gradient; collective."""
         batch = SFTBatch(input_ids, attention_mask, torch.zeros_like(input_ids[:, 1:], dtype=torch.bool))
         check_batch(batch)
         self.engine.eval()
-        parts = [torch.empty(0, input_ids.shape[1] - 1)]
-        for rows in self._micro_batches(input_ids.shape[0]):
+        parts = []
+        for rows in self._micro_batches(attention_mask.sum(-1)):
             mb = rows_of(batch, rows, self.device)
             logprobs = self._forward(mb["input_ids"], mb["attention_mask"], temperature, False)[0]
             if rows is not None:
-                parts.append(logprobs.float().cpu())
+                parts.append((rows, logprobs))
         self.engine.train()
-        return torch.cat(parts)
+        return place_rows(parts, *batch.loss_mask.shape)
 
     def train_rl(
         self, batch: RLBatch, options: PolicyLossOptions, global_token_count: int, global_seq_count: int
@@ -218,7 +225,7 @@ class DeepSpeedTrainer:
         sampling temperature."""
         check_batch(batch, options)
         self.engine.train()
-        slices = self._micro_batches(batch.input_ids.shape[0])
+        slices = self._micro_batches(batch.attention_mask.sum(-1))
         record = RLStepRecord()
         for i, rows in enumerate(slices):
             mb = rows_of(batch, rows, self.device)
@@ -236,10 +243,8 @@ class DeepSpeedTrainer:
                 ref_logprobs=mb["ref_logprobs"],
             )
             self._backward(loss, is_last=i == len(slices) - 1)
-            record.add(loss, metrics, entropy, keep, mb["response_mask"], old, real=rows is not None)
-        self._last_old_logprobs = torch.cat(
-            [torch.empty(0, batch.input_ids.shape[1] - 1), *record.old_logprobs]
-        )
+            record.add(loss, metrics, entropy, keep, mb["response_mask"], old, rows)
+        self._last_old_logprobs = place_rows(record.old_logprobs, *batch.response_mask.shape)
         return {**record.metrics(len(slices)), **self._step(record.additive, "actor")}
 
     def last_old_logprobs(self) -> Tensor:
@@ -255,7 +260,7 @@ class DeepSpeedTrainer:
         sft/loss is the full-batch token-mean cross-entropy, the same on every rank."""
         check_batch(batch)
         self.engine.train()
-        slices = self._micro_batches(batch.input_ids.shape[0])
+        slices = self._micro_batches(batch.attention_mask.sum(-1))
         local_loss = 0.0
         for i, rows in enumerate(slices):
             mb = rows_of(batch, rows, self.device)
@@ -271,25 +276,24 @@ class DeepSpeedTrainer:
         """Reward-model scores, [B] float32 on the CPU, read at each row's last non-pad token;
         collective. Only for model_kind="reward"."""
         self.engine.eval()
-        parts = [torch.empty(0)]
-        for rows in self._micro_batches(input_ids.shape[0]):
-            scores = self._score_rows(input_ids, attention_mask, rows)
+        scores = torch.zeros(input_ids.shape[0])
+        for rows in self._micro_batches(attention_mask.sum(-1)):
+            part = self._score_rows(input_ids, attention_mask, rows)
             if rows is not None:
-                parts.append(scores.float().cpu())
+                scores[rows] = part.float().cpu()
         self.engine.train()
-        return torch.cat(parts)
+        return scores
 
     def train_rm(self, batch: PreferenceBatch, global_pair_count: int) -> dict[str, float]:
-        """One optimizer step of the Bradley–Terry loss over this rank's pairs (micro_batch_size pairs
-        per forward, chosen and rejected together); collective. rm/loss and rm/accuracy are over the
-        whole batch of all ranks."""
+        """One optimizer step of the Bradley–Terry loss over this rank's pairs (micro_batch_size pairs,
+        or pairs within the token budget, per forward, chosen and rejected together); collective.
+        rm/loss and rm/accuracy are over the whole batch of all ranks."""
         pairs = check_pairs(batch)
         self.engine.train()
-        slices = self._micro_batches(pairs)
+        slices = self._micro_batches(batch.attention_mask.sum(-1).view(2, pairs).amax(0), rows_per_item=2)
         local_loss, correct = 0.0, 0.0
-        index = torch.arange(pairs)
         for i, rows in enumerate(slices):
-            both = None if rows is None else torch.cat([index[rows], index[rows] + pairs])  # chosen, rejected
+            both = None if rows is None else torch.cat([rows, rows + pairs])  # chosen, rejected
             scores = self._score_rows(batch.input_ids, batch.attention_mask, both)
             chosen, rejected = scores.view(2, -1)
             loss, metrics = bradley_terry_loss(chosen, rejected, global_pair_count)
@@ -301,7 +305,7 @@ class DeepSpeedTrainer:
         return {**self._step({"loss": local_loss}, "rm"), "rm/accuracy": accuracy}
 
     def _score_rows(self, input_ids: Tensor, attention_mask: Tensor, rows: Any) -> Tensor:
-        """Scores of the selected rows (a slice or an index tensor), trimmed to their longest; rows None
+        """Scores of the selected rows (an index tensor), trimmed to their longest; rows None
         scores two one-token dummy rows (the padding micro-batch still runs ZeRO-3's gathers)."""
         if rows is None:
             ids, mask = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long)

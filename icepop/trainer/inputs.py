@@ -47,9 +47,25 @@ def check_args(
         raise ValueError(f"lr_schedule='cosine' needs total_steps >= 1; got {total}")
 
 
-def rows_of(batch: Any, rows: slice | None, device: torch.device) -> dict[str, Tensor | None]:
-    """The batch's tensors for `rows`, on `device`; rows None gives the padding micro-batch: one
-    row of two tokens whose label mask is all False, so its loss and gradient are exactly 0."""
+def micro_batch_rows(lengths: list[int], size: int, token_budget: int = 0) -> list[Tensor]:
+    """Row indices of each micro-batch of rows with these token lengths. token_budget 0: `size`
+    consecutive rows each. Otherwise the rows sorted longest first and packed greedily while rows ×
+    longest ≤ token_budget — a micro-batch is trimmed to its longest row, so that product is what its
+    forward computes, padding included; a row longer than the budget gets a micro-batch of its own."""
+    if token_budget <= 0:
+        return [torch.arange(i, min(len(lengths), i + size)) for i in range(0, len(lengths), size)]
+    groups: list[list[int]] = []
+    for row in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+        if not groups or (len(groups[-1]) + 1) * lengths[groups[-1][0]] > token_budget:
+            groups.append([])
+        groups[-1].append(row)
+    return [torch.tensor(group) for group in groups]
+
+
+def rows_of(batch: Any, rows: Tensor | None, device: torch.device) -> dict[str, Tensor | None]:
+    """The batch's tensors for the row indices `rows`, trimmed to their longest row (right padding
+    only: causal attention makes the cut exact), on `device`; rows None gives the padding micro-batch:
+    one row of two tokens whose label mask is all False, so its loss and gradient are exactly 0."""
     if rows is None:
         ids = torch.zeros(1, 2, dtype=torch.long, device=device)
         fill = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -57,7 +73,21 @@ def rows_of(batch: Any, rows: slice | None, device: torch.device) -> dict[str, T
             k: None if v is None else fill.get(k, torch.zeros(1, 1, dtype=v.dtype, device=device))
             for k, v in vars(batch).items()
         }
-    return {k: None if v is None else v[rows].to(device, non_blocking=True) for k, v in vars(batch).items()}
+    length = batch.input_ids.shape[1]
+    width = min(length, max(2, int(batch.attention_mask[rows].sum(-1).max())))
+    return {
+        k: None if v is None else v[rows, : width if v.shape[1] == length else width - 1].to(device)
+        for k, v in vars(batch).items()
+    }
+
+
+def place_rows(parts: list[tuple[Tensor, Tensor]], rows: int, width: int) -> Tensor:
+    """[rows, width] float32 on the CPU from (row indices, [len(indices), w ≤ width] values) parts,
+    each row's values left-aligned and 0 beyond them (micro-batch results back in batch order)."""
+    out = torch.zeros(rows, width)
+    for index, values in parts:
+        out[index, : values.shape[1]] = values.detach().float().cpu()
+    return out
 
 
 def check_batch(batch: RLBatch | SFTBatch, options: PolicyLossOptions | None = None) -> None:
@@ -70,8 +100,12 @@ def check_batch(batch: RLBatch | SFTBatch, options: PolicyLossOptions | None = N
         expected = (rows, length) if name in ("input_ids", "attention_mask") else (rows, length - 1)
         if value is not None and tuple(value.shape) != expected:
             raise ValueError(f"{name} must have shape {expected} (label-aligned); got {tuple(value.shape)}")
-        if name in ("response_mask", "loss_mask") and value.dtype != torch.bool:
+        if name not in ("response_mask", "loss_mask"):
+            continue
+        if value.dtype != torch.bool:
             raise ValueError(f"{name} must be a bool tensor (True = trained token); got {value.dtype}")
+        if bool((value & ~batch.attention_mask[:, 1:].bool()).any()):
+            raise ValueError(f"{name} marks a label position past its row's end (attention_mask 0 there)")
     if options is not None and options.kl_coef != 0.0 and getattr(batch, "ref_logprobs", None) is None:
         raise ValueError(f"kl_coef={options.kl_coef} needs batch.ref_logprobs")
 
@@ -165,17 +199,18 @@ class RLStepRecord:
         self.sums: dict[str, float] = {}
         self.additive = {"loss": 0.0, "pg_loss": 0.0}
         self.entropy = dict.fromkeys(("all", "all_tokens", "masked", "masked_tokens"), 0.0)
-        self.old_logprobs: list[Tensor] = []
+        self.old_logprobs: list[tuple[Tensor, Tensor]] = []  # (batch rows, their ℓ_old)
         self.real = 0
 
     def add(
         self, loss: Tensor, metrics: dict[str, Tensor], entropy: Tensor, keep: Tensor, mask: Tensor,
-        old_logprobs: Tensor, real: bool,
+        old_logprobs: Tensor, rows: Tensor | None,
     ) -> None:  # fmt: skip
-        """One micro-batch; `real` False for the padding one, whose loss (0) is all that counts."""
+        """One micro-batch of these batch rows; None for the padding one, whose loss (0) is all that
+        counts."""
         self.additive["loss"] += float(loss.detach())
         self.additive["pg_loss"] += float(metrics["actor/pg_loss"])
-        if not real:
+        if rows is None:
             return
         self.real += 1
         for key, value in metrics.items():
@@ -184,7 +219,7 @@ class RLStepRecord:
         for name, where in (("all", mask), ("masked", mask & ~keep)):  # the tokens the correction masked
             self.entropy[name] += float(torch.where(where, entropy.detach(), 0.0).sum())
             self.entropy[f"{name}_tokens"] += float(where.sum())
-        self.old_logprobs.append(old_logprobs.detach().float().cpu())
+        self.old_logprobs.append((rows, old_logprobs.detach().float().cpu()))
 
     def metrics(self, micro_batches: int) -> dict[str, float]:
         """pg_loss's metrics (micro-batch means), the entropies, the micro-batch count."""
