@@ -131,8 +131,9 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
 
     # 6. Sync the new weights into every engine, check engine and trainer agree on the probe, and
     # (stress test only) give the engines a noisy copy.
-    probe_diff = with_engines(run, step, lambda: sync(run, step))
-    lap("sync")
+    probe_diff = with_engines(run, step, lambda: sync(run, step, lap))
+    lap("sync_probe")
+    timings["timing/sync_seconds"] = sum(timings[f"timing/sync_{part}_seconds"] for part in ("push", "probe"))
 
     # 7. Log: the ranks' means first, then exact whole-batch mismatch and mask statistics over them.
     lengths = torch.tensor([len(c.token_ids) for group in groups for c in group], dtype=torch.float32)

@@ -58,10 +58,13 @@ class RLRun:
     """Steps in a row in which the rule reward failed (raised or timed out) on every sample."""
 
 
-def sync(run: RLRun, step: int) -> weights.ProbeDifference:
+def sync(run: RLRun, step: int, lap: Callable[[str], None] | None = None) -> weights.ProbeDifference:
     """Push the trainer's weights into every engine and check them on the probe; then, for stress
-    tests, push a noisy copy (the noise of step s is seeded by run.seed + s)."""
+    tests, push a noisy copy (the noise of step s is seeded by run.seed + s). `lap("sync_push")` is
+    called once the push is done (the RL step's timing of that part)."""
     run.weight_sync.push()  # blocks until every engine holds the new weights
+    if lap is not None:
+        lap("sync_push")
     probe_diff = weights.probe_difference(run.rollout, run.trainer, run.probe)
     weights.check_probe(probe_diff, run.config.rollout, run.config.model.dtype, step)
     inject_mismatch(run, step)
