@@ -5,25 +5,122 @@ prints the median seconds of each phase — generate, reward, old log-probs, tra
 share of the step (the ratio against the whole step, measured in the same run), and the rollout
 throughput. The first step (start-up effects) is left out.
 
+Then the rollout efficiency: raw vLLM (`vllm.LLM` in a process of its own) generates the same
+batches — the run's model folder, its prompts in the order the run drew them, prompts_per_step ×
+samples_per_prompt samples each, the same sampling (temperature, top-p/k, max_new_tokens, the
+sampled token's log-prob, seeded like the run's engine) — with the engine arguments and thread count
+of icepop's engine (icepop.rollout.vllm.VllmEngine, icepop.ray.workers.engine_settings) and the
+environment icepop gives its actors. Printed: icepop's median generate tok/s ÷ raw vLLM's (steps
+2..N both). The gap is what icepop adds around the engine: Ray (task dispatch, result transfer),
+Completion objects, the batch split across engines; both sides pay for the log-probs. `--no-raw-vllm`
+skips it.
+
     python bench/rlvr_step.py                       # tiny dense model on countdown, CPU
     python bench/rlvr_step.py model=tiny-moe train.steps=8
+    python bench/rlvr_step.py --no-raw-vllm model=smollm2-135m data=arithmetic
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from icepop.tracking import read_metrics
 
-PHASES = ("generate", "reward", "old_logprobs", "train", "sync")
+PHASES = ("generate", "reward", "old_logprobs", "train", "sync", "sync_push", "sync_probe")
+"""timing/<phase>_seconds of each step; sync = sync_push (weights into every engine) + sync_probe."""
+RAW_VLLM_FILE = "raw_vllm.json"
+
+
+def raw_vllm(run_dir: Path) -> None:
+    """Generate the run's batches with a bare vllm.LLM set up as icepop's engine is; write the tokens
+    and seconds of each batch to run_dir/raw_vllm.json. Runs in its own process (one engine per
+    process), started with the environment of icepop's actors (OMP_NUM_THREADS=1, in-process engine)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from icepop.config import Config
+    from icepop.ray.workers import engine_settings
+    from icepop.stages import setup, warmup
+
+    loaded = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / "config.yaml"))
+    config = OmegaConf.to_object(loaded)
+    assert isinstance(config, Config)
+    steps = len(read_metrics(run_dir))
+    model_path = warmup.policy_path(config, run_dir)  # cached by the run itself
+    engine = engine_settings(config, model_path)
+    if engine["cpu_threads"] is not None:
+        torch.set_num_threads(engine["cpu_threads"])  # as VllmEngine does, before vLLM's worker pins it
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(  # VllmEngine's arguments on CPU
+        model=model_path,
+        dtype=engine["dtype"],
+        seed=engine["seed"],
+        max_model_len=engine["max_model_len"],
+        enforce_eager=True,
+        logprobs_mode="processed_logprobs",
+        generation_config="vllm",
+        kv_cache_memory_bytes=engine["kv_cache_bytes"],
+        enable_sleep_mode=False,
+    )
+    batches, _ = setup.prompt_streams(config, setup.load_tokenizer(model_path, config.data))
+    algo = config.algo
+    results = []
+    for step in range(1, steps + 1):
+        prompts = batches.next_batch(algo.prompts_per_step)
+        sampling = setup.sampling_settings(config, seed=config.run.seed * 100_003 + step)  # rl_step's seed
+        torch.manual_seed(sampling.seed)  # VllmEngine on CPU seeds torch's generator, not each request
+        params = SamplingParams(
+            n=algo.samples_per_prompt,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_new_tokens,
+            logprobs=0,
+        )
+        start = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": p.prompt_ids} for p in prompts], params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.token_ids) for output in outputs for o in output.outputs)
+        results.append({"step": step, "seconds": seconds, "tokens": tokens})
+    settings = {k: v for k, v in engine.items() if k != "model_path"}
+    info = {"batches": results, "threads": torch.get_num_threads(), "engine": settings}
+    (run_dir / RAW_VLLM_FILE).write_text(json.dumps(info, indent=2))
+
+
+def rollout_efficiency(run_dir: Path, icepop_tokens_per_second: float) -> None:
+    """Run `raw_vllm` in a subprocess and print icepop's generate tok/s against it."""
+    from icepop.ray.cluster import process_env
+
+    env = {**os.environ, **process_env(on_gpu=False, local=True)}  # what icepop's engine actors get
+    print("\nraw vLLM on the same model, batches and sampling:", flush=True)
+    subprocess.run([sys.executable, __file__, "--raw-vllm-of", str(run_dir)], check=True, env=env)
+    batches = json.loads((run_dir / RAW_VLLM_FILE).read_text())["batches"][1:]
+    raw = statistics.median(b["tokens"] / b["seconds"] for b in batches)
+    print(
+        f"rollout efficiency: icepop {icepop_tokens_per_second:,.0f} generated tokens/s ÷ raw vLLM "
+        f"{raw:,.0f} tokens/s = {icepop_tokens_per_second / raw:.1%} (medians of steps 2-{len(batches) + 1})"
+    )
 
 
 def main() -> None:
-    overrides = sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-raw-vllm", action="store_true", help="skip the rollout-efficiency comparison")
+    parser.add_argument("--raw-vllm-of", type=Path, help=argparse.SUPPRESS)  # internal: the raw vLLM side
+    parser.add_argument("overrides", nargs="*", help="icepop overrides, key=value")
+    args = parser.parse_intermixed_args()
+    if args.raw_vllm_of is not None:
+        raw_vllm(args.raw_vllm_of)
+        return
+    overrides = args.overrides
     if not any(o.startswith("train.steps=") for o in overrides):
         overrides.append("train.steps=6")
     run_dir = Path(tempfile.mkdtemp(prefix="icepop-bench-")) / "run"
@@ -42,6 +139,8 @@ def main() -> None:
     print(
         f"rollout: {tokens:,.0f} generated tokens/s; response length {rows[-1]['response_length/mean']:.1f}"
     )
+    if not args.no_raw_vllm:
+        rollout_efficiency(run_dir, tokens)
 
 
 if __name__ == "__main__":
