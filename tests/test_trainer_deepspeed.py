@@ -133,6 +133,7 @@ def _dense_part(rank: int, world_size: int, port: int, model_dir: str, out: str)
         res["step_s"].append(seconds)
         res.setdefault("single_pass_old", trainer.last_old_logprobs())  # the first (on-policy) step's
     res["params"] = before = params(trainer.engine.module)
+    res["fused_adamw"] = trainer.engine.optimizer.optimizer.defaults["fused"]  # ZeRO's torch AdamW
 
     # A NaN advantage on a valid token of rank 1 only: every rank must skip the step.
     bad = rl_batch(5, 4)
@@ -326,6 +327,7 @@ def test_rl_and_sft_steps_equal_one_full_batch_torch_step(dense: dict[str, Any])
         diff = max_diff(rank_result["params"], expected_params)
         assert diff < 1e-6
     print(f"max |Δθ| vs the torch reference after 3 steps: {diff:.1e}")
+    assert dense["ranks"][0]["fused_adamw"]  # the fused kernel gives the reference's update too
     first = dense["ranks"][0]["metrics"][0]
     assert first["actor/micro_batches"] == 2.0 and 0.0 < first["icepop/mask_frac"] < 1.0
     assert first["actor/entropy"] > 5.0  # near ln 375 ≈ 5.9 for a random model

@@ -139,10 +139,12 @@ def deepspeed_config(
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_clipping": grad_clip,
         "gradient_accumulation_steps": 1,  # bookkeeping only: train_* sets the boundary itself
-        # Plain torch AdamW ("torch_adam"): nothing is JIT-compiled.
+        # Plain torch AdamW ("torch_adam"): nothing is JIT-compiled. Its fused kernel (CPU and CUDA)
+        # updates ZeRO's flat fp32 partition 8× faster on CPU than the default per-tensor loop, which
+        # materialises a temporary the size of the model for every operation (bench/train_phase.py).
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": lr, "betas": list(betas), "eps": eps, "torch_adam": True},
+            "params": {"lr": lr, "betas": list(betas), "eps": eps, "torch_adam": True, "fused": True},
         },
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": dtype == "bfloat16"},
