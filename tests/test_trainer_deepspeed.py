@@ -164,7 +164,7 @@ PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 MOE_CONFIGS = {
     "z3": {"zero_stage": 3, "ds_config_overrides": PARTITION_ALL},
     # Micro-batches by a token budget: rows sorted longest first, 1-2 rows each (lengths 7-12).
-    "z1": {"zero_stage": 1, "micro_batch_tokens": 20},
+    "z1": {"zero_stage": 1, "micro_batch_tokens": 20, "cpu_threads": 3},
     "z2bf16": {"zero_stage": 2, "dtype": "bfloat16", "offload": True, "gradient_checkpointing": True},
 }
 """Trainers built one after the other in the same two processes (close() then a new process group)."""
@@ -187,6 +187,7 @@ def _moe_part(rank: int, world_size: int, ports: list[int], model_dir: str, out:
             **TRAINER_ARGS,
             **config,
         )
+        res[f"{tag}_threads"] = torch.get_num_threads()
         res[f"{tag}_logprobs_before"] = trainer.logprobs(probe.input_ids, probe.attention_mask, TEMPERATURE)
         res[f"{tag}_metrics"], res[f"{tag}_step_s"] = timed(
             run_step, trainer, kind, batch, options, shards[rank]
@@ -371,6 +372,7 @@ def test_moe_steps_under_zero3_and_zero1_are_exact_too_and_bf16_runs(moe: dict[s
     expected_count = max(len(micro_batch_rows(rank_lengths, MICRO, budget)) for rank_lengths in lengths)
     assert expected_count != len(lengths[0]) // MICRO
     assert moe["ranks"][0]["z1_metrics"]["actor/micro_batches"] == expected_count
+    assert moe["ranks"][0]["z1_threads"] == 3  # cpu_threads (trainer.cpus_per_rank) on a CPU rank
 
 
 @SPAWNS_RANKS

@@ -40,7 +40,7 @@ class TrainerConfig:
     micro-batch trimmed to its longest row. The gradient is the same (losses carry global
     denominators); fewer, fuller forwards with little padding. SFT, RL and reward-model stages."""
     cpus_per_rank: int = 1
-    """CPUs reserved per trainer rank."""
+    """CPUs reserved per trainer rank; on CPU also its torch threads."""
     gpus_per_rank: int = 0
     """GPUs per trainer rank; 0 on CPU machines."""
 

@@ -251,6 +251,7 @@ class TrainerGroup:
             "grad_clip": trainer.grad_clip,
             "micro_batch_size": trainer.micro_batch_size,
             "micro_batch_tokens": trainer.micro_batch_tokens,
+            "cpu_threads": trainer.cpus_per_rank if trainer.gpus_per_rank == 0 else None,
             "gradient_checkpointing": config.model.gradient_checkpointing,
             "seed": config.run.seed,
             "temperature": temperature,  # the sampling temperature: ℓ under the processed distribution

@@ -76,6 +76,7 @@ class DeepSpeedTrainer:
         temperature: float = 1.0,
         gradient_checkpointing: bool = False,
         seed: int = 0,
+        cpu_threads: int | None = None,
         ds_config_overrides: dict[str, Any] | None = None,
         model_kind: str = "policy",
     ) -> None:
@@ -84,7 +85,8 @@ class DeepSpeedTrainer:
         last into the generated DeepSpeed config (e.g. ZeRO-3 bucket sizes). `model_kind` "reward"
         builds a sequence-classification model with one output (a reward model, `train_rm`/`scores`)
         on top of the checkpoint instead of the causal LM policy. `micro_batch_tokens` > 0 forms
-        micro-batches by a token budget instead of `micro_batch_size` rows (inputs.micro_batch_rows)."""
+        micro-batches by a token budget instead of `micro_batch_size` rows (inputs.micro_batch_rows).
+        `cpu_threads`: torch threads of a CPU rank (None keeps the process's)."""
         check_args(zero_stage, dtype, micro_batch_size, lr_schedule, total_steps, model_kind)
         self.model_kind = model_kind
         self.model_path, self.rank, self.world_size = model_path, rank, world_size
@@ -92,6 +94,8 @@ class DeepSpeedTrainer:
         self.micro_batch_tokens = micro_batch_tokens
         torch.manual_seed(seed)
         self.device = self._init_distributed(master_addr, master_port, local_rank)
+        if self.device.type == "cpu" and cpu_threads is not None:
+            torch.set_num_threads(cpu_threads)
         self._weight_group: dist.ProcessGroup | None = None  # rank 0 only, after join_weight_group
         self._last_old_logprobs: Tensor | None = None
         config = deepspeed_config(
