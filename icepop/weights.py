@@ -48,17 +48,19 @@ def probe_sequences(prompts: list[Prompt], count: int = PROBES, length: int = 24
 
 
 def probe_difference(rollout: Any, trainer: Any, sequences: list[list[int]]) -> ProbeDifference:
-    """Score the probe sequences (after their first token) with every engine and with the trainer."""
-    engine_refs = [ref for seq in sequences for ref in rollout.async_score(seq, 1)]
+    """Score the probe sequences (after their first token) with every engine, then with the trainer.
+    One after the other: on a CPU machine engines and ranks share the cores, and their thread pools
+    side by side oversubscribe them (the probe of SmolLM2-135M took 5.5 s instead of 2)."""
+    per_engine = gather(rollout.async_score(sequences, 1))  # each engine scores all sequences at once
     width = max(map(len, sequences))
     rows = sequences * math.ceil(trainer.ranks / len(sequences))  # every rank takes part
     ids = torch.tensor([seq + [0] * (width - len(seq)) for seq in rows])
     mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in rows])
     trainer_scores = torch.cat(gather(trainer.async_logprobs(ids, mask, 1.0))).double()
-    engines = len(engine_refs) // len(sequences)
     diffs = [
-        (torch.tensor(scores, dtype=torch.float64) - trainer_scores[i // engines, : len(scores)]).abs()
-        for i, scores in enumerate(gather(engine_refs))
+        (torch.tensor(scores, dtype=torch.float64) - trainer_scores[i, : len(scores)]).abs()
+        for engine_scores in per_engine
+        for i, scores in enumerate(engine_scores)
     ]
     every = torch.cat(diffs)
     return ProbeDifference(float(every.max()), float(every.mean()))

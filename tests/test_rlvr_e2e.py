@@ -115,7 +115,7 @@ def test_weights_changed_and_checkpoint_loads_in_transformers_and_vllm(runs: dic
     expected = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
     engine = VllmEngine(str(final))
     try:
-        scored = torch.tensor(engine.score(ids, 1), dtype=torch.float64)
+        scored = torch.tensor(engine.score([ids], 1)[0], dtype=torch.float64)
     finally:
         engine.close()
     assert (scored - expected).abs().max() < 1e-4

@@ -48,13 +48,13 @@ def check_rollout_engine_contract(engine: RolloutEngine, prompt_ids: list[list[i
                 assert 1 <= len(c.token_ids) <= max_new_tokens
     # The probe scores exactly the response tokens.
     prompt, response = prompt_ids[0], result[0][0].token_ids
-    scores = engine.score(prompt + response, len(prompt))
+    scores = engine.score([prompt + response], len(prompt))[0]
     assert len(scores) == len(response)
     assert all(isinstance(x, float) and math.isfinite(x) and x <= 0.0 for x in scores)
     # sleep/wake round-trips without changing the weights (a no-op on CPU, a real offload on GPU).
     engine.sleep()
     engine.wake()
-    assert engine.score(prompt + response, len(prompt)) == pytest.approx(scores, abs=1e-6)
+    assert engine.score([prompt + response], len(prompt))[0] == pytest.approx(scores, abs=1e-6)
 
 
 # ---- fixtures: one tiny model and one engine per architecture, alive for the whole module ----
@@ -75,7 +75,7 @@ def engine(model_dir: Path) -> Iterator[VllmEngine]:
     engine.close()  # idempotent
     assert torch.get_num_threads() == threads  # the process's threading is restored
     with pytest.raises(RuntimeError, match="closed"):
-        engine.score(PROMPTS[0], 1)
+        engine.score([PROMPTS[0]], 1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -197,13 +197,18 @@ def test_score_matches_transformers(engine: VllmEngine, hf_model: torch.nn.Modul
     sequences = [PROMPTS[0] + [3, 14, 15, 92, 65, 35], PROMPTS[1] + list(range(100, 140))]
     worst = 0.0
     for token_ids, prompt_len in zip(sequences, [5, 3], strict=True):
-        scores = engine.score(token_ids, prompt_len)
+        scores = engine.score([token_ids], prompt_len)[0]
         worst = max(worst, max_abs_diff(scores, hf_logprobs(hf_model, token_ids, prompt_len)))
+    # Both in one batch (the probe's call): each sequence as on its own.
+    batched = engine.score(sequences, 3)
+    for token_ids, scores in zip(sequences, batched, strict=True):
+        assert len(scores) == len(token_ids) - 3
+        worst = max(worst, max_abs_diff(scores, hf_logprobs(hf_model, token_ids, 3)))
     print(f"max |Δ score| vs transformers: {worst:.2e}")
     assert worst < 1e-5
-    assert engine.score(PROMPTS[0], len(PROMPTS[0])) == []
+    assert engine.score([PROMPTS[0]], len(PROMPTS[0])) == [[]]
     with pytest.raises(ValueError, match="prompt_len"):
-        engine.score(PROMPTS[0], 0)
+        engine.score([PROMPTS[0]], 0)
 
 
 def push(engine: VllmEngine, path: Path, sync: str) -> None:
@@ -238,7 +243,7 @@ def test_weight_sync_replaces_changed_weights_exactly(
     changed.save_pretrained(tmp_path)
     new = hf_logprobs(changed, probe, prompt_len)
     push(engine, tmp_path / "model.safetensors", sync)
-    scores = engine.score(probe, prompt_len)
+    scores = engine.score([probe], prompt_len)[0]
     new_error, old_error = max_abs_diff(scores, new), max_abs_diff(scores, old)
     print(f"{sync} sync: max |Δ| vs new weights {new_error:.2e}, vs old weights {old_error:.2f}")
     assert new_error < 1e-5 and old_error > 0.1
@@ -246,7 +251,7 @@ def test_weight_sync_replaces_changed_weights_exactly(
     (sample,) = engine.generate([PROMPTS[2]], 1, SamplingSettings(max_new_tokens=8, seed=0))[0]
     assert max_abs_diff(sample.logprobs, hf_logprobs(changed, PROMPTS[2] + sample.token_ids, 4)) < 1e-4
     push(engine, model_dir / "model.safetensors", sync)
-    assert max_abs_diff(engine.score(probe, prompt_len), old) < 1e-5
+    assert max_abs_diff(engine.score([probe], prompt_len)[0], old) < 1e-5
 
 
 @pytest.mark.parametrize("sync", ["file", "broadcast"])
@@ -267,7 +272,7 @@ def test_one_engine_per_process_and_no_use_while_asleep(engine: VllmEngine, mode
         VllmEngine(str(model_dir))
     engine.sleep()
     with pytest.raises(RuntimeError, match="asleep"):
-        engine.score(PROMPTS[0], 1)
+        engine.score([PROMPTS[0]], 1)[0]
     engine.wake()
 
 
@@ -278,19 +283,19 @@ def test_mismatch_injection_is_exactly_off_at_zero_and_measurable_above(
     exact = hf_logprobs(hf_model, probe, prompt_len)
     weights = str(model_dir / "model.safetensors")
     engine.load_weights(weights)
-    clean = engine.score(probe, prompt_len)
+    clean = engine.score([probe], prompt_len)[0]
     engine.load_weights(weights, noise=(0.0, 1))
-    assert engine.score(probe, prompt_len) == clean  # level 0: bit-identical to no injection
+    assert engine.score([probe], prompt_len)[0] == clean  # level 0: bit-identical to no injection
     engine.load_weights(weights, noise=(1e-12, 1))  # far below fp32 resolution: nothing may move
-    assert max_abs_diff(engine.score(probe, prompt_len), exact) < 1e-5
+    assert max_abs_diff(engine.score([probe], prompt_len)[0], exact) < 1e-5
     engine.load_weights(weights, noise=(0.05, 1))
-    noisy = engine.score(probe, prompt_len)
+    noisy = engine.score([probe], prompt_len)[0]
     engine.load_weights(weights, noise=(0.05, 1))
-    assert engine.score(probe, prompt_len) == noisy  # seeded: the same level and seed, the same engine
+    assert engine.score([probe], prompt_len)[0] == noisy  # seeded: the same level and seed, the same engine
     clean_error, noisy_error = max_abs_diff(clean, exact), max_abs_diff(noisy, exact)
     print(
         f"mismatch injection 0.05: max |Δ log p| vs the exact weights {clean_error:.1e} → {noisy_error:.1e}"
     )
     assert clean_error < 1e-5 and noisy_error > 1e-3
     engine.load_weights(weights)  # the next sync restores the exact weights
-    assert max_abs_diff(engine.score(probe, prompt_len), exact) < 1e-5
+    assert max_abs_diff(engine.score([probe], prompt_len)[0], exact) < 1e-5

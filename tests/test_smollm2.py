@@ -88,7 +88,7 @@ def test_rlvr_on_the_real_model_syncs_exactly_continues_and_saves_a_loadable_che
     expected = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
     engine = VllmEngine(str(final), max_model_len=256, kv_cache_bytes=256 * 2**20)
     try:
-        scored = torch.tensor(engine.score(ids, 1), dtype=torch.float64)
+        scored = torch.tensor(engine.score([ids], 1)[0], dtype=torch.float64)
     finally:
         engine.close()
     assert (scored - expected).abs().max() < 1e-3

@@ -199,8 +199,9 @@ class RolloutGroup:
     def merge(results: list[list[list[Completion]]]) -> list[list[Completion]]:
         return [group for block in results for group in block]
 
-    def async_score(self, token_ids: list[int], prompt_len: int) -> list[Any]:
-        return [a.call.remote("score", token_ids, prompt_len) for a in self.actors]
+    def async_score(self, sequences: list[list[int]], prompt_len: int) -> list[Any]:
+        """One ref per engine: its log-probs of every sequence (RolloutEngine.score)."""
+        return [a.call.remote("score", sequences, prompt_len) for a in self.actors]
 
     def async_call(self, method: str, *args: Any) -> list[Any]:
         """The same call on every engine."""

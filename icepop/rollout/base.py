@@ -23,8 +23,9 @@ class RolloutEngine(Protocol):
         """
         ...
 
-    def score(self, token_ids: list[int], prompt_len: int) -> list[float]:
-        """Log-probs of token_ids[prompt_len:] given their prefixes (temperature 1): the sync probe."""
+    def score(self, sequences: list[list[int]], prompt_len: int) -> list[list[float]]:
+        """For each sequence, the log-probs of sequence[prompt_len:] given their prefixes (temperature
+        1), all in one batch: the sync probe."""
         ...
 
     def load_weights(self, path: str, noise: tuple[float, int] | None = None) -> None:

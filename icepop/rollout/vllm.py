@@ -279,22 +279,27 @@ class VllmEngine:
         outputs = self._llm.generate(prompts, params, use_tqdm=False)
         return [[_to_completion(o) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
 
-    def score(self, token_ids: list[int], prompt_len: int) -> list[float]:
-        """Log-probs at temperature 1 of token_ids[prompt_len:] given their prefixes: the sync probe."""
+    def score(self, sequences: list[list[int]], prompt_len: int) -> list[list[float]]:
+        """Log-probs at temperature 1 of each sequence[prompt_len:] given their prefixes, in one batch:
+        the sync probe."""
         from vllm import SamplingParams
 
         self._check_usable()
-        if not 1 <= prompt_len <= len(token_ids):
-            raise ValueError(
-                f"prompt_len={prompt_len} must lie in [1, len(token_ids)={len(token_ids)}]: "
-                "the first token has no prefix to be scored from"
-            )
+        for token_ids in sequences:
+            if not 1 <= prompt_len <= len(token_ids):
+                raise ValueError(
+                    f"prompt_len={prompt_len} must lie in [1, len(token_ids)={len(token_ids)}]: "
+                    "the first token has no prefix to be scored from"
+                )
         # prompt_logprobs=0 returns each prompt token's log-prob from the raw logits (temperature 1),
         # computed in the same forward pass that generation uses; the one generated token is discarded.
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-        (output,) = self._llm.generate([{"prompt_token_ids": list(token_ids)}], params, use_tqdm=False)
-        steps = output.prompt_logprobs
-        return [float(steps[j][token_ids[j]].logprob) for j in range(prompt_len, len(token_ids))]
+        prompts = [{"prompt_token_ids": list(token_ids)} for token_ids in sequences]
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        return [
+            [float(out.prompt_logprobs[j][ids[j]].logprob) for j in range(prompt_len, len(ids))]
+            for ids, out in zip(sequences, outputs, strict=True)
+        ]
 
     def load_weights(self, path: str, noise: Noise | None = None) -> None:
         """Replace the weights with the full state dict (Hugging Face names) in the safetensors file;
