@@ -40,7 +40,7 @@ def step_one(runs: Path, name: str, start: str | None, task: list[str]) -> Path:
     """One RL step with a bfloat16 engine: its metrics are those of the starting weights."""
     overrides = [
         "+recipe=rlvr", "model=smollm2-135m", *([f"model.path={start}"] if start else []),
-        "rollout.dtype=bfloat16", *task, "algo.samples_per_prompt=4", "trainer.micro_batch_size=8",
+        "rollout.dtype=bfloat16", *task, "algo.samples_per_prompt=4",
         "train.steps=1", "train.eval_every=0", "data.eval_size=8",
     ]  # fmt: skip
     return train(runs, name, overrides)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # whole runs of a 135M-parameter model
 
 RUN = [
     "+recipe=rlvr", "model=smollm2-135m", "data=gym-arithmetic", "algo.prompts_per_step=2",
-    "algo.samples_per_prompt=4", "trainer.ranks=1", "trainer.micro_batch_size=4", "rollout.max_new_tokens=16",
+    "algo.samples_per_prompt=4", "trainer.ranks=1", "rollout.max_new_tokens=16",
     "data.size=64", "data.eval_size=4", "reward.workers=1", "train.checkpoint_every=1", "train.keep_last=1",
     "train.eval_every=0", "run.dir=run",  # one rank: the real model's scale, the fewest processes
 ]  # fmt: skip
