@@ -280,22 +280,17 @@ class VllmEngine:
         return [[_to_completion(o) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
 
     def score(self, sequences: list[list[int]], prompt_len: int) -> list[list[float]]:
-        """Log-probs at temperature 1 of each sequence[prompt_len:] given their prefixes, in one batch:
-        the sync probe."""
+        """Log-probs (temperature 1) of each sequence[prompt_len:] given its prefix, batched: the probe."""
         from vllm import SamplingParams
 
         self._check_usable()
-        for token_ids in sequences:
-            if not 1 <= prompt_len <= len(token_ids):
-                raise ValueError(
-                    f"prompt_len={prompt_len} must lie in [1, len(token_ids)={len(token_ids)}]: "
-                    "the first token has no prefix to be scored from"
-                )
-        # prompt_logprobs=0 returns each prompt token's log-prob from the raw logits (temperature 1),
-        # computed in the same forward pass that generation uses; the one generated token is discarded.
+        if not 1 <= prompt_len <= min(map(len, sequences), default=1):
+            shortest = min(map(len, sequences))
+            raise ValueError(f"prompt_len={prompt_len} must be in [1, {shortest}]: token 0 has no prefix")
+        # prompt_logprobs=0: each prompt token's log-prob from the raw logits (temperature 1) of the
+        # forward pass generation uses; the one generated token is discarded.
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-        prompts = [{"prompt_token_ids": list(token_ids)} for token_ids in sequences]
-        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        outputs = self._llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
         return [
             [float(out.prompt_logprobs[j][ids[j]].logprob) for j in range(prompt_len, len(ids))]
             for ids, out in zip(sequences, outputs, strict=True)
