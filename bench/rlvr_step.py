@@ -48,6 +48,7 @@ def raw_vllm(run_dir: Path) -> None:
 
     from icepop.config import Config
     from icepop.ray.workers import engine_settings
+    from icepop.rollout.vllm import VllmEngine, _sampling_params
     from icepop.stages import setup, warmup
 
     loaded = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / "config.yaml"))
@@ -56,21 +57,10 @@ def raw_vllm(run_dir: Path) -> None:
     steps = len(read_metrics(run_dir))
     model_path = warmup.policy_path(config, run_dir)  # cached by the run itself
     engine = engine_settings(config, model_path)
-    if engine["cpu_threads"] is not None:
-        torch.set_num_threads(engine["cpu_threads"])  # as VllmEngine does, before vLLM's worker pins it
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(  # VllmEngine's arguments on CPU
-        model=model_path,
-        dtype=engine["dtype"],
-        seed=engine["seed"],
-        max_model_len=engine["max_model_len"],
-        enforce_eager=True,
-        logprobs_mode="processed_logprobs",
-        generation_config="vllm",
-        kv_cache_memory_bytes=engine["kv_cache_bytes"],
-        enable_sleep_mode=False,
-    )
+    # Built by icepop's own engine class, so the vllm.LLM has exactly its arguments and thread count;
+    # only that bare LLM's generate is timed below, with icepop's sampling parameters.
+    vllm_engine = VllmEngine(**engine)  # held: its finalizer shuts the LLM down
+    llm = vllm_engine._llm
     batches, _ = setup.prompt_streams(config, setup.load_tokenizer(model_path, config.data))
     algo = config.algo
     results = []
@@ -78,14 +68,7 @@ def raw_vllm(run_dir: Path) -> None:
         prompts = batches.next_batch(algo.prompts_per_step)
         sampling = setup.sampling_settings(config, seed=config.run.seed * 100_003 + step)  # rl_step's seed
         torch.manual_seed(sampling.seed)  # VllmEngine on CPU seeds torch's generator, not each request
-        params = SamplingParams(
-            n=algo.samples_per_prompt,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            max_tokens=sampling.max_new_tokens,
-            logprobs=0,
-        )
+        params = _sampling_params(sampling, algo.samples_per_prompt, seed=None)
         start = time.perf_counter()
         outputs = llm.generate([{"prompt_token_ids": p.prompt_ids} for p in prompts], params, use_tqdm=False)
         seconds = time.perf_counter() - start

@@ -14,7 +14,6 @@ included) against the real ones.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import time
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from icepop.algo import PolicyLossOptions
 from icepop.config import Config
 from icepop.data.prompts import load_prompts
+from icepop.ray.cluster import free_port
 from icepop.stages.batch import rl_batch
 from icepop.stages.setup import load_tokenizer, resolve_model
 from icepop.trainer.deepspeed import DeepSpeedTrainer
@@ -46,12 +46,6 @@ def batch(model_path: str, rows: int, group: int, max_new_tokens: int, seed: int
 
 def computed_tokens(lengths: list[int], size: int, budget: int) -> int:
     return sum(len(g) * max(lengths[i] for i in g.tolist()) for g in micro_batch_rows(lengths, size, budget))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def parse(setting: str) -> tuple[int, int]:

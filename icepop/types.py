@@ -7,8 +7,8 @@ logits[:, :-1] line up with labels input_ids[:, 1:]. Sequences are right-padded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, TypeVar
 
 from torch import Tensor
 
@@ -97,3 +97,23 @@ class PreferenceBatch:
 
     input_ids: Tensor  # [2B, L]
     attention_mask: Tensor  # [2B, L]
+
+
+Batch = TypeVar("Batch", RLBatch, SFTBatch)
+
+
+def select_rows(batch: Batch, rows: slice | Tensor) -> Batch:
+    """Rows of every tensor field (a slice or row indices), trimmed to the longest sequence among them
+    (right padding only, so the cut is exact; at least 2 tokens, the fewest a batch may hold)."""
+    length = batch.input_ids.shape[1]
+    width = min(length, max(2, int(batch.attention_mask[rows].sum(dim=1).max())))
+    values = {}
+    for f in fields(batch):
+        tensor = getattr(batch, f.name)
+        if tensor is None:
+            values[f.name] = None
+        elif f.name in ("input_ids", "attention_mask"):
+            values[f.name] = tensor[rows, :width]
+        else:
+            values[f.name] = tensor[rows, : width - 1]
+    return replace(batch, **values)

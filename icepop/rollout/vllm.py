@@ -284,8 +284,8 @@ class VllmEngine:
         from vllm import SamplingParams
 
         self._check_usable()
-        if not 1 <= prompt_len <= min(map(len, sequences), default=1):
-            shortest = min(map(len, sequences))
+        shortest = min(map(len, sequences), default=1)
+        if not 1 <= prompt_len <= shortest:
             raise ValueError(f"prompt_len={prompt_len} must be in [1, {shortest}]: token 0 has no prefix")
         # prompt_logprobs=0: each prompt token's log-prob from the raw logits (temperature 1) of the
         # forward pass generation uses; the one generated token is discarded.

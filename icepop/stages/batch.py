@@ -7,15 +7,10 @@ occupies label positions P-1 … P-1+len(response)-1.
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
-from typing import TypeVar
-
 import torch
 from torch import Tensor
 
-from icepop.types import Completion, Prompt, RLBatch, SFTBatch
-
-Batch = TypeVar("Batch", RLBatch, SFTBatch)
+from icepop.types import Batch, Completion, Prompt, RLBatch, select_rows
 
 
 def rl_batch(
@@ -46,21 +41,6 @@ def rl_batch(
         rollout_logprobs[i, span] = torch.tensor(completion.logprobs, dtype=torch.float32)
         token_advantages[i, span] = float(advantages[i])
     return RLBatch(input_ids, attention_mask, response_mask, rollout_logprobs, token_advantages)
-
-
-def select_rows(batch: Batch, rows: slice) -> Batch:
-    """Rows of every tensor field, trimmed to the longest sequence among them."""
-    length = int(batch.attention_mask[rows].sum(dim=1).max())
-    values = {}
-    for f in fields(batch):
-        tensor = getattr(batch, f.name)
-        if tensor is None:
-            values[f.name] = None
-        elif f.name in ("input_ids", "attention_mask"):
-            values[f.name] = tensor[rows, :length]
-        else:
-            values[f.name] = tensor[rows, : length - 1]
-    return replace(batch, **values)
 
 
 def split_rows(batch: Batch, parts: int) -> list[Batch]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from icepop.algo import PolicyLossOptions
-from icepop.types import PreferenceBatch, RLBatch, SFTBatch
+from icepop.types import PreferenceBatch, RLBatch, SFTBatch, select_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LR_SCHEDULES = ("constant", "cosine")
@@ -73,12 +73,8 @@ def rows_of(batch: Any, rows: Tensor | None, device: torch.device) -> dict[str, 
             k: None if v is None else fill.get(k, torch.zeros(1, 1, dtype=v.dtype, device=device))
             for k, v in vars(batch).items()
         }
-    length = batch.input_ids.shape[1]
-    width = min(length, max(2, int(batch.attention_mask[rows].sum(-1).max())))
-    return {
-        k: None if v is None else v[rows, : width if v.shape[1] == length else width - 1].to(device)
-        for k, v in vars(batch).items()
-    }
+    selected = vars(select_rows(batch, rows))
+    return {k: None if v is None else v.to(device, non_blocking=True) for k, v in selected.items()}
 
 
 def place_rows(parts: list[tuple[Tensor, Tensor]], rows: int, width: int) -> Tensor:
