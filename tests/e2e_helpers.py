@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import pytest
 
 SMALL = [
     "algo.prompts_per_step=4",
@@ -29,6 +30,7 @@ QUICK_SFT = ["sft.steps=4", "sft.eval_size=8"]
 warm-up (the session's shared ICEPOP_CACHE, tests/conftest.py)."""
 TINY_DEFAULT = [
     "+recipe=rlvr", *QUICK_SFT, "train.steps=3", "trainer.zero_stage=2", "trainer.lr=1e-4",
+    "rollout.engines=2",  # prompts split across two engines, one per rank under cluster.placement=colocated
     "reward.function=e2e_rewards:shorter",  # a custom reward by dotted path, never zero-variance
     "logger=wandb",  # offline by default: a local run that `wandb sync` uploads later
     "algo.kl_coef=0.01",  # a KL term to the starting policy, scored by the reference actor ...
@@ -44,6 +46,20 @@ REFERENCE = [
 (tests/test_multinode.py) must reproduce step for step: the tiny default from its cached SFT warm-up,
 a reward that varies within every group (real updates every step), a bfloat16 engine (a real
 mismatch), checkpoints."""
+
+
+DETERMINISTIC = ("reward/mean", "reward/std", "actor/loss", "actor/grad_norm", "response_length/mean",
+                 "mismatch/abs_logp_diff_max", "icepop/mask_frac", "actor/entropy")  # fmt: skip
+"""Metrics that a run reproduces exactly (up to float noise) for a fixed seed, whatever its layout."""
+
+
+def assert_same_steps(rows: list[dict], reference: list[dict], steps: range) -> None:
+    """Every `DETERMINISTIC` metric of these steps equals the reference run's."""
+    by_step = {r["step"]: r for r in rows}
+    expected = {r["step"]: r for r in reference}
+    for step in steps:
+        for key in DETERMINISTIC:
+            assert by_step[step][key] == pytest.approx(expected[step][key], rel=1e-6, abs=1e-9), (step, key)
 
 
 @dataclass

@@ -186,3 +186,29 @@ def test_the_engines_get_the_configured_context_and_eager_mode() -> None:
     )
     gpu = compose_config("+recipe=rlvr", "cluster=gpu", "rollout.enforce_eager=false")
     assert engine_settings(gpu, "/model")["enforce_eager"] is False
+
+
+def test_colocated_engines_live_in_the_trainer_ranks_bundles_and_share_their_devices() -> None:
+    apart = compose_config("+recipe=rlvr", "rollout.engines=2", "rollout.cpus_per_engine=3")
+    together = compose_config(
+        "+recipe=rlvr", "cluster.placement=colocated", "rollout.engines=2", "rollout.cpus_per_engine=3"
+    )
+    assert needed_resources(apart) == {"CPU": 8, "GPU": 0}  # 2 engines × 3 + 2 ranks × 1
+    assert needed_resources(together) == {"CPU": 2, "GPU": 0}  # the ranks' bundles alone
+    assert needed_resources(together, rollout=False) == needed_resources(apart, rollout=False)
+    # On CPU: the rank's threads, no sleep mode; on GPUs: the rank's GPU, asleep while it trains.
+    assert (
+        engine_settings(apart, "/m")["cpu_threads"] == 3
+        and not engine_settings(apart, "/m")["enable_sleep_mode"]
+    )
+    assert engine_settings(together, "/m")["cpu_threads"] == 1
+    assert not engine_settings(together, "/m")["enable_sleep_mode"]
+    gpu = compose_config("+recipe=rlvr", "cluster=gpu", "cluster.placement=colocated", "rollout.engines=2")
+    assert (
+        engine_settings(gpu, "/m")["enable_sleep_mode"] and engine_settings(gpu, "/m")["cpu_threads"] is None
+    )
+    assert needed_resources(gpu) == {"CPU": 2, "GPU": 2}
+    assert together.describe_batches().endswith(
+        "placement colocated: 2 trainer rank(s) × 1 CPU/0 GPU, each hosting one engine"
+    )
+    assert "placement disaggregated: 2 engine(s) × 3 CPU/0 GPU, 2 trainer rank(s)" in apart.describe_batches()

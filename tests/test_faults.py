@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from e2e_helpers import REFERENCE, Run
+from e2e_helpers import REFERENCE, Run, assert_same_steps
 
 from icepop.stages import checkpoint
 from icepop.tracking import read_metrics
@@ -36,8 +36,6 @@ from icepop.tracking import read_metrics
 pytestmark = pytest.mark.slow  # whole runs of python -m icepop.train, killed and resumed
 
 RUN = [*REFERENCE, "run.dir=run"]
-DETERMINISTIC = ("reward/mean", "reward/std", "actor/loss", "actor/grad_norm", "response_length/mean",
-                 "mismatch/abs_logp_diff_max", "icepop/mask_frac", "actor/entropy")  # fmt: skip
 
 
 def start(tmp_path: Path, cache: Path, *overrides: str) -> subprocess.Popen:
@@ -102,14 +100,6 @@ def actor_processes(pid: int, actor_class: str) -> list[psutil.Process]:
             if f"ray::{actor_class}" in " ".join(proc.cmdline()):
                 found.append(proc)
     return found
-
-
-def assert_same_steps(rows: list[dict], reference: list[dict], steps: range) -> None:
-    by_step = {r["step"]: r for r in rows}
-    expected = {r["step"]: r for r in reference}
-    for step in steps:
-        for key in DETERMINISTIC:
-            assert by_step[step][key] == pytest.approx(expected[step][key], rel=1e-6, abs=1e-9), (step, key)
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,12 @@ CASES = [
     (["+algo.kl_coeff=0.1"], "did you mean algo.kl_coef?"),
     (["rollout.gpus_per_engine=2"], "tensor parallelism is not supported"),
     (["rollout.enforce_eager=false"], "rollout.enforce_eager=false needs GPUs"),
-    (["cluster.placement=colocated"], "cluster.placement=colocated"),
+    (["cluster.placement=colocated"], "rollout.engines must equal trainer.ranks (2); got rollout.engines=1"),
+    (
+        ["cluster.placement=colocated", "rollout.engines=2", "rollout.gpus_per_engine=1"],
+        "rollout.gpus_per_engine must equal trainer.gpus_per_rank (0); got 1",
+    ),
+    (["cluster.placement=together"], "cluster.placement='together' is not one of disaggregated, colocated"),
     (["rollout.top_k=-1"], "rollout.top_k must be >= 0"),
 ]
 

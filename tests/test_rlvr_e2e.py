@@ -3,8 +3,8 @@
 The tiny default's RLVR: its SFT warm-up runs first (and is cached: a second run starts from it at
 once), then a few RL steps. Asserts the
 run directory's contents, that every required metric is present and finite each step, that the
-weights changed, that engine and trainer agreed after every sync, and that the final checkpoint
-loads in transformers and in vLLM with identical log-probs.
+weights changed, that engine and trainer agreed after every sync, that the final checkpoint loads in
+transformers and in vLLM with identical log-probs, and that colocated engines give the same run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from e2e_helpers import Run
+from e2e_helpers import TINY_DEFAULT, Run, assert_same_steps, icepop_train
 from safetensors.torch import load_file
 
 from icepop.telemetry import read_histograms
@@ -141,3 +141,23 @@ def test_the_tiny_default_runs_its_sft_warm_up_once_and_caches_it(
         "running +recipe=sft first" not in reference_run.stdout and str(runs["start"]) in reference_run.stdout
     )
     assert json.loads((reference_run.dir / "summary.json").read_text())["stage"] == "rlvr"
+
+
+def test_colocated_engines_give_the_same_run_with_weights_moved_in_process(
+    runs: dict[str, Any], shared_cache: Path, tmp_path: Path
+) -> None:
+    """cluster.placement=colocated: each trainer rank's process hosts one of the two engines and hands it
+    the new weights directly. Same seed, same steps as the disaggregated tiny default (engines of their
+    own, weights broadcast): the same samples, rewards, losses and gradients."""
+    result = icepop_train(
+        tmp_path, *TINY_DEFAULT, "cluster.placement=colocated", "run.dir=rl", cache=shared_cache
+    )
+    assert "placement colocated: 2 trainer rank(s) × 1 CPU/0 GPU, each hosting one engine" in result.stdout
+    placed = next(line for line in result.stdout.splitlines() if line.startswith("icepop placement:"))
+    assert placed.startswith("icepop placement: trainer ranks 0, 1 on node") and "rollout" not in placed
+    together, apart = rows(tmp_path / "rl" / "metrics.jsonl"), rows(runs["rl"] / "metrics.jsonl")
+    assert_same_steps(together, apart, range(1, 4))
+    for row in together:  # the in-process push is exact, and it was timed
+        assert row["sync/probe_abs_logp_diff"] < 1e-5 and row["timing/sync_push_seconds"] > 0
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (tmp_path / "rl", runs["rl"])]
+    assert summaries[0]["after"] == summaries[1]["after"]

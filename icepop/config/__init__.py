@@ -18,7 +18,7 @@ from icepop.config.algo import ADVANTAGES, AlgoConfig, RewardConfig
 from icepop.config.checks import DTYPES, one_of
 from icepop.config.derived import Derived, derive
 from icepop.config.model import DataConfig, ModelConfig
-from icepop.config.rollout import ClusterConfig, RolloutConfig
+from icepop.config.rollout import ClusterConfig, RolloutConfig, check_placement
 from icepop.config.stages import (
     EvalConfig,
     LoggerConfig,
@@ -77,6 +77,7 @@ class Config:
 
     def __post_init__(self) -> None:
         one_of("stage", self.stage, STAGES)
+        check_placement(self.cluster, self.rollout, self.trainer.ranks, self.trainer.gpus_per_rank)
         self.derived()  # refuses inconsistent batch sizes
 
     def derived(self) -> Derived:

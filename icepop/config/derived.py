@@ -31,13 +31,21 @@ class Derived:
             else f"{self.micro_batches_per_update} micro-batch(es) × {trainer.micro_batch_size} sequences "
             f"(gradient accumulation {self.micro_batches_per_update})"
         )
+        colocated = cluster.placement == "colocated"
+        engines = (
+            ""
+            if colocated
+            else (
+                f"{rollout.engines} engine(s) × {rollout.cpus_per_engine} CPU/{rollout.gpus_per_engine} GPU, "
+            )
+        )
+        hosting = ", each hosting one engine" if colocated else ""
         return (
             f"samples/step {self.samples_per_step} = {algo.prompts_per_step} prompts × "
             f"{algo.samples_per_prompt}; per trainer rank {self.samples_per_rank}; "
             f"{algo.updates_per_step} update(s)/step of {micro}; "
-            f"placement {cluster.placement}: {rollout.engines} engine(s) × "
-            f"{rollout.cpus_per_engine} CPU/{rollout.gpus_per_engine} GPU, {trainer.ranks} trainer rank(s) × "
-            f"{trainer.cpus_per_rank} CPU/{trainer.gpus_per_rank} GPU"
+            f"placement {cluster.placement}: {engines}{trainer.ranks} trainer rank(s) × "
+            f"{trainer.cpus_per_rank} CPU/{trainer.gpus_per_rank} GPU{hosting}"
         )
 
 

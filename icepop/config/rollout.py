@@ -93,6 +93,9 @@ class RolloutConfig:
         return self.max_model_len or max_prompt_tokens + self.max_new_tokens
 
 
+PLACEMENTS = ("disaggregated", "colocated")
+
+
 @dataclass
 class ClusterConfig:
     address: str | None = None
@@ -100,14 +103,29 @@ class ClusterConfig:
     num_cpus: int | None = None
     """Logical CPUs of the local cluster; None: enough for every bundle plus one for the driver's tasks."""
     placement: str = "disaggregated"
-    """"disaggregated": engines and trainer ranks on bundles of their own (the only placement so far)."""
+    """"disaggregated": engines and trainer ranks on bundles of their own. "colocated": each trainer rank's
+    process also hosts one engine (rollout.engines = trainer.ranks; it uses the rank's CPUs or GPU, so
+    rollout.cpus_per_engine and rollout.weight_sync are not used: the weights move in-process); on GPUs
+    the engines sleep while the ranks train (untested on GPUs)."""
 
     def __post_init__(self) -> None:
-        if self.placement == "colocated":
-            raise ValueError(
-                "cluster.placement=colocated (engines sharing the trainer ranks' devices) is not implemented "
-                "yet; use cluster.placement=disaggregated"
-            )
-        one_of("cluster.placement", self.placement, ("disaggregated",))
+        one_of("cluster.placement", self.placement, PLACEMENTS)
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError(f"cluster.num_cpus must be >= 1 (or null); got {self.num_cpus}")
+
+
+def check_placement(cluster: ClusterConfig, rollout: RolloutConfig, ranks: int, gpus_per_rank: int) -> None:
+    """Colocated engines are one per trainer rank, on the rank's devices: refuse counts that disagree."""
+    if cluster.placement != "colocated":
+        return
+    if rollout.engines != ranks:
+        raise ValueError(
+            f"cluster.placement=colocated hosts one engine in each trainer rank: rollout.engines must equal "
+            f"trainer.ranks ({ranks}); got rollout.engines={rollout.engines}"
+        )
+    if rollout.gpus_per_engine != gpus_per_rank:
+        raise ValueError(
+            "cluster.placement=colocated runs each engine on its trainer rank's devices: "
+            f"rollout.gpus_per_engine must equal trainer.gpus_per_rank ({gpus_per_rank}); "
+            f"got {rollout.gpus_per_engine}"
+        )

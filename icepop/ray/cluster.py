@@ -208,13 +208,6 @@ def reserve(config: Config, rollout: bool = True, trainer: bool = True) -> Place
     import ray
     from ray.util.placement_group import placement_group
 
-    engines, ranks = config.rollout, config.trainer
-    if config.cluster.placement == "colocated" and (engines.gpus_per_engine == 0 or ranks.gpus_per_rank == 0):
-        raise ValueError(
-            "cluster.placement=colocated shares GPUs between vLLM (asleep during training) and the "
-            "trainer; it needs rollout.gpus_per_engine and trainer.gpus_per_rank > 0. "
-            "Use disaggregated on CPU machines."
-        )
     alive = [node for node in ray.nodes() if node["Alive"]]
     nodes = [node["Resources"] for node in alive]
     check_capacity(config, nodes, rollout, trainer)

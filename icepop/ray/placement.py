@@ -41,10 +41,10 @@ class Role:
 
 def roles(config: Config, rollout: bool = True, trainer: bool = True) -> list[Role]:
     """The run's roles in reservation order (rollout=False: no engines or reward model; trainer=False:
-    no trainer ranks)."""
+    no trainer ranks). Colocated engines need no bundles of their own: they live in the ranks'."""
     engines, ranks, reward = config.rollout, config.trainer, config.reward
     found = []
-    if rollout:
+    if rollout and not (trainer and config.cluster.placement == "colocated"):  # else inside the ranks
         found.append(
             Role("rollout", "engine", engines.engines, engines.cpus_per_engine, engines.gpus_per_engine)
         )

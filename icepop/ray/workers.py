@@ -1,8 +1,9 @@
 """Worker groups: vLLM engines and DeepSpeed trainer ranks as Ray actors on their bundles.
 
 The actors are thin: each holds one plain object (a `RolloutEngine` or a `TrainerBackend`) built
-inside the actor's process, and forwards calls to it. Group methods that return object refs are
-named `async_*`; the RL loop does the `ray.get`, so every blocking point is visible there.
+inside the actor's process, and forwards calls to it (colocated, a trainer rank's holds an engine
+too). Group methods that return object refs are named `async_*`; the RL loop does the `ray.get`, so
+every blocking point is visible there.
 
 Constructing a group starts its actors and their set-up (imports, model loading) without waiting:
 `wait_ready(*groups)` waits for all of them at once, so engines and trainer ranks start in parallel.
@@ -10,6 +11,7 @@ Constructing a group starts its actors and their set-up (imports, model loading)
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -38,8 +40,6 @@ class _Host:
         return address, free_port(address)
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
     def setup(self, cls: type, kwargs: dict[str, Any]) -> None:
@@ -50,12 +50,26 @@ class _Host:
 
 
 class EngineHost(_Host):
-    """A rollout engine's actor; the class names the role in `ps` ("ray::EngineHost.call") and Ray's
-    dashboard."""
+    """A rollout engine's actor; the class names the role in `ps` ("ray::EngineHost.call") and Ray."""
 
 
 class TrainerHost(_Host):
-    """A trainer rank's actor."""
+    """A trainer rank's actor; under cluster.placement=colocated it also hosts a rollout engine, built
+    after the rank (vLLM then adopts the rank's process group) and reached through `call_engine`."""
+
+    engine: Any = None
+
+    def setup_engine(self, cls: type, kwargs: dict[str, Any]) -> None:
+        self.engine = cls(**kwargs)
+
+    def call_engine(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.engine, method)(*args, **kwargs)
+
+    def push_to_engine(self, noise: tuple[float, int] | None) -> None:
+        """Hand the rank's full weights to its engine in this process (woken first, if asleep);
+        collective over the ranks under ZeRO-3."""
+        self.engine.wake()
+        self.engine.load_tensors(self.obj.weight_tensors(), noise)
 
 
 class ReferenceHost(_Host):
@@ -131,8 +145,12 @@ def actor_index(actors: list[Any], error: Exception) -> int | None:
 
 
 def engine_settings(config: Config, model_path: str) -> dict[str, Any]:
-    """The keyword arguments every rollout engine of the run is built with (icepop.rollout.base)."""
-    rollout = config.rollout
+    """The keyword arguments every rollout engine of the run is built with (icepop.rollout.base). An
+    engine colocated in a trainer rank uses the rank's CPUs or GPU, and sleeps while the rank trains."""
+    rollout, colocated = config.rollout, config.cluster.placement == "colocated"
+    hosts = config.trainer if colocated else None
+    cpus = hosts.cpus_per_rank if hosts else rollout.cpus_per_engine
+    gpus = hosts.gpus_per_rank if hosts else rollout.gpus_per_engine
     return {
         "model_path": model_path,
         "dtype": rollout.dtype,
@@ -141,30 +159,44 @@ def engine_settings(config: Config, model_path: str) -> dict[str, Any]:
         "enforce_eager": rollout.enforce_eager,
         "kv_cache_bytes": int(rollout.kv_cache_gib * 2**30),
         "gpu_memory_utilization": rollout.gpu_memory_utilization,
-        "enable_sleep_mode": config.cluster.placement == "colocated",
+        "enable_sleep_mode": colocated and gpus > 0,
         # On CPU vLLM's worker pins its own thread count; more threads than the bundle's cores stall it.
-        "cpu_threads": rollout.cpus_per_engine if rollout.gpus_per_engine == 0 else None,
+        "cpu_threads": cpus if gpus == 0 else None,
     }
 
 
 class RolloutGroup:
-    """N vLLM engines; prompts are split across them in contiguous blocks (a group never splits)."""
+    """N vLLM engines; prompts are split across them in contiguous blocks (a group never splits).
 
-    def __init__(self, config: Config, model_path: str, placement: Placement) -> None:
+    hosts: the trainer ranks' actors, one engine to be built in each (cluster.placement=colocated);
+    None: each engine gets an actor of its own on a rollout bundle."""
 
+    def __init__(self, config: Config, model_path: str, placement: Placement, hosts: list[Any] | None = None):
         rollout = config.rollout
+        self.colocated = hosts is not None
         self._resources = (placement.rollout, rollout.cpus_per_engine, rollout.gpus_per_engine)
         self.restarts = 0
-        self.actors = _actors(EngineHost, rollout.engines, *self._resources, "rollout")
         self._kwargs = engine_settings(config, model_path)
         self._engine = engine_class(rollout.backend)
-        self.pending = [a.setup.remote(self._engine, self._kwargs) for a in self.actors]
+        if hosts is None:
+            self.actors = _actors(EngineHost, rollout.engines, *self._resources, "rollout")
+            self.pending = [a.setup.remote(self._engine, self._kwargs) for a in self.actors]
+        else:  # queued behind each rank's own set-up, which forms the process group vLLM joins
+            self.actors = list(hosts)
+            self.pending = [a.setup_engine.remote(self._engine, self._kwargs) for a in self.actors]
+
+    def _call(self, actor: Any) -> Any:
+        """The actor method that forwards a call to its engine."""
+        return actor.call_engine if self.colocated else actor.call
 
     def dead_engines(self) -> list[int]:
-        """Indices of the engines whose actor has died (a live but busy one answers within 60 s)."""
+        """Indices of the engines whose actor has died (a live but busy one answers within 60 s); none
+        when colocated: there the actor is a trainer rank's, whose death ends the run."""
         import ray
 
-        dead = []
+        dead: list[int] = []
+        if self.colocated:
+            return dead
         for index, actor in enumerate(self.actors):
             try:
                 ray.get(actor.pid.remote(), timeout=60)
@@ -190,7 +222,7 @@ class RolloutGroup:
         """One ref per engine, each resolving to list[list[Completion]] for its block of prompts."""
         ids = [p.prompt_ids for p in prompts]
         return [
-            actor.call.remote("generate", ids[rows], samples_per_prompt, sampling)
+            self._call(actor).remote("generate", ids[rows], samples_per_prompt, sampling)
             for actor, rows in zip(self.actors, blocks(len(ids), len(self.actors)), strict=True)
             if rows.stop > rows.start
         ]
@@ -201,11 +233,16 @@ class RolloutGroup:
 
     def async_score(self, sequences: list[list[int]], prompt_len: int) -> list[Any]:
         """One ref per engine: its log-probs of every sequence (RolloutEngine.score)."""
-        return [a.call.remote("score", sequences, prompt_len) for a in self.actors]
+        return [self._call(a).remote("score", sequences, prompt_len) for a in self.actors]
 
     def async_call(self, method: str, *args: Any) -> list[Any]:
         """The same call on every engine."""
-        return [a.call.remote(method, *args) for a in self.actors]
+        return [self._call(a).remote(method, *args) for a in self.actors]
+
+    def async_sleep(self) -> list[Any]:
+        """Colocated: the engines free their devices for the trainer until the next weight push wakes
+        them (vLLM sleep mode on GPUs; only marked asleep on CPU). Nothing to do otherwise."""
+        return self.async_call("sleep") if self.colocated else []
 
 
 class TrainerGroup:
@@ -361,40 +398,3 @@ class RewardModelGroup:
             for a, rows in zip(self.actors, parts, strict=True)
             if rows.stop > rows.start
         ]
-
-
-class WeightSync:
-    """Pushes the trainer's new weights into every engine, without restarting vLLM.
-
-    "broadcast": trainer rank 0 streams them over the weight group (icepop.comm; gloo on CPU, NCCL on
-    GPU), bucket by bucket under ZeRO-3, to engines on any node. "file": rank 0 writes one safetensors
-    file (on /dev/shm) that every engine reads; simple, but only for engines on the trainer's node.
-    """
-
-    def __init__(self, method: str, trainer: TrainerGroup, rollout: RolloutGroup, file_path: str) -> None:
-        self.method, self.trainer, self.rollout, self.file_path = method, trainer, rollout, file_path
-        self.reconnect()
-
-    def reconnect(self) -> None:
-        """(Re)form the weight group of trainer rank 0 and every engine: at start, and after an engine
-        was restarted (a new group on a new port; the old one is dropped by every member)."""
-        import ray
-
-        if self.method == "broadcast":  # trainer rank 0 is member 0 of the group, engine i is member i + 1
-            addr, port = ray.get(self.trainer.actors[0].node_address.remote())
-            size = 1 + len(self.rollout.actors)
-            engines = [
-                actor.call.remote("join_weight_group", addr, port, i + 1, size)
-                for i, actor in enumerate(self.rollout.actors)
-            ]
-            gather([self.trainer.actors[0].call.remote("join_weight_group", addr, port, size), *engines])
-
-    def push(self, noise: tuple[float, int] | None = None) -> None:
-        """Blocks until every engine holds the trainer's current weights (plus seeded noise of
-        (level, seed) for a mismatch-injection stress test: icepop.rollout.vllm.with_noise)."""
-        if self.method == "broadcast":  # sender and receivers run together
-            receive = self.rollout.async_call("receive_weights", noise)
-            gather(self.trainer.async_call("broadcast_weights") + receive)
-        else:  # the file must be complete before any engine reads it
-            gather(self.trainer.async_call("export_weights", self.file_path))
-            gather(self.rollout.async_call("load_weights", self.file_path, noise))

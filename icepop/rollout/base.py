@@ -5,8 +5,12 @@ One small Protocol; `vllm.py` is the only implementation and the only module tha
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
+from torch import Tensor
+
+from icepop.rollout.noise import Noise
 from icepop.types import Completion, SamplingSettings
 
 
@@ -40,6 +44,11 @@ class RolloutEngine(Protocol):
     def receive_weights(self, noise: tuple[float, int] | None = None) -> None:
         """Replace the weights with those broadcast over the weight group (full state dict, Hugging
         Face names; `noise` as for `load_weights`); collective with the trainer's `broadcast_weights`."""
+        ...
+
+    def load_tensors(self, tensors: Iterable[tuple[str, Tensor]], noise: Noise | None = None) -> None:
+        """Replace the weights with the full state dict streamed as (Hugging Face name, tensor) pairs,
+        from a trainer rank in the same process (cluster.placement=colocated); `noise` as above."""
         ...
 
     def sleep(self) -> None:

@@ -18,15 +18,12 @@ import gc
 import logging
 import os
 import weakref
-import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from icepop.rollout.noise import Noise, with_noise
 from icepop.types import Completion, SamplingSettings
-
-Noise = tuple[float, int]
-"""(level, seed) of a mismatch injection (`with_noise`)."""
 
 if TYPE_CHECKING:
     import torch
@@ -117,25 +114,6 @@ def _repack_cpu_kernels(model: torch.nn.Module) -> None:
             ):
                 with torch.no_grad():
                     bias.copy_(bias.to(weight.dtype).float())
-
-
-def with_noise(
-    tensors: Iterator[tuple[str, torch.Tensor]], noise: Noise | None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Mismatch injection for stress tests: each floating-point tensor plus Gaussian noise of `level` ×
-    its std, seeded by (seed, tensor name) so the noise does not depend on the order tensors arrive in.
-    It goes in through the reload, so it reaches every weight — including those vLLM's CPU kernels keep
-    only in packed form. None or level 0 passes the tensors through unchanged (bit-identical)."""
-    import torch
-
-    level, seed = noise or (0.0, 0)
-    for name, tensor in tensors:
-        if level and tensor.is_floating_point() and tensor.numel() > 1:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            values = tensor.float().cpu()
-            values += torch.randn(values.shape, generator=generator) * (level * float(values.std()))
-            tensor = values.to(device=tensor.device, dtype=tensor.dtype)
-        yield name, tensor
 
 
 def _checkpoint_names(model_path: str) -> frozenset[str]:
@@ -330,19 +308,31 @@ class VllmEngine:
         if self._weight_group is None:
             raise RuntimeError("receive_weights before join_weight_group")
         stream = comm.receive_tensors(*self._weight_group)
-        names: set[str] = set()
-
-        def recorded() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor in stream:
-                names.add(name)
-                yield name, tensor
-
         try:
-            self._reload(with_noise(recorded(), noise))
+            self.load_tensors(stream, noise, "the broadcast")
         finally:
             for _ in stream:  # drain after an error, so the sender is not left blocked
                 pass
-        self._check_complete(names, "the broadcast")
+
+    def load_tensors(
+        self,
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        noise: Noise | None = None,
+        source: str = "the trainer",
+    ) -> None:
+        """Replace the weights with the full state dict streamed as (Hugging Face name, tensor) pairs
+        (plus `noise`, as in `load_weights`): a trainer rank in this process hands them over directly
+        (cluster.placement=colocated)."""
+        self._check_usable()
+        names: set[str] = set()
+
+        def recorded() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in tensors:
+                names.add(name)
+                yield name, tensor
+
+        self._reload(with_noise(recorded(), noise))
+        self._check_complete(names, source)
 
     def _check_complete(self, names: set[str], source: str) -> None:
         missing = self._checkpoint_names - names

@@ -30,12 +30,12 @@ from icepop.algo import (
 from icepop.config import Config
 from icepop.errors import input_errors
 from icepop.ray import cluster
+from icepop.ray.weight_sync import WeightSync
 from icepop.ray.workers import (
     ReferenceGroup,
     RewardModelGroup,
     RolloutGroup,
     TrainerGroup,
-    WeightSync,
     actor_index,
     gather,
     wait_ready,
@@ -81,6 +81,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         return gather(run.rollout.async_generate(prompts, algo.samples_per_prompt, sampling))
 
     groups = RolloutGroup.merge(with_engines(run, step, generate))
+    gather(run.rollout.async_sleep())  # colocated: the engines free the devices until the sync
     lap("generate")
 
     # 2. Reward: verifiers in worker processes (per-sample timeout) and/or reward-model actors.
@@ -209,8 +210,8 @@ def run_rl(config: Config, run_dir: Path) -> Summary:
                 if every and step % every == 0 and step != config.train.steps:
                     evaluate_exact(run, eval_prompts, step)
             after = evaluate_exact(run, eval_prompts, step)
+            gather(run.rollout.async_call("close"))  # first: a colocated engine's close ends the ranks' group
             gather(run.trainer.async_call("close"))
-            gather(run.rollout.async_call("close"))
     except ray.exceptions.RayActorError as error:
         rank = None if run is None else actor_index(run.trainer.actors, error)
         if run is None or rank is None:
@@ -247,7 +248,6 @@ def _set_up(
     data: the prompt stream, the held-out prompts and the pad id."""
     prompts, eval_prompts, pad_id = data
     placement = cluster.reserve(config)
-    rollout = RolloutGroup(config, model_path, placement)
     trainer = TrainerGroup(
         config,
         model_path,
@@ -257,6 +257,8 @@ def _set_up(
         warmup_steps=config.trainer.warmup_steps,
         temperature=config.rollout.temperature,
     )
+    colocated = config.cluster.placement == "colocated"  # engines built in the ranks, after them
+    rollout = RolloutGroup(config, model_path, placement, hosts=trainer.actors if colocated else None)
     reference = ReferenceGroup(config, model_path, placement) if config.algo.kl_coef != 0.0 else None
     reward_model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
     pool = stack.enter_context(setup.reward_pool(config)) if config.reward.rule_weight else None  # meanwhile

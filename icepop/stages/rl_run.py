@@ -17,7 +17,8 @@ import ray
 
 from icepop import weights
 from icepop.config import Config
-from icepop.ray.workers import ReferenceGroup, RolloutGroup, TrainerGroup, WeightSync
+from icepop.ray.weight_sync import WeightSync
+from icepop.ray.workers import ReferenceGroup, RolloutGroup, TrainerGroup
 from icepop.rewards.pool import Scores
 from icepop.stages import checkpoint
 from icepop.stages.evaluate import evaluate

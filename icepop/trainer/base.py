@@ -7,6 +7,7 @@ global counts that make the loss exact across ranks and micro-batches come with 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 from torch import Tensor
@@ -59,6 +60,11 @@ class TrainerBackend(Protocol):
     def broadcast_weights(self) -> int:
         """Send the full weights (names as for `export_weights`) over the weight group; collective over
         the ranks and with the engines' `receive_weights`. Returns the bytes sent by this rank."""
+        ...
+
+    def weight_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """The full weights (names as for `export_weights`) as (name, tensor) pairs on every rank, for
+        an engine in the rank's own process; collective: every rank consumes it to the end."""
         ...
 
     def save(self, directory: str) -> None:

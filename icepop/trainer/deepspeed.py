@@ -28,7 +28,7 @@ from torch import Tensor
 
 from icepop import comm
 from icepop.algo import PolicyLossOptions, bradley_terry_loss, logprobs_and_entropy, pg_loss
-from icepop.trainer.export import state_buckets, write_checkpoint, write_weights_file
+from icepop.trainer.export import engine_buckets, state_buckets, write_checkpoint, write_weights_file
 from icepop.trainer.inputs import (
     RLStepRecord,
     check_args,
@@ -277,8 +277,7 @@ class DeepSpeedTrainer:
 
     @torch.no_grad()
     def scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Reward-model scores, [B] float32 on the CPU, read at each row's last non-pad token;
-        collective. Only for model_kind="reward"."""
+        """Reward-model scores [B] (float32, CPU) at each row's last token; collective (reward model)."""
         self.engine.eval()
         scores = torch.zeros(input_ids.shape[0])
         for rows in self._micro_batches(attention_mask.sum(-1)):
@@ -320,14 +319,22 @@ class DeepSpeedTrainer:
         out = self.engine(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         return out.logits[:, 0]
 
-    def _state_buckets(self, device: torch.device | str) -> Iterator[dict[str, Tensor]]:
-        """`state_buckets` of this rank's model (icepop.trainer.export); collective under ZeRO-3."""
+    def _state_buckets(self, device: Any, every_rank: bool = False) -> Iterator[dict[str, Tensor]]:
+        """`state_buckets` of the model for rank 0 (or every rank); collective under ZeRO-3."""
         gathered: Any = contextlib.nullcontext  # ZeRO-1/2 keep full, updated parameters on every rank
         if self.zero_stage == 3:
             import deepspeed
 
             gathered = functools.partial(deepspeed.zero.GatheredParameters, modifier_rank=None)
-        return state_buckets(self.engine.module, gathered, self.rank == 0, device, GATHER_BUCKET_BYTES)
+        return state_buckets(
+            self.engine.module, gathered, every_rank or self.rank == 0, device, GATHER_BUCKET_BYTES
+        )
+
+    def weight_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """The full weights as (name, tensor) pairs, named as for `broadcast_weights`, on every rank: for
+        an engine in this process (cluster.placement=colocated); collective under ZeRO-3."""
+        for bucket in engine_buckets(self.engine.module, self._state_buckets(self.device, every_rank=True)):
+            yield from bucket.items()
 
     def _full_state_dict(self) -> dict[str, Tensor]:
         """The whole state of `_state_buckets` on the CPU, on rank 0 ({} elsewhere); collective."""
@@ -351,18 +358,14 @@ class DeepSpeedTrainer:
         """Stream the full weights, with the names and shapes `save_pretrained` writes, to every engine
         of the weight group; collective over the trainer ranks (ZeRO-3 gathers) and with the engines'
         `receive_weights`. Returns the bytes sent (0 on ranks other than 0)."""
-        from transformers.core_model_loading import revert_weight_conversion
-
         if self.rank != 0:
             for _ in self._state_buckets(self.device):  # take part in the ZeRO-3 gathers
                 pass
             return 0
         if self._weight_group is None:
             raise RuntimeError("broadcast_weights before join_weight_group: there is no engine to send to")
-        # Bucket by bucket: each conversion (fused MoE experts → per-expert tensors) needs one parameter.
-        module = self.engine.module
-        converted = (revert_weight_conversion(module, b) for b in self._state_buckets(self.device) if b)
-        return comm.send_tensors(self._weight_group, converted, self.device)
+        buckets = engine_buckets(self.engine.module, self._state_buckets(self.device))
+        return comm.send_tensors(self._weight_group, buckets, self.device)
 
     def save(self, directory: str) -> None:
         """A Hugging Face checkpoint folder (icepop.trainer.export); collective, rank 0 writes."""
@@ -385,14 +388,13 @@ class DeepSpeedTrainer:
     def close(self) -> None:
         """Free the engine and leave the process group (also avoids a rare SIGABRT at exit)."""
         self._weight_group = None
-        if self.engine is not None:
+        if self.engine is not None and dist.is_initialized():  # a colocated engine's close ends the group
             self.engine.destroy()
-            self.engine = None
+        self.engine = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if dist.is_initialized():
             dist.destroy_process_group()
-        # DeepSpeed caches its clone of the world group in a module global; a trainer built later
-        # in this process (after a new init_distributed) would otherwise use the destroyed group.
+        # DeepSpeed caches its clone of the world group; a later trainer in this process would use it.
         importlib.import_module("deepspeed.utils.groups")._WORLD_GROUP = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,16 @@ def write_checkpoint(module: Any, state: dict[str, Tensor], model_path: str, dir
         if source.is_file() and not source.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(source, target / source.name)
     module.save_pretrained(target, state_dict=state)
+
+
+def engine_buckets(module: Any, buckets: Iterable[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+    """`buckets` of `module`'s state with the names and shapes `save_pretrained` writes (fused MoE experts
+    split per expert: what vLLM loads); empty buckets are skipped."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    for bucket in buckets:
+        if bucket:
+            yield revert_weight_conversion(module, bucket)
 
 
 def state_buckets(
