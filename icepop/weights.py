@@ -19,8 +19,10 @@ from icepop.config import RolloutConfig
 from icepop.ray.workers import gather
 from icepop.types import Prompt
 
-PROBES = 8
-"""Probe sequences scored after every sync."""
+PROBES = {"float32": 2, "bfloat16": 8}
+"""Probe sequences scored after every sync, by the less precise of the two dtypes: in float32 stale
+weights move every probe token far past the tolerance, so two sequences (each a held-out prompt plus up
+to 24 tokens) tell; the bfloat16 check is a mean over tokens, so it takes more of them."""
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
 """Default limit by the less precise of the engine's and trainer's dtypes, on the largest |Δ log p| of a
 probe token when both are float32 (exact up to 5e-7 here) and on the mean |Δ log p| over all probe
@@ -41,17 +43,27 @@ class ProbeDifference:
     mean: float
 
 
-def probe_sequences(prompts: list[Prompt], count: int = PROBES, length: int = 24) -> list[list[int]]:
-    """Fixed token sequences to score: held-out prompt i followed by the last tokens of prompt i + 1."""
-    n = len(prompts)
+def probe_sequences(prompts: list[Prompt], rollout: RolloutConfig, trainer_dtype: str) -> list[list[int]]:
+    """Fixed token sequences to score, as many as `PROBES` gives the dtypes: held-out prompt i followed by
+    the last tokens of prompt i + 1 (at most 24, and no more than a reply's length)."""
+    count = PROBES[probe_precision(rollout.dtype, trainer_dtype)]
+    length, n = min(24, rollout.max_new_tokens), len(prompts)
     return [prompts[i % n].prompt_ids + prompts[(i + 1) % n].prompt_ids[-length:] for i in range(count)]
 
 
+def probe_shares(sequences: int, engines: int) -> list[list[int]]:
+    """Which probe sequences each engine scores: contiguous shares of about sequences / engines, at least
+    one each (wrapping around), so that every engine is checked and none scores what another did."""
+    size = max(1, math.ceil(sequences / engines))
+    return [[(e * size + j) % sequences for j in range(size)] for e in range(engines)]
+
+
 def probe_difference(rollout: Any, trainer: Any, sequences: list[list[int]]) -> ProbeDifference:
-    """Score the probe sequences (after their first token) with every engine, then with the trainer.
-    One after the other: on a CPU machine engines and ranks share the cores, and their thread pools
-    side by side oversubscribe them (the probe of SmolLM2-135M took 5.5 s instead of 2)."""
-    per_engine = gather(rollout.async_score(sequences, 1))  # each engine scores all sequences at once
+    """Score the probe sequences (after their first token): each engine its share, at once, then the
+    trainer all of them. One after the other: on a CPU machine engines and ranks share the cores, and
+    their thread pools side by side oversubscribe them (the probe of SmolLM2-135M took 5.5 s instead of 2)."""
+    shares = probe_shares(len(sequences), len(rollout.actors))
+    per_engine = gather(rollout.async_score([[sequences[i] for i in share] for share in shares], 1))
     width = max(map(len, sequences))
     rows = sequences * math.ceil(trainer.ranks / len(sequences))  # every rank takes part
     ids = torch.tensor([seq + [0] * (width - len(seq)) for seq in rows])
@@ -59,8 +71,8 @@ def probe_difference(rollout: Any, trainer: Any, sequences: list[list[int]]) -> 
     trainer_scores = torch.cat(gather(trainer.async_logprobs(ids, mask, 1.0))).double()
     diffs = [
         (torch.tensor(scores, dtype=torch.float64) - trainer_scores[i, : len(scores)]).abs()
-        for engine_scores in per_engine
-        for i, scores in enumerate(engine_scores)
+        for share, engine_scores in zip(shares, per_engine, strict=True)
+        for i, scores in zip(share, engine_scores, strict=True)
     ]
     every = torch.cat(diffs)
     return ProbeDifference(float(every.max()), float(every.mean()))

@@ -13,7 +13,7 @@ from icepop.ray.workers import engine_settings
 from icepop.stages.batch import rl_batch, sequence_count, split_rows
 from icepop.trainer.inputs import micro_batch_rows, place_rows, rows_of
 from icepop.types import Completion, Prompt
-from icepop.weights import ProbeDifference, WeightSyncError, check_probe
+from icepop.weights import ProbeDifference, WeightSyncError, check_probe, probe_sequences, probe_shares
 
 PAD = 0
 
@@ -212,3 +212,19 @@ def test_colocated_engines_live_in_the_trainer_ranks_bundles_and_share_their_dev
         "placement colocated: 2 trainer rank(s) × 1 CPU/0 GPU, each hosting one engine"
     )
     assert "placement disaggregated: 2 engine(s) × 3 CPU/0 GPU, 2 trainer rank(s)" in apart.describe_batches()
+
+
+def test_every_engine_scores_its_own_share_of_the_probe_and_at_least_one_sequence() -> None:
+    assert probe_shares(8, 1) == [list(range(8))]
+    assert probe_shares(8, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert probe_shares(8, 3) == [[0, 1, 2], [3, 4, 5], [6, 7, 0]]
+    assert probe_shares(2, 4) == [[0], [1], [0], [1]]  # more engines than sequences: each is checked
+    float32, bfloat16 = RolloutConfig(dtype="float32", max_new_tokens=8), RolloutConfig(dtype="bfloat16")
+    prompts = [Prompt(list(range(i, i + 30))) for i in range(3)]
+    first, second = list(range(30)) + list(range(23, 31)), list(range(1, 31)) + list(range(24, 32))
+    assert probe_sequences(prompts, float32, "float32") == [first, second]  # 2 in float32, 8 tokens added
+    assert (
+        len(probe_sequences(prompts, float32, "bfloat16"))
+        == len(probe_sequences(prompts, bfloat16, "float32"))
+        == 8
+    )

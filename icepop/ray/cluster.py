@@ -87,7 +87,8 @@ def start(config: Config, need: dict[str, float] | None = None) -> None:
         num_cpus=num_cpus,
         num_gpus=int(need["GPU"]) or None,
         include_dashboard=False,
-        runtime_env={"env_vars": env},
+        # No runtime_env: the workers inherit `env` from the raylet this call starts (with one, three
+        # actors took 5.0 s to start here instead of 2.2 s).
         log_to_driver=True,
     )
     _graceful_stop()

@@ -194,10 +194,8 @@ class RolloutGroup:
         when colocated: there the actor is a trainer rank's, whose death ends the run."""
         import ray
 
-        dead: list[int] = []
-        if self.colocated:
-            return dead
-        for index, actor in enumerate(self.actors):
+        dead = []
+        for index, actor in enumerate([] if self.colocated else self.actors):
             try:
                 ray.get(actor.pid.remote(), timeout=60)
             except ray.exceptions.RayActorError:
@@ -231,9 +229,11 @@ class RolloutGroup:
     def merge(results: list[list[list[Completion]]]) -> list[list[Completion]]:
         return [group for block in results for group in block]
 
-    def async_score(self, sequences: list[list[int]], prompt_len: int) -> list[Any]:
-        """One ref per engine: its log-probs of every sequence (RolloutEngine.score)."""
-        return [self._call(a).remote("score", sequences, prompt_len) for a in self.actors]
+    def async_score(self, shares: list[list[list[int]]], prompt_len: int) -> list[Any]:
+        """One ref per engine: its log-probs of its share of the sequences (RolloutEngine.score)."""
+        return [
+            self._call(a).remote("score", s, prompt_len) for a, s in zip(self.actors, shares, strict=True)
+        ]
 
     def async_call(self, method: str, *args: Any) -> list[Any]:
         """The same call on every engine."""

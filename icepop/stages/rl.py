@@ -272,7 +272,7 @@ def _set_up(
         prompts,
         Rewards(config.reward, pool, reward_model),
         pad_id,
-        weights.probe_sequences(eval_prompts, length=min(24, config.rollout.max_new_tokens)),
+        weights.probe_sequences(eval_prompts, config.rollout, config.model.dtype),
         WeightSync(config.rollout.weight_sync, trainer, rollout, str(weights_dir / "weights.safetensors")),
         stack.enter_context(Tracker(config, run_dir, config.train.steps, config.stage)),
         Telemetry(run_dir, config.logger.mismatch_alert, config.logger.alert_window),
