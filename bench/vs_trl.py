@@ -208,8 +208,13 @@ def prepare(workload: str, steps: int, overrides: list[str], out: Path) -> None:
             f"micro-batches of {micro}, {trainer.cpus_per_rank} CPU ({trainer.cpus_per_rank} torch "
             "thread(s)) each",
             "rollout": f"{rollout.engines} vLLM engine(s), {rollout.dtype}, "
-            f"{rollout.cpus_per_engine} thread(s) each, KV cache {rollout.kv_cache_gib} GiB, "
-            f"weight sync {rollout.weight_sync}",
+            + (
+                f"one inside each trainer rank (cluster.placement=colocated), {trainer.cpus_per_rank} "
+                "thread(s) each, weights handed over in-process"
+                if config.cluster.placement == "colocated"
+                else f"{rollout.cpus_per_engine} thread(s) each, weight sync {rollout.weight_sync}"
+            )
+            + f", KV cache {rollout.kv_cache_gib} GiB",
         },
         "rows": rows,
     }

@@ -66,6 +66,9 @@ def check_trainer_backend_contract(
     trainer.export_weights(str(weights))  # collective: returns on every rank once the file is complete
     state = load_file(weights)
     assert state and all(torch.isfinite(t.float()).all() for t in state.values())
+    # The same weights handed to an engine in this process (colocated), on every rank.
+    handed = dict(trainer.weight_tensors())
+    assert handed.keys() == state.keys() and all(torch.equal(handed[k].cpu(), state[k]) for k in state)
     # The same weights over the weight group: what `receive_broadcast` got must equal the file.
     trainer.join_weight_group("127.0.0.1", weight_port, 2)
     sent = trainer.broadcast_weights()
