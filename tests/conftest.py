@@ -13,12 +13,16 @@ from icepop.models.tiny import build_tokenizer
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
-    """Under `pytest -n 2 --dist loadgroup` (make test) every `slow` test goes to one worker, in order:
-    they start Ray clusters, engines and process groups and share the session fixtures below, so they
-    never run beside each other; the fast tests run on the other worker meanwhile. (Marked as each item
-    is collected: xdist reads the groups in its own `pytest_collection_modifyitems`.)"""
-    if item.get_closest_marker("slow") is not None:
-        item.add_marker(pytest.mark.xdist_group("stack"))
+    """Under `pytest -n 2 --dist loadgroup` (make test) the `ray` tests run one after another on one
+    worker: each starts a Ray cluster, and two side by side would share the cores and the session
+    fixtures below. The other `slow` tests (an in-process vLLM engine, DeepSpeed ranks in spawned
+    processes, the network) run one after another too, as a second group that may run beside the
+    first; the fast tests fill in around both. (Marked as each item is collected: xdist reads the
+    groups in its own `pytest_collection_modifyitems`.)"""
+    if item.get_closest_marker("ray") is not None:
+        item.add_marker(pytest.mark.xdist_group("ray"))
+    elif item.get_closest_marker("slow") is not None:
+        item.add_marker(pytest.mark.xdist_group("engines"))
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from e2e_helpers import REFERENCE, Run, assert_same_steps
 from icepop.stages import checkpoint
 from icepop.tracking import read_metrics
 
-pytestmark = pytest.mark.slow  # whole runs of python -m icepop.train, killed and resumed
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # whole runs of python -m icepop.train, killed and resumed
 
 RUN = [*REFERENCE, "run.dir=run"]
 

@@ -282,6 +282,7 @@ def metrics(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow  # a two-node Ray cluster and two whole runs
+@pytest.mark.ray
 def test_a_submitted_job_places_roles_on_their_nodes_and_matches_a_single_node_run(
     tmp_path: Path, reference_run: Run, shared_cache: Path
 ) -> None:

@@ -22,7 +22,7 @@ from icepop.ray.workers import RewardModelGroup, wait_ready
 from icepop.rewards.pool import RewardPool
 from icepop.stages.rewards import Rewards
 
-pytestmark = pytest.mark.slow  # a Ray cluster with reward-model actors
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # a Ray cluster with reward-model actors
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from icepop.telemetry import read_histograms
 
-pytestmark = pytest.mark.slow  # whole runs of python -m icepop.train
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # whole runs of python -m icepop.train
 
 REQUIRED = [
     "step",

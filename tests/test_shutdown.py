@@ -19,7 +19,7 @@ from e2e_helpers import ray_processes
 
 from icepop.weights import shm_dir
 
-pytestmark = pytest.mark.slow  # whole runs of python -m icepop.train, interrupted
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # whole runs of python -m icepop.train, interrupted
 
 
 def listening_addresses(pid: int) -> set[str]:

@@ -1,5 +1,6 @@
-"""The test suite's own arrangement: under `make test` (pytest -n 2 --dist loadgroup) every `slow` test
-runs on one worker, so no two Ray clusters, engines or process groups ever run beside each other."""
+"""The test suite's own arrangement: under `make test` (pytest -n 2 --dist loadgroup) every `ray` test runs
+on one worker, so no two Ray clusters ever run beside each other, and the other `slow` tests (engines,
+process groups) share one worker too: at most one of each kind runs at a time."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 CONFTEST = Path(__file__).with_name("conftest.py")
 
 
-def test_slow_tests_share_one_worker_under_make_test(tmp_path: Path) -> None:
-    # A throwaway suite that takes this suite's grouping hook: four slow tests and four fast ones, each
-    # writing down the worker that ran it.
+def test_ray_tests_share_one_worker_and_the_other_slow_tests_another_under_make_test(tmp_path: Path) -> None:
+    # A throwaway suite that takes this suite's grouping hook: four tests that start Ray, four other slow
+    # ones and four fast ones, each writing down the worker that ran it.
     (tmp_path / "conftest.py").write_text(
         "import importlib.util, sys\n"
         f"sys.path.insert(0, {str(CONFTEST.parent)!r})\n"
@@ -24,7 +25,8 @@ def test_slow_tests_share_one_worker_under_make_test(tmp_path: Path) -> None:
     (tmp_path / "test_probe.py").write_text(
         "import os, pathlib, time, pytest\n"
         "SLOW = pytest.param('slow', marks=pytest.mark.slow)\n"
-        "@pytest.mark.parametrize('kind', [SLOW] * 4 + ['fast'] * 4)\n"
+        "RAY = pytest.param('ray', marks=[pytest.mark.slow, pytest.mark.ray])\n"
+        "@pytest.mark.parametrize('kind', [RAY] * 4 + [SLOW] * 4 + ['fast'] * 4)\n"
         "@pytest.mark.parametrize('i', [0, 1])\n"
         "def test_probe(kind, i, request):\n"
         "    time.sleep(0.2)\n"
@@ -33,10 +35,11 @@ def test_slow_tests_share_one_worker_under_make_test(tmp_path: Path) -> None:
     )
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider", "-q",
-         "-o", "markers=slow: slow", "-o", "addopts=", str(tmp_path)],
+         "-o", "markers=slow: slow\nray: ray", "-o", "addopts=", str(tmp_path)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ran = [p.read_text() for p in tmp_path.glob("*.worker")]
-    slow_workers = {r.removesuffix("slow") for r in ran if r.endswith("slow")}
-    assert len(ran) == 16 and len(slow_workers) == 1, ran
+    assert len(ran) == 24, ran
+    for kind in ("ray", "slow"):
+        assert len({r.removesuffix(kind) for r in ran if r.endswith(kind)}) == 1, (kind, ran)
