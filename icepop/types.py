@@ -117,3 +117,9 @@ def select_rows(batch: Batch, rows: slice | Tensor) -> Batch:
         else:
             values[f.name] = tensor[rows, : width - 1]
     return replace(batch, **values)
+
+
+def blocks(items: int, parts: int) -> list[slice]:
+    """`parts` contiguous slices covering range(items), sizes differing by at most one."""
+    bounds = [items * i // parts for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]

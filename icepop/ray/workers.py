@@ -21,7 +21,7 @@ from icepop.ray import cluster
 from icepop.ray.cluster import Placement
 from icepop.rollout.base import engine_class
 from icepop.trainer.base import backend_class
-from icepop.types import Completion, PreferenceBatch, Prompt, RLBatch, SamplingSettings, SFTBatch
+from icepop.types import Completion, PreferenceBatch, Prompt, RLBatch, SamplingSettings, SFTBatch, blocks
 
 
 class _Host:
@@ -78,12 +78,6 @@ class ReferenceHost(_Host):
 
 class RewardModelHost(_Host):
     """A reward-model scoring actor."""
-
-
-def blocks(items: int, parts: int) -> list[slice]:
-    """`parts` contiguous slices covering range(items), sizes differing by at most one."""
-    bounds = [items * i // parts for i in range(parts + 1)]
-    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
 WAIT_SLICE_SECONDS = 0.5
@@ -171,7 +165,9 @@ class RolloutGroup:
     hosts: the trainer ranks' actors, one engine to be built in each (cluster.placement=colocated);
     None: each engine gets an actor of its own on a rollout bundle."""
 
-    def __init__(self, config: Config, model_path: str, placement: Placement, hosts: list[Any] | None = None):
+    def __init__(
+        self, config: Config, model_path: str, placement: Placement, hosts: list | None = None
+    ) -> None:
         rollout = config.rollout
         self.colocated = hosts is not None
         self._resources = (placement.rollout, rollout.cpus_per_engine, rollout.gpus_per_engine)

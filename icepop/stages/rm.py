@@ -20,10 +20,11 @@ from icepop.algo import pairwise_accuracy
 from icepop.config import Config
 from icepop.errors import input_errors
 from icepop.ray import cluster
-from icepop.ray.workers import TrainerGroup, blocks, gather, wait_ready
+from icepop.ray.workers import TrainerGroup, gather, wait_ready
 from icepop.stages import setup, warmup
 from icepop.stages.summary import Summary, write_summary
 from icepop.tracking import Tracker
+from icepop.types import blocks
 
 
 def held_out_accuracy(trainer: TrainerGroup, pairs: list[Any], pad_id: int) -> float:
