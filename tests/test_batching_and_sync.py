@@ -228,3 +228,14 @@ def test_every_engine_scores_its_own_share_of_the_probe_and_at_least_one_sequenc
         == len(probe_sequences(prompts, bfloat16, "float32"))
         == 8
     )
+
+
+def test_free_ports_avoid_the_ephemeral_range_that_outgoing_connections_take() -> None:
+    import socket
+
+    from icepop.ray.cluster import FREE_PORTS, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert ports <= set(FREE_PORTS) and len(ports) > 1  # random, not one fixed sequence
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports.pop()))  # and free

@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import pytest
 from e2e_helpers import REFERENCE, Run
 from test_config import compose_config
 
-from icepop.ray.cluster import _submitted_job_env_vars
+from icepop.ray.cluster import _submitted_job_env_vars, free_port
 from icepop.ray.placement import Role, bundle, check_weight_sync, describe_placement, placement_shortfall
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -158,12 +157,6 @@ def ray_env() -> dict[str, str]:
     """Environment for Ray's CLI and daemons here: 127.0.0.1 stays 127.0.0.1, no token auth."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     return {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def tree(root: psutil.Process) -> list[psutil.Process]:

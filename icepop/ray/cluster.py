@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -240,8 +241,22 @@ def reserve(config: Config, rollout: bool = True, trainer: bool = True) -> Place
     )
 
 
+FREE_PORTS = range(20000, 32768)
+"""Where `free_port` looks: above Ray's worker ports (10002-19999 by default) and below Linux's
+ephemeral range (32768-60999), from which every outgoing connection takes its local port. A port the
+OS hands out for bind(0) lies in that range, so between our check and the server's bind any connection
+on the machine (Ray's, another job's) could take it: "Address already in use" (seen under load)."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` (the address the trainer group's rendezvous will listen on)."""
+    """A TCP port that is free on `host` (the address the trainer group's rendezvous will listen on),
+    picked at random in FREE_PORTS; the OS's choice if none of the tried ones binds."""
+    rng = random.Random()  # seeded from the OS: processes picking at once do not follow one sequence
+    for port in rng.sample(FREE_PORTS, 64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            with contextlib.suppress(OSError):
+                s.bind((host, port))
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
