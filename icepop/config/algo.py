@@ -105,7 +105,7 @@ class RewardConfig:
     cpus_per_model_worker: int = 1
     """CPUs reserved per reward-model actor."""
     gpus_per_model_worker: int = 0
-    """GPUs per reward-model actor; 0 on CPU machines."""
+    """GPUs per reward-model actor: 0 (CPU, also on a GPU machine) or 1."""
     model_batch_size: int = 32
     """Conversations per reward-model forward."""
     max_error_steps: int = 3
@@ -123,8 +123,12 @@ class RewardConfig:
                 "reward.max_error_steps": self.max_error_steps,
             }
         )
-        non_negative(**{"reward.rule_weight": self.rule_weight, "reward.model_weight": self.model_weight,
-                        "reward.gpus_per_model_worker": self.gpus_per_model_worker})  # fmt: skip
+        non_negative(**{"reward.rule_weight": self.rule_weight, "reward.model_weight": self.model_weight})
+        if self.gpus_per_model_worker not in (0, 1):
+            raise ValueError(
+                f"reward.gpus_per_model_worker must be 0 (CPU) or 1 (a worker's model sits on one GPU; for "
+                f"more GPUs, more reward.model_workers); got {self.gpus_per_model_worker}"
+            )
         if self.task is not None and self.task not in VERIFIERS:
             raise ValueError(
                 f"reward.task={self.task!r} has no built-in verifier; choose one of {', '.join(VERIFIERS)}, "

@@ -115,8 +115,17 @@ class ClusterConfig:
 
 
 def check_placement(cluster: ClusterConfig, rollout: RolloutConfig, ranks: int, gpus_per_rank: int) -> None:
-    """Colocated engines are one per trainer rank, on the rank's devices: refuse counts that disagree."""
+    """Colocated engines are one per trainer rank, on the rank's devices: refuse counts that disagree.
+    Disaggregated, a broadcast needs both sides on one kind of device (a CPU rank's gloo group and a GPU
+    engine's NCCL group would wait for each other until the timeout)."""
     if cluster.placement != "colocated":
+        if rollout.weight_sync == "broadcast" and (rollout.gpus_per_engine > 0) != (gpus_per_rank > 0):
+            raise ValueError(
+                "rollout.weight_sync=broadcast needs the engines and the trainer ranks on the same kind of "
+                f"device; got rollout.gpus_per_engine={rollout.gpus_per_engine} and "
+                f"trainer.gpus_per_rank={gpus_per_rank}: give both a GPU (cluster=gpu), or use "
+                "rollout.weight_sync=file (engines on trainer rank 0's node)"
+            )
         return
     if rollout.engines != ranks:
         raise ValueError(

@@ -42,7 +42,7 @@ class TrainerConfig:
     cpus_per_rank: int = 1
     """CPUs reserved per trainer rank; on CPU also its torch threads."""
     gpus_per_rank: int = 0
-    """GPUs per trainer rank; 0 on CPU machines."""
+    """GPUs per trainer rank: 0 (CPU) or 1 (cluster=gpu)."""
 
     def __post_init__(self) -> None:
         one_of("trainer.zero_stage", self.zero_stage, (1, 2, 3))
@@ -61,9 +61,13 @@ class TrainerConfig:
                 "trainer.warmup_steps": self.warmup_steps,
                 "trainer.grad_clip": self.grad_clip,
                 "trainer.micro_batch_tokens": self.micro_batch_tokens,
-                "trainer.gpus_per_rank": self.gpus_per_rank,
             }
         )
+        if self.gpus_per_rank not in (0, 1):  # more would be reserved and never used
+            raise ValueError(
+                f"trainer.gpus_per_rank must be 0 (CPU) or 1 (a DeepSpeed rank drives one GPU; for more "
+                f"GPUs, more trainer.ranks); got {self.gpus_per_rank}"
+            )
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(
                 f"trainer.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {self.betas}"

@@ -28,6 +28,7 @@ from icepop.ray.placement import (
     bundle,
     check_capacity,
     check_weight_sync,
+    describe_devices,
     describe_placement,
     needed_resources,
     roles,
@@ -52,6 +53,10 @@ def process_env(on_gpu: bool, local: bool) -> dict[str, str]:
         "VLLM_LOGGING_LEVEL": "WARNING",  # per-request INFO lines would drown the progress bar
         "TRANSFORMERS_VERBOSITY": "error",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        # An actor that reserves no GPU sees none (Ray sets CUDA_VISIBLE_DEVICES="" for it; by default
+        # it would see every GPU of its node): a CPU rank never picks CUDA and NCCL, nor a reference
+        # policy or reward model a GPU that it did not reserve.
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
     }
     if not on_gpu:
         env["DS_ACCELERATOR"] = "cpu"
@@ -62,7 +67,9 @@ def process_env(on_gpu: bool, local: bool) -> dict[str, str]:
 
 def start(config: Config, need: dict[str, float] | None = None) -> None:
     """Join `cluster.address`, or start a local single-node cluster whose listeners stay on 127.0.0.1,
-    sized for `need` (CPUs and GPUs; default: what the config's bundles need)."""
+    with the CPUs `need` says (default: what the config's bundles need) and the GPUs Ray finds: never
+    told a GPU count, Ray counts the devices itself (honouring CUDA_VISIBLE_DEVICES), so `reserve`
+    checks the run against GPUs that exist."""
     import ray
 
     need = need or needed_resources(config)
@@ -86,7 +93,6 @@ def start(config: Config, need: dict[str, float] | None = None) -> None:
         address="local",  # a new cluster, even when another one runs on this machine (ray start)
         _node_ip_address="127.0.0.1",
         num_cpus=num_cpus,
-        num_gpus=int(need["GPU"]) or None,
         include_dashboard=False,
         # No runtime_env: the workers inherit `env` from the raylet this call starts (with one, three
         # actors took 5.0 s to start here instead of 2.2 s).
@@ -232,6 +238,7 @@ def reserve(config: Config, rollout: bool = True, trainer: bool = True) -> Place
         bundle_nodes[name] = [table[i] for i in range(len(table))]
     ips = {node["NodeID"]: node["NodeManagerAddress"] for node in alive}
     print(f"icepop placement: {describe_placement(roles(config, rollout, trainer), bundle_nodes, ips)}")
+    print(f"icepop devices: {describe_devices(config, rollout, trainer)}")
     check_weight_sync(config.rollout.weight_sync, bundle_nodes)
     return Placement(
         rollout=groups.get("rollout"),

@@ -20,6 +20,17 @@ from icepop.config import Config
 ROLE_RESOURCE_SHARE = 0.001
 """How much of its role resource (e.g. `icepop_trainer`) each bundle reserves: a marker, not a limit."""
 
+REFERENCE_GPU_SHARE = 0.1
+"""The share of trainer rank 0's GPU that the reference policy (KL term) reserves: it runs beside rank 0
+on its bundle, and each rank reserves the rest of its GPU, so Ray hands both actors the same device."""
+
+
+def gpu_requests(config: Config) -> tuple[float, float]:
+    """(each trainer rank's, the reference policy's) GPU request inside a trainer bundle: together they
+    make up the bundle's GPU (`REFERENCE_GPU_SHARE`); both 0 on CPU."""
+    gpus = config.trainer.gpus_per_rank
+    return (gpus - REFERENCE_GPU_SHARE, REFERENCE_GPU_SHARE) if gpus else (0.0, 0.0)
+
 
 @dataclass(frozen=True)
 class Role:
@@ -145,16 +156,35 @@ def placement_shortfall(
     )
 
 
+def unused_gpus(
+    config: Config, nodes: list[dict[str, float]], rollout: bool = True, trainer: bool = True
+) -> str | None:
+    """Why a run that reserves no GPU must not start on a cluster that has some, in one message; None
+    otherwise. Its workers would run on CPU beside idle GPUs (and a CUDA build of vLLM has no CPU
+    backend): the user meant cluster=gpu, or must say CPU by hiding the GPUs."""
+    gpus = sum(node.get("GPU", 0.0) for node in nodes)
+    if gpus == 0 or any(role.gpus for role in roles(config, rollout, trainer)):
+        return None
+    return (
+        f"the cluster has {_plural(gpus, 'GPU')} but this run reserves none (rollout.gpus_per_engine=0, "
+        "trainer.gpus_per_rank=0): add cluster=gpu to give every engine and trainer rank a GPU. To run on "
+        "CPU on purpose, hide the GPUs from Ray: CUDA_VISIBLE_DEVICES= python -m icepop.train ..."
+    )
+
+
 def check_capacity(
     config: Config,
     cluster: dict[str, float] | list[dict[str, float]],
     rollout: bool = True,
     trainer: bool = True,
 ) -> None:
-    """RuntimeError with `placement_shortfall`'s message; `cluster` is a list of nodes' resources, or
-    one dict of totals (a single node)."""
+    """RuntimeError with `placement_shortfall`'s or `unused_gpus`'s message; `cluster` is a list of the
+    nodes' resources as Ray reports them (what they have, not what the run asked for), or one dict of
+    totals (a single node)."""
     nodes = [cluster] if isinstance(cluster, dict) else cluster
-    message = placement_shortfall(config, nodes, rollout, trainer)
+    message = placement_shortfall(config, nodes, rollout, trainer) or unused_gpus(
+        config, nodes, rollout, trainer
+    )
     if message is not None:
         raise RuntimeError(message)
 
@@ -179,6 +209,20 @@ def describe_placement(wanted: list[Role], bundle_nodes: dict[str, list[str]], i
             unit = role.unit if len(indices) == 1 else role.unit + "s"
             listed = ", ".join(map(str, indices))
             parts.append(f"{role.name} {unit} {listed} on node {node[:8]} ({ips.get(node, '?')})")
+    return "; ".join(parts)
+
+
+def describe_devices(config: Config, rollout: bool = True, trainer: bool = True) -> str:
+    """'rollout engines: 1 GPU each; trainer ranks: 1 GPU each; reference policy: a share of trainer
+    rank 0's GPU'. Every actor that reserves no GPU sees none (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO,
+    icepop.ray.cluster.process_env), so it runs on CPU by design."""
+    wanted = roles(config, rollout, trainer)
+    parts = [f"{role.name} {role.unit}s: {'1 GPU each' if role.gpus else 'CPU'}" for role in wanted]
+    if rollout and trainer and config.cluster.placement == "colocated":
+        parts.insert(0, "rollout engines: inside the trainer ranks, on their devices")
+    if rollout and trainer and config.algo.kl_coef != 0.0:  # an RL stage with a KL term
+        share = f"{REFERENCE_GPU_SHARE:g} of trainer rank 0's GPU" if config.trainer.gpus_per_rank else "CPU"
+        parts.append(f"reference policy: {share}")
     return "; ".join(parts)
 
 

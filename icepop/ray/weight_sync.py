@@ -19,7 +19,17 @@ class WeightSync:
     def __init__(self, method: str, trainer: TrainerGroup, rollout: RolloutGroup, file_path: str) -> None:
         self.method = "colocated" if rollout.colocated else method
         self.trainer, self.rollout, self.file_path = trainer, rollout, file_path
+        self.backend = ""  # the weight group's, as the engines report it ("gloo", "nccl"); broadcast only
         self.reconnect()
+
+    def describe(self) -> str:
+        """'weights by broadcast from trainer rank 0 to 2 engines over nccl' (one line, at start-up)."""
+        engines = f"{len(self.rollout.actors)} engine(s)"
+        if self.method == "colocated":
+            return f"weights in-process from each trainer rank to its own engine ({engines})"
+        if self.method == "broadcast":
+            return f"weights by broadcast from trainer rank 0 to {engines} over {self.backend}"
+        return f"weights by file ({self.file_path}) from trainer rank 0 to {engines}"
 
     def reconnect(self) -> None:
         """(Re)form the weight group of trainer rank 0 and every engine: at start, and after an engine
@@ -33,7 +43,8 @@ class WeightSync:
                 actor.call.remote("join_weight_group", addr, port, i + 1, size)
                 for i, actor in enumerate(self.rollout.actors)
             ]
-            gather([self.trainer.actors[0].call.remote("join_weight_group", addr, port, size), *engines])
+            sender = self.trainer.actors[0].call.remote("join_weight_group", addr, port, size)
+            self.backend = "/".join(sorted(set(gather([sender, *engines])[1:])))
 
     def push(self, noise: tuple[float, int] | None = None) -> None:
         """Blocks until every engine holds the trainer's current weights (plus seeded noise of

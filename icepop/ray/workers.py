@@ -19,6 +19,7 @@ import torch
 from icepop.config import Config
 from icepop.ray import cluster
 from icepop.ray.cluster import Placement
+from icepop.ray.placement import gpu_requests
 from icepop.rollout.base import engine_class
 from icepop.trainer.base import backend_class
 from icepop.types import Completion, PreferenceBatch, Prompt, RLBatch, SamplingSettings, SFTBatch, blocks
@@ -108,7 +109,7 @@ def gather(refs: list[Any]) -> list[Any]:
     return ray.get(refs)
 
 
-def _actor(host: type, index: int, placement_group: Any, cpus: int, gpus: int, name: str) -> Any:
+def _actor(host: type, index: int, placement_group: Any, cpus: int, gpus: float, name: str) -> Any:
     """A `host` actor on bundle `index`, named "<name>-<index>-<placement group>"."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -127,7 +128,7 @@ def _actor(host: type, index: int, placement_group: Any, cpus: int, gpus: int, n
     )
 
 
-def _actors(host: type, count: int, placement_group: Any, cpus: int, gpus: int, name: str) -> list[Any]:
+def _actors(host: type, count: int, placement_group: Any, cpus: int, gpus: float, name: str) -> list[Any]:
     return [_actor(host, i, placement_group, cpus, gpus, name) for i in range(count)]
 
 
@@ -258,14 +259,9 @@ class TrainerGroup:
         import ray
 
         trainer = config.trainer
-        self.actors = _actors(
-            TrainerHost,
-            trainer.ranks,
-            placement.trainer,
-            trainer.cpus_per_rank,
-            trainer.gpus_per_rank,
-            "trainer",
-        )
+        gpus, _ = gpu_requests(config)  # the rest of the bundle's GPU is the reference policy's
+        cpus = trainer.cpus_per_rank
+        self.actors = _actors(TrainerHost, trainer.ranks, placement.trainer, cpus, gpus, "trainer")
         master_addr, master_port = ray.get(self.actors[0].node_address.remote())
         backend = backend_class(trainer.backend)
         common = {
@@ -339,7 +335,8 @@ class TrainerGroup:
 
 
 class ReferenceGroup:
-    """One actor holding the frozen starting policy (KL term), beside trainer rank 0 on its bundle."""
+    """One actor holding the frozen starting policy (KL term), beside trainer rank 0 on its bundle: on
+    GPUs it reserves a share of rank 0's GPU (icepop.ray.placement.gpu_requests), on CPU nothing."""
 
     def __init__(self, config: Config, model_path: str, placement: Placement) -> None:
         import ray
@@ -348,7 +345,9 @@ class ReferenceGroup:
         from icepop.trainer.reference import ReferencePolicy
 
         strategy = PlacementGroupSchedulingStrategy(placement.trainer, placement_group_bundle_index=0)
-        self.actor = ray.remote(ReferenceHost).options(num_cpus=0, scheduling_strategy=strategy).remote()
+        _, gpus = gpu_requests(config)
+        options = {"num_cpus": 0, "num_gpus": gpus, "scheduling_strategy": strategy}
+        self.actor = ray.remote(ReferenceHost).options(**options).remote()
         kwargs = {
             "model_path": model_path,
             "dtype": config.model.dtype,

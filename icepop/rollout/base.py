@@ -37,8 +37,9 @@ class RolloutEngine(Protocol):
         `noise` = (level, seed) adds seeded noise of level × each tensor's std (mismatch injection)."""
         ...
 
-    def join_weight_group(self, addr: str, port: int, rank: int, world_size: int) -> None:
-        """Join the weight group (icepop.comm) as member `rank` ≥ 1; trainer rank 0 is its sender."""
+    def join_weight_group(self, addr: str, port: int, rank: int, world_size: int) -> str:
+        """Join the weight group (icepop.comm) as member `rank` ≥ 1; trainer rank 0 is its sender.
+        Returns the group's backend ("gloo", "nccl")."""
         ...
 
     def receive_weights(self, noise: tuple[float, int] | None = None) -> None:

@@ -287,16 +287,17 @@ class VllmEngine:
             # so peak extra memory is about one decoder layer, not a second copy of the model.
             self._reload(with_noise(((name, f.get_tensor(name)) for name in f.keys()), noise))
 
-    def join_weight_group(self, addr: str, port: int, rank: int, world_size: int) -> None:
+    def join_weight_group(self, addr: str, port: int, rank: int, world_size: int) -> str:
         """Join the weight group (icepop.comm) as member `rank` (1..): trainer rank 0 sends to it.
-        Collective with the trainer's and the other engines' `join_weight_group`."""
+        Collective with the trainer's and the other engines' `join_weight_group`; returns its backend."""
         import torch
 
         from icepop import comm
 
         self._check_usable()
         device = torch.device("cpu") if self._on_cpu else torch.device("cuda", torch.cuda.current_device())
-        self._weight_group = (comm.weight_group(addr, port, rank, world_size, device), device)
+        self._weight_group = (group := comm.weight_group(addr, port, rank, world_size, device), device)
+        return group.name()
 
     def receive_weights(self, noise: Noise | None = None) -> None:
         """Replace the weights with those the trainer broadcasts over the weight group, streamed into

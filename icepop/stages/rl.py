@@ -247,6 +247,7 @@ def _set_up(
     """Workers on their bundles, rewards and the tracker (closed by `stack`) of one RL run, around its
     data: the prompt stream, the held-out prompts and the pad id."""
     prompts, eval_prompts, pad_id = data
+    started = time.perf_counter()
     placement = cluster.reserve(config)
     trainer = TrainerGroup(
         config,
@@ -263,6 +264,8 @@ def _set_up(
     reward_model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
     pool = stack.enter_context(setup.reward_pool(config)) if config.reward.rule_weight else None  # meanwhile
     wait_ready(rollout, trainer, reference, reward_model)
+    sync = WeightSync(config.rollout.weight_sync, trainer, rollout, str(weights_dir / "weights.safetensors"))
+    print(f"icepop {config.stage}: workers ready in {time.perf_counter() - started:.1f} s; {sync.describe()}")
     run = RLRun(
         config,
         run_dir,
@@ -273,7 +276,7 @@ def _set_up(
         Rewards(config.reward, pool, reward_model),
         pad_id,
         weights.probe_sequences(eval_prompts, config.rollout, config.model.dtype),
-        WeightSync(config.rollout.weight_sync, trainer, rollout, str(weights_dir / "weights.safetensors")),
+        sync,
         stack.enter_context(Tracker(config, run_dir, config.train.steps, config.stage)),
         Telemetry(run_dir, config.logger.mismatch_alert, config.logger.alert_window),
     )
