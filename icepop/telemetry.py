@@ -1,5 +1,5 @@
 """Mismatch telemetry beyond the per-step metrics: the log k histogram and the mean |log k| by response
-position of every step, kept in the run directory, and two alerts on the metric stream, printed and
+position of every step, kept in the run directory, and three alerts on the metric stream, printed and
 logged as events.
 
 (a) The mismatch crosses the level at which the IcePop paper saw GRPO fail: mean relative probability
@@ -11,6 +11,10 @@ mask fraction at least 10% below the first half's, and its mean KL (k3) at least
 above a noise floor, both changes also beyond step-to-step noise (Welch's t ≥ 3 between the halves:
 under a steady mismatch, e.g. injected noise redrawn every step, the halves differ by chance). It
 fires once per episode and re-arms when the pattern stops.
+(c) With rollouts generated ahead (rollout.max_staleness), staleness rather than engine mismatch drives the
+masking: the correction masks more than twice — and 1 point more than — what it would mask for the
+engine mismatch alone (`staleness/mismatch_only_mask_frac`). Then lowering max_staleness is the fix, not
+the band. It fires when the condition starts.
 
 Pure Python and torch: the alerts are tested on synthetic metric streams.
 """
@@ -35,6 +39,8 @@ KL_FLOOR = 1e-4
 """Mismatch KL below which a rise is noise, not a signature (fp32 engines sit near 1e-9)."""
 MIN_T = 3.0
 """Welch's t between the window's halves that a fall or rise must reach to count as a trend."""
+STALENESS_MARGIN = 0.01
+"""Masked fraction that staleness must add beyond the mismatch's own before alert (c) fires."""
 
 
 class MismatchAlerts:
@@ -46,6 +52,7 @@ class MismatchAlerts:
         self.threshold, self.window = threshold, window
         self._above = False
         self._trending = False
+        self._stale = False
         self._history: list[tuple[float, float]] = []
 
     def update(self, step: int, metrics: dict[str, float]) -> list[dict[str, Any]]:
@@ -63,6 +70,14 @@ class MismatchAlerts:
             events.append({"step": step, "alert": "mask_falls_while_kl_rises", "window": self.window,
                            "mask_frac": [mask[0], mask[-1]], "kl_k3": [kl[0], kl[-1]]})  # fmt: skip
         self._trending = trending
+        masked, alone = metrics["icepop/mask_frac"], metrics.get("staleness/mismatch_only_mask_frac")
+        stale = alone is not None and masked - alone > max(STALENESS_MARGIN, alone)
+        if stale and not self._stale:
+            events.append({"step": step, "alert": "masking_driven_by_staleness", "mask_frac": masked,
+                           "mismatch_only_mask_frac": alone,
+                           "versions_behind": metrics.get("staleness/versions_behind_max"),
+                           "hint": "lower rollout.max_staleness; a wider band would hide it"})  # fmt: skip
+        self._stale = stale
         return events
 
     def _mask_falls_while_kl_rises(self) -> bool:

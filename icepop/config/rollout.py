@@ -46,6 +46,10 @@ class RolloutConfig:
     """Stress test: noise of this × each tensor's std added to the engine's weights after every sync."""
     max_restarts: int = 3
     """Engines that die are restarted, re-synced and the step retried, at most this many times a run."""
+    max_staleness: int = 0
+    """Rollouts generated ahead, at most this many weight versions behind the trainer: 0 is the serial loop
+    (generate, then train); N >= 1 generates the batch of step t + N, at the weights of step t - 1, while
+    step t trains (docs/algorithm.md, "Asynchronous rollouts"). Disaggregated placement only."""
     probe_tolerance: float | None = None
     """Sync probe limit on |Δ log p|: its max when engine and trainer are both float32 (None: 1e-3), else
     its mean over the probe tokens (None: 0.1), since single bfloat16 tokens jump with MoE routing flips."""
@@ -62,7 +66,8 @@ class RolloutConfig:
             }
         )
         non_negative(**{"rollout.top_k": self.top_k, "rollout.mismatch_noise": self.mismatch_noise,
-                        "rollout.max_restarts": self.max_restarts})  # fmt: skip
+                        "rollout.max_restarts": self.max_restarts,
+                        "rollout.max_staleness": self.max_staleness})  # fmt: skip
         positive(**{"rollout.cpus_per_engine": self.cpus_per_engine})
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"rollout.top_p must be in (0, 1]; got {self.top_p}")
@@ -127,6 +132,12 @@ def check_placement(cluster: ClusterConfig, rollout: RolloutConfig, ranks: int, 
                 "rollout.weight_sync=file (engines on trainer rank 0's node)"
             )
         return
+    if rollout.max_staleness:
+        raise ValueError(
+            f"rollout.max_staleness={rollout.max_staleness} generates while the trainer trains, but "
+            "cluster.placement=colocated runs each engine inside a trainer rank's process, one after the "
+            "other: use cluster.placement=disaggregated, or rollout.max_staleness=0"
+        )
     if rollout.engines != ranks:
         raise ValueError(
             f"cluster.placement=colocated hosts one engine in each trainer rank: rollout.engines must equal "

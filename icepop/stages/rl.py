@@ -41,6 +41,7 @@ from icepop.ray.workers import (
     wait_ready,
 )
 from icepop.stages import checkpoint, setup, warmup
+from icepop.stages.ahead import RolloutQueue, rescore, rescored_logprobs
 from icepop.stages.batch import concat_rows, rl_batch, select_rows, sequence_count, split_rows
 from icepop.stages.rewards import Rewards
 from icepop.stages.rl_run import (
@@ -54,7 +55,13 @@ from icepop.stages.rl_run import (
     sync,
     with_engines,
 )
-from icepop.stages.step_metrics import mean_over_ranks, mismatch_statistics, reward_metrics
+from icepop.stages.step_metrics import (
+    mean_over_ranks,
+    mismatch_statistics,
+    reward_metrics,
+    staleness_split,
+    staleness_statistics,
+)
 from icepop.stages.summary import Summary, read_summary, write_summary
 from icepop.telemetry import Telemetry
 from icepop.tracking import Tracker
@@ -73,14 +80,13 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         timings[f"timing/{name}_seconds"] = now - clock
         clock = now
 
-    # 1. Generate: every sampled token carries ℓ_inf under the processed sampling distribution.
-    prompts: list[Prompt] = run.data.next_batch(algo.prompts_per_step)
-    sampling = setup.sampling_settings(config, seed=config.run.seed * 100_003 + step)
-
-    def generate() -> list[Any]:
-        return gather(run.rollout.async_generate(prompts, algo.samples_per_prompt, sampling))
-
-    groups = RolloutGroup.merge(with_engines(run, step, generate))
+    # 1. Generate: every sampled token carries ℓ_inf under the processed sampling distribution. With
+    # rollout.max_staleness = N the engines generate the batch of step + N meanwhile (icepop.stages.ahead).
+    run.ahead.top_up(step)
+    rollouts = run.ahead.take(step, lambda collect: with_engines(run, step, collect))
+    prompts, groups = rollouts.prompts, rollouts.groups
+    behind = step - 1 - rollouts.version  # weight versions between the rollouts and the trainer
+    rescored = rescore(run.rollout, rollouts) if behind and config.rollout.temperature == 1.0 else None
     gather(run.rollout.async_sleep())  # colocated: the engines free the devices until the sync
     lap("generate")
 
@@ -130,8 +136,10 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         )
     lap("train")
 
-    # 6. Sync the new weights into every engine, check engine and trainer agree on the probe, and
-    # (stress test only) give the engines a noisy copy.
+    # 6. Sync the new weights into every engine once they finished what is in flight, check engine and
+    # trainer agree on the probe, and (stress test only) give the engines a noisy copy.
+    run.ahead.wait()
+    lap("wait_rollouts")
     probe_diff = with_engines(run, step, lambda: sync(run, step, lap))
     lap("sync_probe")
     timings["timing/sync_seconds"] = sum(timings[f"timing/sync_{part}_seconds"] for part in ("push", "probe"))
@@ -151,9 +159,15 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         "inject/mismatch_noise": config.rollout.mismatch_noise,
         "fault/engine_restarts": run.rollout.restarts,
         "perf/step_seconds": step_seconds,
-        "perf/rollout_tokens_per_second": float(lengths.sum()) / timings["timing/generate_seconds"],
+        "perf/tokens_per_second": float(lengths.sum()) / step_seconds,
         **timings,
+        **staleness_statistics(batch, behind, config.rollout.max_staleness),
     }
+    if not config.rollout.max_staleness:  # generated ahead, the batch took no time of this step
+        metrics["perf/rollout_tokens_per_second"] = float(lengths.sum()) / timings["timing/generate_seconds"]
+    if rescored is not None:  # the engines' log-probs at the trainer's weights: staleness vs mismatch
+        engine_now = rescored_logprobs(rollouts, gather(rescored), run.pad_id)
+        metrics.update(staleness_split(batch, engine_now, options))
     shown = metrics.get("reward/model_score_mean", metrics["reward/mean"])  # RLHF: the raw RM score
     run.tracker.log(step, metrics, status=f"reward {shown:.3f}  {step_seconds:.1f} s/step")
     delta = log_ratio(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask)
@@ -279,6 +293,7 @@ def _set_up(
         sync,
         stack.enter_context(Tracker(config, run_dir, config.train.steps, config.stage)),
         Telemetry(run_dir, config.logger.mismatch_alert, config.logger.alert_window),
+        RolloutQueue(config, rollout, prompts),
     )
     if config.rollout.mismatch_noise:
         print(

@@ -21,6 +21,7 @@ from icepop.ray.weight_sync import WeightSync
 from icepop.ray.workers import ReferenceGroup, RolloutGroup, TrainerGroup
 from icepop.rewards.pool import Scores
 from icepop.stages import checkpoint
+from icepop.stages.ahead import RolloutQueue
 from icepop.stages.evaluate import evaluate
 from icepop.stages.rewards import Rewards
 from icepop.telemetry import Telemetry
@@ -51,6 +52,8 @@ class RLRun:
     weight_sync: WeightSync
     tracker: Tracker
     telemetry: Telemetry
+    ahead: RolloutQueue
+    """The batches issued to the engines and not yet trained on (rollout.max_staleness)."""
     before: dict[str, float] | None = None
     """The held-out measures before training (kept in checkpoints: a resumed run does not redo them)."""
     nonfinite_streak: int = 0
@@ -64,6 +67,7 @@ def sync(run: RLRun, step: int, lap: Callable[[str], None] | None = None) -> wei
     tests, push a noisy copy (the noise of step s is seeded by run.seed + s). `lap("sync_push")` is
     called once the push is done (the RL step's timing of that part)."""
     run.weight_sync.push()  # blocks until every engine holds the new weights
+    run.ahead.engine_version = step
     if lap is not None:
         lap("sync_push")
     probe_diff = weights.probe_difference(run.rollout, run.trainer, run.probe)
@@ -117,6 +121,7 @@ def with_engines(run: RLRun, step: int, action: Callable[[], T]) -> T:
                 run.rollout.restart(index)
                 run.telemetry.event(step, "engine_restarted", engine=index, restarts=run.rollout.restarts)
             run.weight_sync.reconnect()
+            run.ahead.reissue_later()
             sync(run, step - 1)  # the engines as they were before this step: θ, plus step − 1's noise
 
 
@@ -166,7 +171,7 @@ def reward_failure(scored: Scores, limit: int, step: int) -> str:
 
 def save_checkpoint(run: RLRun, step: int) -> Path:
     """A resumable checkpoint of the run at `step` (icepop.stages.checkpoint)."""
-    state = {"data": run.data.state_dict(), "before": run.before, "nonfinite_streak": run.nonfinite_streak,
+    state = {"data": run.ahead.data_state(), "before": run.before, "nonfinite_streak": run.nonfinite_streak,
              "reward_error_streak": run.reward_error_streak}  # fmt: skip
     return checkpoint.save(run.run_dir, step, run.trainer, state, run.config.train.keep_last)
 

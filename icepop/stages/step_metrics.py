@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from icepop.algo import PolicyLossOptions, correction_metrics, log_ratio, mismatch_metrics
+from icepop.algo import PolicyLossOptions, correction_metrics, log_ratio, masked_mean, mismatch_metrics
 from icepop.types import RLBatch
 
 
@@ -19,6 +19,37 @@ def mismatch_statistics(batch: RLBatch, options: PolicyLossOptions) -> dict[str,
         **correction_metrics(corr, log_ratio(old, rollout, mask), mask),
     }
     return {key: float(value) for key, value in stats.items()}
+
+
+def staleness_statistics(batch: RLBatch, behind: int, max_staleness: int) -> dict[str, float]:
+    """How many weight versions the step's samples are behind the trainer (one batch comes from one
+    version), as a histogram over 0 … rollout.max_staleness."""
+    versions = torch.full((batch.input_ids.shape[0],), float(behind))
+    return {
+        "staleness/versions_behind_mean": float(versions.mean()),
+        "staleness/versions_behind_max": float(versions.max()),
+        **{
+            f"staleness/frac_{k}_behind": float((versions == k).float().mean())
+            for k in range(max_staleness + 1)
+        },
+    }
+
+
+def staleness_split(batch: RLBatch, engine_now: torch.Tensor, options: PolicyLossOptions) -> dict[str, float]:
+    """log(π_prox/π_inf) = log(π_prox/π_engine(θ_prox)) + log(π_engine(θ_prox)/π_inf): the engine mismatch
+    at the trainer's weights, and the staleness as the engine itself sees it (its log-probs of the same
+    tokens now, `engine_now`, against those it sampled with). Also the fraction of tokens the correction
+    would mask for the mismatch part alone: well below icepop/mask_frac, staleness does the masking."""
+    prox, mask = batch.old_logprobs, batch.response_mask
+    assert prox is not None
+    mismatch, drift = log_ratio(prox, engine_now, mask), log_ratio(engine_now, batch.rollout_logprobs, mask)
+    finite = mask & torch.isfinite(mismatch) & torch.isfinite(drift)
+    alone = options.correction_weights(prox, engine_now, mask)
+    return {
+        "staleness/engine_drift_abs_log_ratio_mean": float(masked_mean(drift.abs(), finite)),
+        "staleness/engine_mismatch_abs_log_ratio_mean": float(masked_mean(mismatch.abs(), finite)),
+        "staleness/mismatch_only_mask_frac": float((mask & ~alone.keep).sum() / mask.sum().clamp(min=1)),
+    }
 
 
 def mean_over_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:

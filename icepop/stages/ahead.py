@@ -1,0 +1,142 @@
+"""Rollouts generated ahead of the trainer (rollout.max_staleness = N, docs/algorithm.md "Asynchronous
+rollouts"): the batch of step s is issued to the engines at the start of step s − N, when they hold the
+weights of step s − N − 1, so it is generated while steps s − N … s − 1 train and reaches the loss at
+most N weight versions behind the trainer. N = 0 is the serial loop: issued and collected in step s.
+
+The engines run one call after another, so a weight push (queued behind the generations in flight)
+never changes the weights under a running generation: every generation finishes at the version it was
+issued with, which its batch records. Beyond N = 1 the trainer waits at each push for the generations
+queued ahead of it; N = 1 already overlaps one generation with one training step.
+
+A resumed run regenerates the batches that were in flight at its checkpoint, from the prompts they had
+(the checkpoint keeps the prompt stream's position before them), at the checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import ray
+import torch
+
+from icepop.config import Config
+from icepop.ray.workers import RolloutGroup, gather
+from icepop.stages import setup
+from icepop.stages.batch import rl_batch
+from icepop.types import Completion, Prompt, SamplingSettings, blocks
+
+Retry = Callable[[Callable[[], list[list[Completion]]]], list[list[Completion]]]
+"""Runs an action that uses the engines, restarting dead ones and re-syncing them (rl_run.with_engines)."""
+
+
+@dataclass
+class Rollouts:
+    """The batch of one step, as issued to the engines."""
+
+    step: int
+    prompts: list[Prompt]
+    sampling: SamplingSettings
+    version: int
+    """The weights that generate it: those after step `version` (0: the starting weights)."""
+    data_state: dict[str, int]
+    """The prompt stream's position before these prompts were drawn (what a checkpoint keeps)."""
+    refs: list[Any] | None = None
+    """One per engine; None when (re-)issuing is due."""
+    groups: list[list[Completion]] = field(default_factory=list)
+    """The completions, once collected."""
+
+    def issue(self, rollout: RolloutGroup, samples_per_prompt: int, version: int) -> None:
+        self.version = version
+        self.refs = rollout.async_generate(self.prompts, samples_per_prompt, self.sampling)
+
+
+class RolloutQueue:
+    """The batches issued and not yet trained on, oldest first, and the engines' weight version."""
+
+    def __init__(self, config: Config, rollout: RolloutGroup, data: Any) -> None:
+        self.config, self.rollout, self.data = config, rollout, data  # data: a prompt stream
+        self.max_staleness = config.rollout.max_staleness
+        self.pending: deque[Rollouts] = deque()
+        self.issued = 0
+        """The last step whose batch was issued."""
+        self.engine_version = 0
+        """The weights the engines hold (or will, once the generations queued before it finish): those
+        after this step. Set at each push (icepop.stages.rl_run.sync)."""
+
+    def top_up(self, step: int) -> None:
+        """Issue the batches of steps up to step + N (and the run's last), at the engines' weights."""
+        config = self.config
+        self.issued = max(self.issued, step - 1)  # a resumed run: its earlier steps are done
+        while self.issued < min(step + self.max_staleness, config.train.steps):
+            self.issued += 1
+            state = self.data.state_dict()
+            prompts = self.data.next_batch(config.algo.prompts_per_step)
+            sampling = setup.sampling_settings(config, seed=config.run.seed * 100_003 + self.issued)
+            batch = Rollouts(self.issued, prompts, sampling, self.engine_version, state)
+            batch.issue(self.rollout, config.algo.samples_per_prompt, self.engine_version)
+            self.pending.append(batch)
+
+    def take(self, step: int, retry: Retry) -> Rollouts:
+        """Step `step`'s batch, its completions collected: when an engine died meanwhile, `retry`
+        restarts and re-syncs it, and the batch is re-issued at the weights the engines then hold."""
+        batch = self.pending.popleft()
+        if batch.step != step:
+            raise RuntimeError(f"the rollout queue holds step {batch.step}'s batch where {step}'s is due")
+
+        def collect() -> list[list[Completion]]:
+            if batch.refs is None:
+                batch.issue(self.rollout, self.config.algo.samples_per_prompt, self.engine_version)
+            try:
+                return RolloutGroup.merge(gather(batch.refs or []))
+            except ray.exceptions.RayError:
+                batch.refs = None  # re-issued after the restart
+                raise
+
+        batch.groups = retry(collect)
+        behind = (step - 1) - batch.version
+        if not 0 <= behind <= self.max_staleness:  # the schedule guarantees it; never train on older
+            raise RuntimeError(
+                f"step {step}'s rollouts come from the weights of step {batch.version}, {behind} versions "
+                f"behind the trainer; rollout.max_staleness={self.max_staleness}"
+            )
+        return batch
+
+    def reissue_later(self) -> None:
+        """After an engine restart: the batches in flight may have been on it; each is re-issued when it is
+        due, at the weights the engines hold then."""
+        for batch in self.pending:
+            batch.refs = None
+
+    def wait(self) -> None:
+        """Until every generation in flight has finished (before a weight push: the engines are idle)."""
+        refs = [ref for batch in self.pending for ref in batch.refs or []]
+        if refs:
+            ray.wait(refs, num_returns=len(refs))
+
+    def data_state(self) -> dict[str, int]:
+        """The prompt stream's position a checkpoint keeps: before the batches in flight."""
+        return self.pending[0].data_state if self.pending else self.data.state_dict()
+
+
+def rescore(rollout: RolloutGroup, batch: Rollouts) -> list[Any]:
+    """Refs to the engines' log-probs of the batch's sequences at the weights they hold now (the
+    trainer's, the proximal policy): with ℓ_inf at the batch's version they split log(π_prox/π_inf)
+    into staleness and engine mismatch. One share of the sequences per engine."""
+    pairs = zip(batch.prompts, batch.groups, strict=True)
+    sequences = [prompt.prompt_ids + c.token_ids for prompt, group in pairs for c in group]
+    shares = [sequences[rows] for rows in blocks(len(sequences), len(rollout.actors))]
+    return rollout.async_score(shares, 1)
+
+
+def rescored_logprobs(batch: Rollouts, scores: list[list[list[float]]], pad_id: int) -> torch.Tensor:
+    """The engines' rescored log-probs of the response tokens, laid out like the batch's ℓ_inf."""
+    flat = iter(row for share in scores for row in share)
+    groups = [
+        [replace(c, logprobs=(row := next(flat))[len(row) - len(c.token_ids) :]) for c in group]
+        for group in batch.groups
+    ]
+    advantages = torch.zeros(sum(map(len, groups)))
+    return rl_batch(batch.prompts, groups, advantages, pad_id).rollout_logprobs
