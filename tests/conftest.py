@@ -13,14 +13,16 @@ from icepop.models.tiny import build_tokenizer
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
-    """Under `pytest -n 2 --dist loadgroup` (make test) the `ray` tests run one after another on one
-    worker: each starts a Ray cluster, and two side by side would share the cores and the session
-    fixtures below. The other `slow` tests (an in-process vLLM engine, DeepSpeed ranks in spawned
-    processes, the network) run one after another too, as a second group that may run beside the
-    first; the fast tests fill in around both. (Marked as each item is collected: xdist reads the
-    groups in its own `pytest_collection_modifyitems`.)"""
-    if item.get_closest_marker("ray") is not None:
-        item.add_marker(pytest.mark.xdist_group("ray"))
+    """Under `pytest -n 2 --dist loadgroup` (make test) the `ray` tests of one group run one after
+    another on one worker: each starts a Ray cluster, and those of the default group share the session
+    fixtures below. A second group (`ray("apart")`: the real model and the pipeline, which share
+    nothing with them) may run beside it, so at most two clusters run at once. The other `slow` tests
+    (an in-process vLLM engine, DeepSpeed ranks in spawned processes, the network) form a group of their
+    own; the fast tests fill in around them. (Marked as each item is collected: xdist reads the groups in
+    its own `pytest_collection_modifyitems`.)"""
+    ray = item.get_closest_marker("ray")
+    if ray is not None:
+        item.add_marker(pytest.mark.xdist_group(ray.args[0] if ray.args else "ray"))
     elif item.get_closest_marker("slow") is not None:
         item.add_marker(pytest.mark.xdist_group("engines"))
 

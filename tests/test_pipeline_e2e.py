@@ -17,7 +17,7 @@ import torch
 from e2e_helpers import SMALL, icepop_train, run_icepop
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]  # the whole pipeline through python -m icepop.train
+pytestmark = [pytest.mark.slow, pytest.mark.ray("apart")]  # the whole pipeline through python -m icepop.train
 
 PIPELINE = [
     "+recipe=pipeline",

@@ -16,7 +16,7 @@ import torch
 from e2e_helpers import icepop_train
 from safetensors.torch import load_file
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]  # whole runs of a 135M-parameter model
+pytestmark = [pytest.mark.slow, pytest.mark.ray("apart")]  # whole runs of a 135M-parameter model
 
 RUN = [
     "+recipe=rlvr", "model=smollm2-135m", "data=gym-arithmetic", "algo.prompts_per_step=2",

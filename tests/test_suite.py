@@ -1,6 +1,6 @@
-"""The test suite's own arrangement: under `make test` (pytest -n 2 --dist loadgroup) every `ray` test runs
-on one worker, so no two Ray clusters ever run beside each other, and the other `slow` tests (engines,
-process groups) share one worker too: at most one of each kind runs at a time."""
+"""The test suite's own arrangement: under `make test` (pytest -n 2 --dist loadgroup) the `ray` tests of
+one group run one after another on one worker, so at most two Ray clusters (one per group) run at once,
+and the other `slow` tests (engines, process groups) share one worker too."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 CONFTEST = Path(__file__).with_name("conftest.py")
 
 
-def test_ray_tests_share_one_worker_and_the_other_slow_tests_another_under_make_test(tmp_path: Path) -> None:
-    # A throwaway suite that takes this suite's grouping hook: four tests that start Ray, four other slow
-    # ones and four fast ones, each writing down the worker that ran it.
+def test_each_group_of_slow_tests_runs_on_one_worker_under_make_test(tmp_path: Path) -> None:
+    # A throwaway suite that takes this suite's grouping hook: four tests that start Ray in the default
+    # group, four in the second, four other slow ones and four fast ones, each writing down its worker.
     (tmp_path / "conftest.py").write_text(
         "import importlib.util, sys\n"
         f"sys.path.insert(0, {str(CONFTEST.parent)!r})\n"
@@ -26,7 +26,8 @@ def test_ray_tests_share_one_worker_and_the_other_slow_tests_another_under_make_
         "import os, pathlib, time, pytest\n"
         "SLOW = pytest.param('slow', marks=pytest.mark.slow)\n"
         "RAY = pytest.param('ray', marks=[pytest.mark.slow, pytest.mark.ray])\n"
-        "@pytest.mark.parametrize('kind', [RAY] * 4 + [SLOW] * 4 + ['fast'] * 4)\n"
+        "APART = pytest.param('apart', marks=[pytest.mark.slow, pytest.mark.ray('apart')])\n"
+        "@pytest.mark.parametrize('kind', [RAY] * 4 + [APART] * 4 + [SLOW] * 4 + ['fast'] * 4)\n"
         "@pytest.mark.parametrize('i', [0, 1])\n"
         "def test_probe(kind, i, request):\n"
         "    time.sleep(0.2)\n"
@@ -40,6 +41,6 @@ def test_ray_tests_share_one_worker_and_the_other_slow_tests_another_under_make_
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ran = [p.read_text() for p in tmp_path.glob("*.worker")]
-    assert len(ran) == 24, ran
-    for kind in ("ray", "slow"):
+    assert len(ran) == 32, ran
+    for kind in ("ray", "apart", "slow"):
         assert len({r.removesuffix(kind) for r in ran if r.endswith(kind)}) == 1, (kind, ran)
