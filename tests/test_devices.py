@@ -138,7 +138,7 @@ print(json.dumps(found))
 
 
 @pytest.mark.slow
-@pytest.mark.ray
+@pytest.mark.ray("apart")  # shares no session run with the default group
 def test_ray_counts_the_gpus_itself_and_hides_them_from_actors_that_reserve_none(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(DEVICES_SCRIPT)], capture_output=True, text=True, cwd=tmp_path
@@ -190,7 +190,7 @@ def test_the_smoke_table_reads_a_real_run(tiny_default_run: Run) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.ray
+@pytest.mark.ray("apart")  # shares no session run with the default group
 def test_the_smoke_passes_on_cpu(tmp_path: Path, shared_cache: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "icepop.smoke", "--cpu", "--only", "colocated", "--dir", str(tmp_path)],
