@@ -211,7 +211,7 @@ def prepare(workload: str, steps: int, overrides: list[str], out: Path) -> None:
             + (
                 f"one inside each trainer rank (cluster.placement=colocated), {trainer.cpus_per_rank} "
                 "thread(s) each, weights handed over in-process"
-                if config.cluster.placement == "colocated"
+                if config.cluster.colocated
                 else f"{rollout.cpus_per_engine} thread(s) each, weight sync {rollout.weight_sync}"
             )
             + f", KV cache {rollout.kv_cache_gib} GiB",

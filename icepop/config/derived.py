@@ -31,15 +31,14 @@ class Derived:
             else f"{self.micro_batches_per_update} micro-batch(es) × {trainer.micro_batch_size} sequences "
             f"(gradient accumulation {self.micro_batches_per_update})"
         )
-        colocated = cluster.placement == "colocated"
         engines = (
             ""
-            if colocated
+            if cluster.colocated
             else (
                 f"{rollout.engines} engine(s) × {rollout.cpus_per_engine} CPU/{rollout.gpus_per_engine} GPU, "
             )
         )
-        hosting = ", each hosting one engine" if colocated else ""
+        hosting = ", each hosting one engine" if cluster.colocated else ""
         return (
             f"samples/step {self.samples_per_step} = {algo.prompts_per_step} prompts × "
             f"{algo.samples_per_prompt}; per trainer rank {self.samples_per_rank}; "

@@ -113,6 +113,11 @@ class ClusterConfig:
     rollout.cpus_per_engine and rollout.weight_sync are not used: the weights move in-process); on GPUs
     the engines sleep while the ranks train (untested on GPUs)."""
 
+    @property
+    def colocated(self) -> bool:
+        """Each trainer rank's process hosts one engine (cluster.placement=colocated)."""
+        return self.placement == "colocated"
+
     def __post_init__(self) -> None:
         one_of("cluster.placement", self.placement, PLACEMENTS)
         if self.num_cpus is not None and self.num_cpus < 1:
@@ -123,7 +128,7 @@ def check_placement(cluster: ClusterConfig, rollout: RolloutConfig, ranks: int, 
     """Colocated engines are one per trainer rank, on the rank's devices: refuse counts that disagree.
     Disaggregated, a broadcast needs both sides on one kind of device (a CPU rank's gloo group and a GPU
     engine's NCCL group would wait for each other until the timeout)."""
-    if cluster.placement != "colocated":
+    if not cluster.colocated:
         if rollout.weight_sync == "broadcast" and (rollout.gpus_per_engine > 0) != (gpus_per_rank > 0):
             raise ValueError(
                 "rollout.weight_sync=broadcast needs the engines and the trainer ranks on the same kind of "

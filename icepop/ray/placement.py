@@ -55,7 +55,7 @@ def roles(config: Config, rollout: bool = True, trainer: bool = True) -> list[Ro
     no trainer ranks). Colocated engines need no bundles of their own: they live in the ranks'."""
     engines, ranks, reward = config.rollout, config.trainer, config.reward
     found = []
-    if rollout and not (trainer and config.cluster.placement == "colocated"):  # else inside the ranks
+    if rollout and not (trainer and config.cluster.colocated):  # else inside the ranks
         found.append(
             Role("rollout", "engine", engines.engines, engines.cpus_per_engine, engines.gpus_per_engine)
         )
@@ -218,7 +218,7 @@ def describe_devices(config: Config, rollout: bool = True, trainer: bool = True)
     icepop.ray.cluster.process_env), so it runs on CPU by design."""
     wanted = roles(config, rollout, trainer)
     parts = [f"{role.name} {role.unit}s: {'1 GPU each' if role.gpus else 'CPU'}" for role in wanted]
-    if rollout and trainer and config.cluster.placement == "colocated":
+    if rollout and trainer and config.cluster.colocated:
         parts.insert(0, "rollout engines: inside the trainer ranks, on their devices")
     if rollout and trainer and config.algo.kl_coef != 0.0:  # an RL stage with a KL term
         share = f"{REFERENCE_GPU_SHARE:g} of trainer rank 0's GPU" if config.trainer.gpus_per_rank else "CPU"

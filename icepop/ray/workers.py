@@ -142,7 +142,7 @@ def actor_index(actors: list[Any], error: Exception) -> int | None:
 def engine_settings(config: Config, model_path: str) -> dict[str, Any]:
     """The keyword arguments every rollout engine of the run is built with (icepop.rollout.base). An
     engine colocated in a trainer rank uses the rank's CPUs or GPU, and sleeps while the rank trains."""
-    rollout, colocated = config.rollout, config.cluster.placement == "colocated"
+    rollout, colocated = config.rollout, config.cluster.colocated
     hosts = config.trainer if colocated else None
     cpus = hosts.cpus_per_rank if hosts else rollout.cpus_per_engine
     gpus = hosts.gpus_per_rank if hosts else rollout.gpus_per_engine

@@ -272,7 +272,7 @@ def _set_up(
         warmup_steps=config.trainer.warmup_steps,
         temperature=config.rollout.temperature,
     )
-    colocated = config.cluster.placement == "colocated"  # engines built in the ranks, after them
+    colocated = config.cluster.colocated  # engines built in the ranks, after them
     rollout = RolloutGroup(config, model_path, placement, hosts=trainer.actors if colocated else None)
     reference = ReferenceGroup(config, model_path, placement) if config.algo.kl_coef != 0.0 else None
     reward_model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
