@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from icepop.algo import AGGREGATIONS, PolicyLossOptions
-from icepop.config.checks import non_negative, one_of, positive
+from icepop.config.checks import non_negative, one_of, positive, zero_or_one_gpu
 from icepop.rewards.verifiers import VERIFIERS
 
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
@@ -124,11 +124,10 @@ class RewardConfig:
             }
         )
         non_negative(**{"reward.rule_weight": self.rule_weight, "reward.model_weight": self.model_weight})
-        if self.gpus_per_model_worker not in (0, 1):
-            raise ValueError(
-                f"reward.gpus_per_model_worker must be 0 (CPU) or 1 (a worker's model sits on one GPU; for "
-                f"more GPUs, more reward.model_workers); got {self.gpus_per_model_worker}"
-            )
+        zero_or_one_gpu(
+            "reward.gpus_per_model_worker", self.gpus_per_model_worker,
+            "a worker's model sits on one GPU; for more GPUs, more reward.model_workers",
+        )  # fmt: skip
         if self.task is not None and self.task not in VERIFIERS:
             raise ValueError(
                 f"reward.task={self.task!r} has no built-in verifier; choose one of {', '.join(VERIFIERS)}, "

@@ -20,3 +20,9 @@ def non_negative(**values: float) -> None:
     for name, value in values.items():
         if value < 0:
             raise ValueError(f"{name} must be >= 0; got {value}")
+
+
+def zero_or_one_gpu(name: str, value: int, one: str) -> None:
+    """A GPU count per actor: 0 (CPU) or 1; `one` says what the GPU is for and how to use more."""
+    if value not in (0, 1):
+        raise ValueError(f"{name} must be 0 (CPU) or 1 ({one}); got {value}")

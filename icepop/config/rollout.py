@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icepop.config.checks import DTYPES, non_negative, one_of, positive
+from icepop.config.checks import DTYPES, non_negative, one_of, positive, zero_or_one_gpu
 
 
 @dataclass
@@ -86,10 +86,7 @@ class RolloutConfig:
                 "rollout.enforce_eager=false needs GPUs (rollout.gpus_per_engine=1, e.g. cluster=gpu): "
                 "vLLM's CPU backend runs eagerly"
             )
-        if self.gpus_per_engine < 0:
-            raise ValueError(
-                f"rollout.gpus_per_engine must be 0 (CPU) or 1 (GPU); got {self.gpus_per_engine}"
-            )
+        zero_or_one_gpu("rollout.gpus_per_engine", self.gpus_per_engine, "GPU")
         if self.probe_tolerance is not None and not self.probe_tolerance > 0:
             raise ValueError(f"rollout.probe_tolerance must be > 0 (or null); got {self.probe_tolerance}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icepop.config.checks import non_negative, one_of, positive
+from icepop.config.checks import non_negative, one_of, positive, zero_or_one_gpu
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -63,11 +63,11 @@ class TrainerConfig:
                 "trainer.micro_batch_tokens": self.micro_batch_tokens,
             }
         )
-        if self.gpus_per_rank not in (0, 1):  # more would be reserved and never used
-            raise ValueError(
-                f"trainer.gpus_per_rank must be 0 (CPU) or 1 (a DeepSpeed rank drives one GPU; for more "
-                f"GPUs, more trainer.ranks); got {self.gpus_per_rank}"
-            )
+        zero_or_one_gpu(  # more would be reserved and never used
+            "trainer.gpus_per_rank",
+            self.gpus_per_rank,
+            "a DeepSpeed rank drives one GPU; for more GPUs, more trainer.ranks",
+        )
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(
                 f"trainer.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {self.betas}"
