@@ -47,10 +47,10 @@ class Rollouts:
     """One per engine; None when (re-)issuing is due."""
     groups: list[list[Completion]] = field(default_factory=list)
     """The completions, once collected."""
-
-    def issue(self, rollout: RolloutGroup, samples_per_prompt: int, version: int) -> None:
-        self.version = version
-        self.refs = rollout.async_generate(self.prompts, samples_per_prompt, self.sampling)
+    behind: int = 0
+    """Weight versions between it and the trainer that trains on it, once collected."""
+    rescored: list[Any] | None = None
+    """Refs to the engines' log-probs of it at the trainer's weights (`rescore`), when it is stale."""
 
 
 class RolloutQueue:
@@ -75,20 +75,28 @@ class RolloutQueue:
             state = self.data.state_dict()
             prompts = self.data.next_batch(config.algo.prompts_per_step)
             sampling = setup.sampling_settings(config, seed=config.run.seed * 100_003 + self.issued)
-            batch = Rollouts(self.issued, prompts, sampling, self.engine_version, state)
-            batch.issue(self.rollout, config.algo.samples_per_prompt, self.engine_version)
-            self.pending.append(batch)
+            self.pending.append(Rollouts(self.issued, prompts, sampling, self.engine_version, state))
+            self._issue(self.pending[-1])
+
+    def _issue(self, batch: Rollouts) -> None:
+        """Send the batch's prompts to the engines, at the weights they hold (or will, in queue order)."""
+        batch.version = self.engine_version
+        batch.refs = self.rollout.async_generate(
+            batch.prompts, self.config.algo.samples_per_prompt, batch.sampling
+        )
 
     def take(self, step: int, retry: Retry) -> Rollouts:
         """Step `step`'s batch, its completions collected: when an engine died meanwhile, `retry`
-        restarts and re-syncs it, and the batch is re-issued at the weights the engines then hold."""
+        restarts and re-syncs it, and the batch is re-issued at the weights the engines then hold. A
+        stale batch is sent for rescoring at the trainer's weights, which the engines hold now, when
+        the sampling temperature is 1 (vLLM scores at temperature 1)."""
         batch = self.pending.popleft()
         if batch.step != step:
             raise RuntimeError(f"the rollout queue holds step {batch.step}'s batch where {step}'s is due")
 
         def collect() -> list[list[Completion]]:
             if batch.refs is None:
-                batch.issue(self.rollout, self.config.algo.samples_per_prompt, self.engine_version)
+                self._issue(batch)
             try:
                 return RolloutGroup.merge(gather(batch.refs or []))
             except ray.exceptions.RayError:
@@ -96,12 +104,14 @@ class RolloutQueue:
                 raise
 
         batch.groups = retry(collect)
-        behind = (step - 1) - batch.version
-        if not 0 <= behind <= self.max_staleness:  # the schedule guarantees it; never train on older
+        batch.behind = (step - 1) - batch.version
+        if not 0 <= batch.behind <= self.max_staleness:  # the schedule guarantees it; never train on older
             raise RuntimeError(
-                f"step {step}'s rollouts come from the weights of step {batch.version}, {behind} versions "
-                f"behind the trainer; rollout.max_staleness={self.max_staleness}"
+                f"step {step}'s rollouts come from the weights of step {batch.version}, {batch.behind} "
+                f"versions behind the trainer; rollout.max_staleness={self.max_staleness}"
             )
+        if batch.behind and self.config.rollout.temperature == 1.0:
+            batch.rescored = rescore(self.rollout, batch)
         return batch
 
     def reissue_later(self) -> None:

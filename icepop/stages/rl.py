@@ -41,7 +41,7 @@ from icepop.ray.workers import (
     wait_ready,
 )
 from icepop.stages import checkpoint, setup, warmup
-from icepop.stages.ahead import RolloutQueue, rescore, rescored_logprobs
+from icepop.stages.ahead import RolloutQueue, rescored_logprobs
 from icepop.stages.batch import concat_rows, rl_batch, select_rows, sequence_count, split_rows
 from icepop.stages.rewards import Rewards
 from icepop.stages.rl_run import (
@@ -85,8 +85,6 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     run.ahead.top_up(step)
     rollouts = run.ahead.take(step, lambda collect: with_engines(run, step, collect))
     prompts, groups = rollouts.prompts, rollouts.groups
-    behind = step - 1 - rollouts.version  # weight versions between the rollouts and the trainer
-    rescored = rescore(run.rollout, rollouts) if behind and config.rollout.temperature == 1.0 else None
     gather(run.rollout.async_sleep())  # colocated: the engines free the devices until the sync
     lap("generate")
 
@@ -161,12 +159,12 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         "perf/step_seconds": step_seconds,
         "perf/tokens_per_second": float(lengths.sum()) / step_seconds,
         **timings,
-        **staleness_statistics(batch, behind, config.rollout.max_staleness),
+        **staleness_statistics(batch, rollouts.behind, config.rollout.max_staleness),
     }
     if not config.rollout.max_staleness:  # generated ahead, the batch took no time of this step
         metrics["perf/rollout_tokens_per_second"] = float(lengths.sum()) / timings["timing/generate_seconds"]
-    if rescored is not None:  # the engines' log-probs at the trainer's weights: staleness vs mismatch
-        engine_now = rescored_logprobs(rollouts, gather(rescored), run.pad_id)
+    if rollouts.rescored is not None:  # the engines' log-probs at the trainer's weights: the split
+        engine_now = rescored_logprobs(rollouts, gather(rollouts.rescored), run.pad_id)
         metrics.update(staleness_split(batch, engine_now, options))
     shown = metrics.get("reward/model_score_mean", metrics["reward/mean"])  # RLHF: the raw RM score
     run.tracker.log(step, metrics, status=f"reward {shown:.3f}  {step_seconds:.1f} s/step")
