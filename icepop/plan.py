@@ -92,7 +92,14 @@ def settings_summary(config: Config, overrides: list[str], conf_dir: Path, recip
     values = {key: OmegaConf.select(OmegaConf.structured(config), key) for key in keys}
     if "rollout.max_model_len" in values and values["rollout.max_model_len"] is None:
         values["rollout.max_model_len"] = config.rollout.context_length(config.data.max_prompt_tokens)
-        sources["rollout.max_model_len"] = "data.max_prompt_tokens + rollout.max_new_tokens"
+        budget = "rollout.max_new_tokens" if config.rollout.environment is None else "the episode's tokens"
+        sources["rollout.max_model_len"] = f"data.max_prompt_tokens + {budget}"
+    if config.rollout.environment is not None and stage_kind(config.stage) in ("rl", "eval"):
+        keys = (*keys, "rollout.environment", "rollout.max_turns", "rollout.max_episode_tokens")
+        extra = ("rollout.environment", "rollout.max_turns", "rollout.max_episode_tokens")
+        sources |= setting_sources(overrides, extra, conf_dir, recipes_dir)
+        values |= {key: OmegaConf.select(OmegaConf.structured(config), key) for key in extra}
+        values["rollout.max_episode_tokens"] = config.rollout.response_tokens()
     width = max(map(len, keys))
     lines = [f"icepop {config.stage} settings (value, and where it comes from):"]
     lines += [f"  {key:<{width}}  {_shown(values[key])}  ({sources[key]})" for key in keys]

@@ -73,7 +73,10 @@ def check_inputs(config: Config) -> None:
         with input_errors(f"data.source={config.data.source!r}"):
             check_source(config.data.source, config.data.task_options)
     if config.stage in ("rlvr", "rlhf", "eval"):
-        _check_reward(config)
+        if config.rollout.environment is None:
+            _check_reward(config)
+        else:  # the environment gives the reward
+            _check_environment(config)
     if config.stage == "rm" and config.rm.source not in TASKS and not Path(config.rm.source).exists():
         _check_dataset_name("rm.source", config.rm.source)
 
@@ -144,6 +147,27 @@ def _check_reward(config: Config) -> None:
         raise InputError(
             f"reward.model_path={reward.model_path!r} is not a model folder with a config.json (train one "
             "with +recipe=rm; its checkpoints/step-N folder is what this takes)"
+        )
+
+
+def _check_environment(config: Config) -> None:
+    """rollout.environment imports and makes an environment with start and step (what it does with a
+    data row is checked on the first training prompt, once the data is loaded: icepop.stages.rl)."""
+    from icepop.envs.factory import environment_factory
+
+    name = config.rollout.environment
+    with input_errors(f"rollout.environment={name!r}"):
+        env = environment_factory(name)()
+    missing = [method for method in ("start", "step") if not callable(getattr(env, method, None))]
+    if missing:
+        raise InputError(
+            f"rollout.environment={name!r} made a {type(env).__name__} without {' and '.join(missing)}; an "
+            "environment has start(prompt) -> messages and step(reply) -> icepop.envs.Turn"
+        )
+    if config.reward.model_path is not None:
+        raise InputError(
+            f"rollout.environment={name!r} gives each episode its reward; reward.model_path="
+            f"{config.reward.model_path!r} would not be used: unset one of them"
         )
 
 

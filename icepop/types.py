@@ -54,6 +54,15 @@ class Completion:
     """"stop" (EOS or a stop string) or "length" (truncated at max_new_tokens)."""
     text: str = ""
     """Detokenised response."""
+    model_mask: list[bool] | None = None
+    """Multi-turn episodes (icepop.rollout.episodes): per token, whether the model produced it (False:
+    an environment's observation, which is context only: no ratio, no loss, ℓ_inf 0.0). None: all."""
+    prompt_ids: list[int] | None = None
+    """Multi-turn episodes: the prompt the environment began the episode with (None: the Prompt's)."""
+    reward: float | None = None
+    """Multi-turn episodes: the environment's reward (the sum of its turns' contributions)."""
+    stats: dict[str, float] = field(default_factory=dict)
+    """Multi-turn episodes: per-episode counts (turns, observation tokens, environment errors, ...)."""
 
 
 @dataclass

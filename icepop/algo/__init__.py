@@ -23,8 +23,10 @@ from icepop.algo.metrics import (
     entropy_metrics,
     log_ratio_histogram,
     masked_mean,
+    mismatch_by_turn,
     mismatch_metrics,
     staleness_metrics,
+    turn_index,
     weight_metrics,
 )
 from icepop.algo.preference import bradley_terry_loss, pairwise_accuracy, whiten
@@ -54,6 +56,7 @@ __all__ = [
     "logprobs_and_entropy",
     "logprobs_and_entropy_naive",
     "masked_mean",
+    "mismatch_by_turn",
     "mismatch_metrics",
     "pairwise_accuracy",
     "pg_loss",
@@ -62,6 +65,7 @@ __all__ = [
     "rloo_advantages",
     "staleness_metrics",
     "to_tokens",
+    "turn_index",
     "weight_metrics",
     "whiten",
 ]

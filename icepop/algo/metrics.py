@@ -136,7 +136,7 @@ def abs_log_ratio_by_position(delta: Tensor, response_mask: Tensor) -> tuple[Ten
     """Mean |log k| at each response position (0 = a response's first token, wherever its row's
     response starts) over valid finite tokens, and how many tokens each mean covers; both [T'] with T'
     the longest response (the IcePop paper's mismatch-by-position view). A position without tokens is 0."""
-    position = response_mask.long().cumsum(dim=1) - 1  # response tokens are contiguous in a row
+    position = response_mask.long().cumsum(dim=1) - 1  # counting the model's tokens only (multi-turn)
     valid = response_mask & torch.isfinite(delta)
     length = int(position[response_mask].max()) + 1 if bool(response_mask.any()) else 0
     index = position[valid]
@@ -146,3 +146,26 @@ def abs_log_ratio_by_position(delta: Tensor, response_mask: Tensor) -> tuple[Ten
         0, index, torch.ones_like(index)
     )
     return sums / counts.clamp(min=1), counts
+
+
+def turn_index(response_mask: Tensor) -> Tensor:
+    """1, 2, … on the tokens of each row's first, second, … run of valid tokens (a multi-turn episode's
+    model turns, observations between them being masked out), 0 elsewhere; [B, T] int64."""
+    before = torch.nn.functional.pad(response_mask[:, :-1], (1, 0), value=False)
+    starts = response_mask & ~before
+    return torch.where(response_mask, starts.long().cumsum(dim=1), torch.zeros_like(starts, dtype=torch.long))
+
+
+def mismatch_by_turn(delta: Tensor, keep: Tensor, response_mask: Tensor) -> Metrics:
+    """Mean |log k| and the correction's mask fraction over the tokens of each model turn (is the
+    mismatch worse in later turns of an episode?): turn_<n>/abs_log_ratio_mean, turn_<n>/mask_frac,
+    turn_<n>/tokens for n = 1 … the last turn present."""
+    turns = turn_index(response_mask)
+    out: Metrics = {}
+    for n in range(1, int(turns.max()) + 1 if bool(response_mask.any()) else 1):
+        where = turns == n
+        finite = where & torch.isfinite(delta)
+        out[f"turn_{n}/abs_log_ratio_mean"] = masked_mean(delta.abs(), finite)
+        out[f"turn_{n}/mask_frac"] = (where & ~keep).sum().double() / where.sum().clamp(min=1)
+        out[f"turn_{n}/tokens"] = where.sum().double()
+    return out

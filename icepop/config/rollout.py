@@ -50,6 +50,17 @@ class RolloutConfig:
     """Rollouts generated ahead, at most this many weight versions behind the trainer: 0 is the serial loop
     (generate, then train); N >= 1 generates the batch of step t + N, at the weights of step t - 1, while
     step t trains (docs/algorithm.md, "Asynchronous rollouts"). Disaggregated placement only."""
+    environment: str | None = None
+    """Multi-turn episodes with tools: a built-in environment ("python_tool", "code_repair") or a dotted
+    path to a callable that makes one ("my_pkg.envs:Make"; icepop.envs.base); its reward replaces
+    reward.*. None: one reply per prompt."""
+    max_turns: int = 3
+    """Model turns per episode (with rollout.environment); rollout.max_new_tokens bounds each turn."""
+    max_episode_tokens: int | None = None
+    """Model and observation tokens per episode after the prompt (with rollout.environment); None:
+    2 × max_turns × max_new_tokens."""
+    environment_timeout_seconds: float = 30.0
+    """Longest an environment's step may take; past it (or when it raises) the episode ends with reward 0."""
     probe_tolerance: float | None = None
     """Sync probe limit on |Δ log p|: its max when engine and trainer are both float32 (None: 1e-3), else
     its mean over the probe tokens (None: 0.1), since single bfloat16 tokens jump with MoE routing flips."""
@@ -68,7 +79,12 @@ class RolloutConfig:
         non_negative(**{"rollout.top_k": self.top_k, "rollout.mismatch_noise": self.mismatch_noise,
                         "rollout.max_restarts": self.max_restarts,
                         "rollout.max_staleness": self.max_staleness})  # fmt: skip
-        positive(**{"rollout.cpus_per_engine": self.cpus_per_engine})
+        positive(**{"rollout.cpus_per_engine": self.cpus_per_engine, "rollout.max_turns": self.max_turns,
+                    "rollout.environment_timeout_seconds": self.environment_timeout_seconds})  # fmt: skip
+        if self.max_episode_tokens is not None and self.max_episode_tokens < 1:
+            raise ValueError(
+                f"rollout.max_episode_tokens must be >= 1 (or null); got {self.max_episode_tokens}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"rollout.top_p must be in (0, 1]; got {self.top_p}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -92,7 +108,13 @@ class RolloutConfig:
 
     def context_length(self, max_prompt_tokens: int) -> int:
         """The engine's context: max_model_len, or prompt + response budget."""
-        return self.max_model_len or max_prompt_tokens + self.max_new_tokens
+        return self.max_model_len or max_prompt_tokens + self.response_tokens()
+
+    def response_tokens(self) -> int:
+        """The most tokens after a prompt: one reply's, or with an environment an episode's."""
+        if self.environment is None:
+            return self.max_new_tokens
+        return self.max_episode_tokens or 2 * self.max_turns * self.max_new_tokens
 
 
 PLACEMENTS = ("disaggregated", "colocated")

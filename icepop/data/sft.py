@@ -39,7 +39,7 @@ from icepop.data.prompts import (
     skipped_stats,
 )
 from icepop.data.tasks import generate_problems, is_generated
-from icepop.types import SFTBatch
+from icepop.types import Problem, SFTBatch
 
 T = TypeVar("T")
 
@@ -126,13 +126,22 @@ def _add_example(
 
 
 def builtin_sft_examples(
-    task: str, tokenizer: Any, count: int, seed: int, max_tokens: int | None = None, **task_options: Any
+    task: str,
+    tokenizer: Any,
+    count: int,
+    seed: int,
+    max_tokens: int | None = None,
+    conversation: Callable[[Problem], Messages] | None = None,
+    **task_options: Any,
 ) -> SFTSet:
-    """`count` problems of a built-in task with their target replies as the assistant turn."""
+    """`count` problems of a built-in task with their target replies as the assistant turn, or as
+    `conversation(problem)` writes them (e.g. a tool exchange: icepop.envs.python_tool.demonstration)."""
     examples: list[SFTExample] = []
     skipped: Skipped = {}
     for index, problem in enumerate(generate_problems(task, seed, count, **task_options)):
         messages = [*problem.messages, {"role": "assistant", "content": problem.target_reply}]
+        if conversation is not None:
+            messages = conversation(problem)
         _add_example(examples, skipped, index, tokenize_conversation(messages, tokenizer), max_tokens)
     if not examples:
         raise nothing_usable(task, "conversation", skipped, SFT_SKIP_REASONS, valid_row=None)

@@ -11,7 +11,6 @@ Constructing a group starts its actors and their set-up (imports, model loading)
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -19,67 +18,12 @@ import torch
 from icepop.config import Config
 from icepop.ray import cluster
 from icepop.ray.cluster import Placement
+from icepop.ray.hosts import EngineHost, ReferenceHost, RewardModelHost, TrainerHost
 from icepop.ray.placement import gpu_requests
 from icepop.rollout.base import engine_class
+from icepop.rollout.episodes import EpisodeLimits, EpisodeSettings
 from icepop.trainer.base import backend_class
 from icepop.types import Completion, PreferenceBatch, Prompt, RLBatch, SamplingSettings, SFTBatch, blocks
-
-
-class _Host:
-    """The Ray actor class: builds its object in `setup` (inside the actor's own process, so heavy
-    imports happen there) and forwards `call(method, ...)` to it."""
-
-    def __init__(self) -> None:
-        self.obj: Any = None
-
-    def node_address(self) -> tuple[str, int]:
-        import ray
-
-        from icepop.ray.cluster import free_port
-
-        address = ray.util.get_node_ip_address()
-        return address, free_port(address)
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def setup(self, cls: type, kwargs: dict[str, Any]) -> None:
-        self.obj = cls(**kwargs)
-
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.obj, method)(*args, **kwargs)
-
-
-class EngineHost(_Host):
-    """A rollout engine's actor; the class names the role in `ps` ("ray::EngineHost.call") and Ray."""
-
-
-class TrainerHost(_Host):
-    """A trainer rank's actor; under cluster.placement=colocated it also hosts a rollout engine, built
-    after the rank (vLLM then adopts the rank's process group) and reached through `call_engine`."""
-
-    engine: Any = None
-
-    def setup_engine(self, cls: type, kwargs: dict[str, Any]) -> None:
-        self.engine = cls(**kwargs)
-
-    def call_engine(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.engine, method)(*args, **kwargs)
-
-    def push_to_engine(self, noise: tuple[float, int] | None) -> None:
-        """Hand the rank's full weights to its engine in this process (woken first, if asleep);
-        collective over the ranks under ZeRO-3."""
-        self.engine.wake()
-        self.engine.load_tensors(self.obj.weight_tensors(), noise)
-
-
-class ReferenceHost(_Host):
-    """The frozen reference policy's actor."""
-
-
-class RewardModelHost(_Host):
-    """A reward-model scoring actor."""
-
 
 WAIT_SLICE_SECONDS = 0.5
 
@@ -160,6 +104,16 @@ def engine_settings(config: Config, model_path: str) -> dict[str, Any]:
     }
 
 
+def episode_settings(config: Config, model_path: str) -> EpisodeSettings:
+    """What the engines' actors need to run the run's multi-turn episodes (rollout.environment)."""
+    rollout, data = config.rollout, config.data
+    assert rollout.environment is not None
+    limits = EpisodeLimits(rollout.max_turns, rollout.response_tokens(), rollout.environment_timeout_seconds)
+    return EpisodeSettings(rollout.environment, limits, model_path, data.system_prompt,
+                           tuple(sorted(data.chat_template_kwargs.items())),
+                           rollout.context_length(data.max_prompt_tokens))  # fmt: skip
+
+
 class RolloutGroup:
     """N vLLM engines; prompts are split across them in contiguous blocks (a group never splits).
 
@@ -175,6 +129,7 @@ class RolloutGroup:
         self.restarts = 0
         self._kwargs = engine_settings(config, model_path)
         self._engine = engine_class(rollout.backend)
+        self.episodes = episode_settings(config, model_path) if rollout.environment is not None else None
         if hosts is None:
             self.actors = _actors(EngineHost, rollout.engines, *self._resources, "rollout")
             self.pending = [a.setup.remote(self._engine, self._kwargs) for a in self.actors]
@@ -214,11 +169,16 @@ class RolloutGroup:
     def async_generate(
         self, prompts: list[Prompt], samples_per_prompt: int, sampling: SamplingSettings
     ) -> list[Any]:
-        """One ref per engine, each resolving to list[list[Completion]] for its block of prompts."""
+        """One ref per engine, each resolving to list[list[Completion]] for its block of prompts: one
+        reply each, or with rollout.environment an episode each (run in the engine's actor)."""
+        shares = zip(self.actors, blocks(len(prompts), len(self.actors)), strict=True)
+        if self.episodes is not None:
+            return [actor.episodes.remote(self.episodes, prompts[rows], samples_per_prompt, sampling)
+                    for actor, rows in shares if rows.stop > rows.start]  # fmt: skip
         ids = [p.prompt_ids for p in prompts]
         return [
             self._call(actor).remote("generate", ids[rows], samples_per_prompt, sampling)
-            for actor, rows in zip(self.actors, blocks(len(ids), len(self.actors)), strict=True)
+            for actor, rows in shares
             if rows.stop > rows.start
         ]
 

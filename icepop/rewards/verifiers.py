@@ -209,24 +209,30 @@ def verify_code(response_text: str, answer: Any) -> float:
 def resolve_reward_fn(path: str) -> Callable[[Prompt, str], float]:
     """Import `fn(prompt, response_text) -> float` from "package.module:function" (or the dotted
     "package.module.function"); a clear ImportError/TypeError when that is not possible."""
+    return resolve_callable(path, "reward function")
+
+
+def resolve_callable(path: str, kind: str) -> Any:
+    """The callable at "package.module:name" (or the dotted "package.module.name"); `kind` names it in
+    the ImportError/TypeError raised when that is not possible (a reward function, an environment)."""
     module_name, sep, attribute = path.partition(":")
     if not sep:
         module_name, _, attribute = path.rpartition(".")
     if not module_name or not attribute:
-        raise ImportError(f"reward function {path!r} must look like 'package.module:function'")
+        raise ImportError(f"{kind} {path!r} must look like 'package.module:name'")
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as error:
         raise ImportError(
-            f"reward function {path!r}: cannot import module {module_name!r} ({error}); "
+            f"{kind} {path!r}: cannot import module {module_name!r} ({error}); "
             "is its package installed or on PYTHONPATH?"
         ) from error
     for name in attribute.split("."):
         if not hasattr(target, name):
-            raise ImportError(f"reward function {path!r}: {module_name!r} has no attribute {attribute!r}")
+            raise ImportError(f"{kind} {path!r}: {module_name!r} has no attribute {attribute!r}")
         target = getattr(target, name)
     if not callable(target):
-        raise TypeError(f"reward function {path!r} is a {type(target).__name__}, not a callable")
+        raise TypeError(f"{kind} {path!r} is a {type(target).__name__}, not a callable")
     return target
 
 

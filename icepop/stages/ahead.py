@@ -136,7 +136,7 @@ def rescore(rollout: RolloutGroup, batch: Rollouts) -> list[Any]:
     trainer's, the proximal policy): with ℓ_inf at the batch's version they split log(π_prox/π_inf)
     into staleness and engine mismatch. One share of the sequences per engine."""
     pairs = zip(batch.prompts, batch.groups, strict=True)
-    sequences = [prompt.prompt_ids + c.token_ids for prompt, group in pairs for c in group]
+    sequences = [(c.prompt_ids or prompt.prompt_ids) + c.token_ids for prompt, group in pairs for c in group]
     shares = [sequences[rows] for rows in blocks(len(sequences), len(rollout.actors))]
     return rollout.async_score(shares, 1)
 

@@ -16,9 +16,10 @@ from icepop.types import Batch, Completion, Prompt, RLBatch, select_rows
 def rl_batch(
     prompts: list[Prompt], groups: list[list[Completion]], advantages: Tensor, pad_id: int
 ) -> RLBatch:
-    """One row per completion, in prompt order; `advantages` is [rows], one value per completion."""
+    """One row per completion, in prompt order; `advantages` is [rows], one value per completion. A
+    multi-turn episode's row is its own prompt and all its tokens; response_mask marks the model's."""
     rows = [
-        (prompt.prompt_ids, completion)
+        (completion.prompt_ids or prompt.prompt_ids, completion)
         for prompt, group in zip(prompts, groups, strict=True)
         for completion in group
     ]
@@ -37,9 +38,13 @@ def rl_batch(
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention_mask[i, : len(ids)] = 1
         span = slice(len(prompt_ids) - 1, len(ids) - 1)
-        response_mask[i, span] = True
-        rollout_logprobs[i, span] = torch.tensor(completion.logprobs, dtype=torch.float32)
-        token_advantages[i, span] = float(advantages[i])
+        # Multi-turn: only the model's own tokens are trained on; observations are context.
+        model = torch.ones(len(completion.token_ids), dtype=torch.bool)
+        if completion.model_mask is not None:
+            model = torch.tensor(completion.model_mask, dtype=torch.bool)
+        response_mask[i, span] = model
+        rollout_logprobs[i, span] = torch.tensor(completion.logprobs, dtype=torch.float32) * model
+        token_advantages[i, span] = float(advantages[i]) * model
     return RLBatch(input_ids, attention_mask, response_mask, rollout_logprobs, token_advantages)
 
 

@@ -29,7 +29,7 @@ def evaluate(run: Any, prompts: list[Prompt], step: int) -> dict[str, float]:
     """Greedy measures of the engines' current weights on held-out prompts; appended to eval.jsonl."""
     sampling = SamplingSettings(temperature=0.0, max_new_tokens=run.config.rollout.max_new_tokens, seed=0)
     groups = RolloutGroup.merge(gather(run.rollout.async_generate(prompts, 1, sampling)))
-    measures = run.rewards.measures(prompts, [group[0].text for group in groups])
+    measures = run.rewards.measures(prompts, [group[0] for group in groups])
     shown = ", ".join(f"{k} {v:.3f}" for k, v in measures.items())
     run.tracker.log_eval(
         step, {**measures, "problems": len(prompts)}, f"held-out greedy {shown} on {len(prompts)} problems"
@@ -38,14 +38,18 @@ def evaluate(run: Any, prompts: list[Prompt], step: int) -> dict[str, float]:
 
 
 def sample_measures(rewards: Rewards, prompts: list[Prompt], groups: list[list[Any]]) -> dict[str, float]:
-    """avg@k and pass@k of the rule reward (a sample is correct when its reward is ≥ 1), and the mean
-    reward-model score, over k samples per prompt."""
+    """avg@k and pass@k of the rule reward, or of an environment's (a sample is correct when its reward is
+    ≥ 1), and the mean reward-model score, over k samples per prompt."""
     flat_prompts = [p for p, group in zip(prompts, groups, strict=True) for _ in group]
-    texts = [c.text for group in groups for c in group]
+    completions = [c for group in groups for c in group]
+    texts = [c.text for c in completions]
     k = len(groups[0])
     out: dict[str, float] = {}
-    if rewards.rule is not None:
-        scores = rewards.rule.score(flat_prompts, texts).rewards
+    episodes = completions[0].reward is not None  # multi-turn: the environment's reward
+    if episodes or rewards.rule is not None:
+        scored = rewards.score_rollouts(flat_prompts, completions) if episodes else rewards.rule.score(
+            flat_prompts, texts)  # fmt: skip
+        scores = scored.rewards
         per_prompt = [scores[i * k : (i + 1) * k] for i in range(len(prompts))]
         out[f"avg@{k}"] = sum(scores) / len(scores)
         out[f"pass@{k}"] = sum(max(s) >= 1.0 for s in per_prompt) / len(prompts)

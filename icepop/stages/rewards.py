@@ -19,7 +19,7 @@ from icepop.ray.workers import gather
 from icepop.rewards.model import prompt_messages
 from icepop.rewards.pool import Scores
 from icepop.rewards.verifiers import lenient_correct, strict_correct
-from icepop.types import Prompt
+from icepop.types import Completion, Prompt
 
 
 class Rewards:
@@ -53,10 +53,20 @@ class Rewards:
             total += self.config.model_weight * (whiten(raw) if self.config.normalize else raw)
         return Scores(total.tolist(), stats, first_error)
 
-    def measures(self, prompts: Sequence[Prompt], texts: Sequence[str]) -> dict[str, float]:
+    def score_rollouts(self, prompts: Sequence[Prompt], completions: Sequence[Completion]) -> Scores:
+        """`score` of the completions' texts; multi-turn episodes (rollout.environment) carry their
+        environment's reward, which is theirs instead."""
+        if completions and completions[0].reward is not None:
+            return Scores([float(c.reward or 0.0) for c in completions], {})
+        return self.score(prompts, [c.text for c in completions])
+
+    def measures(self, prompts: Sequence[Prompt], completions: Sequence[Completion]) -> dict[str, float]:
         """What evaluation reports: rule accuracy (mean rule reward) with its lenient reading (the last
         number is the answer, whatever the format) and its strict one (exactly the requested format),
-        and the mean raw model score."""
+        and the mean raw model score; for episodes, the environment's mean reward ("accuracy")."""
+        if completions and completions[0].reward is not None:
+            return {"accuracy": sum(self.score_rollouts(prompts, completions).rewards) / len(completions)}
+        texts = [c.text for c in completions]
         out = {}
         if self.rule is not None:
             rewards = self.rule.score(prompts, texts).rewards

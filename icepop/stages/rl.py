@@ -56,6 +56,7 @@ from icepop.stages.rl_run import (
     with_engines,
 )
 from icepop.stages.step_metrics import (
+    episode_statistics,
     mean_over_ranks,
     mismatch_statistics,
     reward_metrics,
@@ -90,9 +91,9 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
 
     # 2. Reward: verifiers in worker processes (per-sample timeout) and/or reward-model actors.
     flat_prompts = [p for p, group in zip(prompts, groups, strict=True) for _ in group]
-    texts = [c.text for group in groups for c in group]
-    scored = run.rewards.score(flat_prompts, texts)
-    count_reward_failures(run, step, scored, len(texts))
+    completions = [c for group in groups for c in group]
+    scored = run.rewards.score_rollouts(flat_prompts, completions)  # multi-turn: the environment's reward
+    count_reward_failures(run, step, scored, len(completions))
     rewards = torch.tensor(scored.rewards, dtype=torch.float32)
     lap("reward")
 
@@ -117,7 +118,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     lap("old_logprobs")
 
     # 5. Train: `updates_per_step` optimizer steps, each over all ranks with the mini-batch's global counts.
-    options = algo.loss_options(max_response_length=config.rollout.max_new_tokens)
+    options = algo.loss_options(max_response_length=config.rollout.response_tokens())
     rows = batch.input_ids.shape[0] // algo.updates_per_step
     train_metrics = []
     for update in range(algo.updates_per_step):
@@ -143,15 +144,15 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     timings["timing/sync_seconds"] = sum(timings[f"timing/sync_{part}_seconds"] for part in ("push", "probe"))
 
     # 7. Log: the ranks' means first, then exact whole-batch mismatch and mask statistics over them.
-    lengths = torch.tensor([len(c.token_ids) for group in groups for c in group], dtype=torch.float32)
+    lengths = batch.response_mask.sum(dim=1, dtype=torch.float32)  # the model's tokens only
     step_seconds = time.perf_counter() - start
     metrics = {
         **mean_over_ranks(train_metrics),
         **mismatch_statistics(batch, options),
         **reward_metrics(rewards, group_ids, scored.stats),
         "response_length/mean": float(lengths.mean()),
-        "response_length/truncated_frac": sum(c.finish_reason == "length" for g in groups for c in g)
-        / len(texts),
+        "response_length/truncated_frac": sum(c.finish_reason == "length" for c in completions)
+        / len(completions),
         "sync/probe_abs_logp_diff": probe_diff.max,
         "sync/probe_abs_logp_diff_mean": probe_diff.mean,
         "inject/mismatch_noise": config.rollout.mismatch_noise,
@@ -160,6 +161,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         "perf/tokens_per_second": float(lengths.sum()) / step_seconds,
         **timings,
         **staleness_statistics(batch, rollouts.behind, config.rollout.max_staleness),
+        **episode_statistics(batch, completions, options),
     }
     if not config.rollout.max_staleness:  # generated ahead, the batch took no time of this step
         metrics["perf/rollout_tokens_per_second"] = float(lengths.sum()) / timings["timing/generate_seconds"]
@@ -197,6 +199,9 @@ def run_rl(config: Config, run_dir: Path) -> Summary:
     tokenizer = setup.load_tokenizer(setup.resolve_model(config), config.data)
     with input_errors(f"data.source={config.data.source!r}"):
         data = setup.prompt_streams(config, tokenizer)
+    if config.rollout.environment is not None:  # what it makes of a data row, before anything starts
+        with input_errors(f"rollout.environment={config.rollout.environment!r}"):
+            setup.check_environment_start(config, tokenizer, data[1][0])
     start = checkpoint.prepare_resume(run_dir, config.train.steps)
     done = read_summary(run_dir)
     if start.complete and done is not None:
@@ -274,7 +279,8 @@ def _set_up(
     rollout = RolloutGroup(config, model_path, placement, hosts=trainer.actors if colocated else None)
     reference = ReferenceGroup(config, model_path, placement) if config.algo.kl_coef != 0.0 else None
     reward_model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
-    pool = stack.enter_context(setup.reward_pool(config)) if config.reward.rule_weight else None  # meanwhile
+    rule = config.reward.rule_weight and config.rollout.environment is None  # else: the environment's reward
+    pool = stack.enter_context(setup.reward_pool(config)) if rule else None  # starts meanwhile
     wait_ready(rollout, trainer, reference, reward_model)
     sync = WeightSync(config.rollout.weight_sync, trainer, rollout, str(weights_dir / "weights.safetensors"))
     print(f"icepop {config.stage}: workers ready in {time.perf_counter() - started:.1f} s; {sync.describe()}")

@@ -189,3 +189,20 @@ def _check_tasks(config: Config, prompts: list[Any]) -> None:
             f"data.task_field={config.data.task_field!r} names tasks with no built-in verifier: {unknown}; "
             f"built-in: {', '.join(VERIFIERS)} (or score with reward.function=package.module:function)"
         )
+
+
+def check_environment_start(config: Config, tokenizer: Any, prompt: Any) -> None:
+    """The environment's first conversation for a data row is well formed and fits the engine's context
+    (run on one prompt before anything starts; every episode is checked alike in the engines)."""
+    from icepop.data.prompts import chat_ids
+    from icepop.envs import environment_factory, started
+
+    assert config.rollout.environment is not None
+    messages = started(environment_factory(config.rollout.environment)(), prompt)
+    tokens = len(chat_ids(tokenizer, messages, add_generation_prompt=True))
+    context = config.rollout.context_length(config.data.max_prompt_tokens)
+    if tokens >= context:
+        raise ValueError(
+            f"its first conversation has {tokens} tokens, no room for a reply in the engine's context of "
+            f"{context} (data.max_prompt_tokens + the episode budget, or rollout.max_model_len)"
+        )

@@ -44,10 +44,14 @@ def sft_examples(config: Config, tokenizer: Any) -> tuple[list[Any], list[Any]]:
     from icepop.data.sft import load_sft_examples
     from icepop.data.tasks import is_generated
 
-    max_tokens = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+    max_tokens = config.data.max_prompt_tokens + config.rollout.response_tokens()
     source, seed = config.data.source, config.run.seed
     data = config.data
     where = data.task_options if is_generated(source) else {"split": data.split, "subset": data.subset}
+    if is_generated(source) and config.rollout.environment == "python_tool":  # the tool's exchange
+        from icepop.envs.python_tool import demonstration
+
+        where = {**where, "conversation": demonstration}
     dataset = load_sft_examples(
         source, tokenizer, count=config.sft.examples, seed=seed, max_tokens=max_tokens, **where
     )

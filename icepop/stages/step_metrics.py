@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from icepop.algo import PolicyLossOptions, correction_metrics, log_ratio, masked_mean, mismatch_metrics
-from icepop.types import RLBatch
+from icepop.algo import (
+    PolicyLossOptions,
+    correction_metrics,
+    log_ratio,
+    masked_mean,
+    mismatch_by_turn,
+    mismatch_metrics,
+)
+from icepop.types import Completion, RLBatch
 
 
 def mismatch_statistics(batch: RLBatch, options: PolicyLossOptions) -> dict[str, float]:
@@ -69,3 +76,23 @@ def reward_metrics(
         "reward/zero_variance_group_frac": float(zero_variance),
         **{k: float(v) for k, v in stats.items()},
     }
+
+
+def episode_statistics(
+    batch: RLBatch, completions: list[Completion], options: PolicyLossOptions
+) -> dict[str, float]:
+    """Multi-turn episodes (none: {}): per-episode means of their counts (turns, observation tokens,
+    the environment's own, e.g. tool_calls), the episodes an environment error or timeout ended, and
+    the mismatch and mask fraction by model turn."""
+    if not completions or completions[0].model_mask is None:
+        return {}
+    keys = sorted({key for c in completions for key in c.stats} - {"errors", "timeouts"})
+    out = {f"episode/{key}_mean": sum(c.stats.get(key, 0.0) for c in completions) / len(completions)
+           for key in keys}  # fmt: skip
+    out["episode/errors"] = sum(c.stats.get("errors", 0.0) for c in completions)
+    out["episode/timeouts"] = sum(c.stats.get("timeouts", 0.0) for c in completions)
+    old, rollout, mask = batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
+    assert old is not None
+    keep = options.correction_weights(old, rollout, mask).keep
+    by_turn = mismatch_by_turn(log_ratio(old, rollout, mask), keep, mask)
+    return out | {f"mismatch/{key}": float(value) for key, value in by_turn.items()}

@@ -24,7 +24,7 @@ WARMED_UP_STAGES = ("rm", "rlvr", "rlhf", "eval")
 
 def sft_warmup_key(config: Config) -> dict[str, Any]:
     """What determines a tiny model's SFT warm-up checkpoint."""
-    return {
+    key = {
         "model": config.model.path,
         "seed": config.run.seed,
         "data": config.data.source,
@@ -32,6 +32,9 @@ def sft_warmup_key(config: Config) -> dict[str, Any]:
         "ranks": config.trainer.ranks,
         "version": 1,
     }
+    if config.rollout.environment == "python_tool":  # the warm-up then learns the tool's exchange
+        key |= {"environment": "python_tool", "task_options": config.data.task_options}
+    return key
 
 
 def policy_path(config: Config, run_dir: Path) -> str:
