@@ -99,7 +99,10 @@ def check_probe(difference: ProbeDifference, rollout: RolloutConfig, trainer_dty
 
 
 def shm_dir() -> str:
-    """Where weight files travel between local processes: /dev/shm when present (RAM), else the temp dir."""
+    """Where weight files travel between local processes: $ICEPOP_SHM_DIR (e.g. where a container's
+    64 MB /dev/shm cannot hold a model), else /dev/shm when present (RAM), else the temp dir."""
+    if os.environ.get("ICEPOP_SHM_DIR"):
+        return os.environ["ICEPOP_SHM_DIR"]
     return (
         "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 from test_config import compose_config
@@ -13,7 +15,14 @@ from icepop.ray.workers import engine_settings
 from icepop.stages.batch import rl_batch, sequence_count, split_rows
 from icepop.trainer.inputs import micro_batch_rows, place_rows, rows_of
 from icepop.types import Completion, Prompt
-from icepop.weights import ProbeDifference, WeightSyncError, check_probe, probe_sequences, probe_shares
+from icepop.weights import (
+    ProbeDifference,
+    WeightSyncError,
+    check_probe,
+    probe_sequences,
+    probe_shares,
+    shm_dir,
+)
 
 PAD = 0
 
@@ -239,3 +248,12 @@ def test_free_ports_avoid_the_ephemeral_range_that_outgoing_connections_take() -
     assert ports <= set(FREE_PORTS) and len(ports) > 1  # random, not one fixed sequence
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", ports.pop()))  # and free
+
+
+def test_weight_files_travel_through_icepop_shm_dir_when_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    monkeypatch.delenv("ICEPOP_SHM_DIR", raising=False)
+    assert shm_dir() in ("/dev/shm", tempfile.gettempdir())
+    monkeypatch.setenv("ICEPOP_SHM_DIR", str(tmp_path))
+    assert shm_dir() == str(tmp_path)

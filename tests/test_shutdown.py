@@ -17,8 +17,6 @@ import psutil
 import pytest
 from e2e_helpers import ray_processes
 
-from icepop.weights import shm_dir
-
 pytestmark = [pytest.mark.slow, pytest.mark.ray]  # whole runs of python -m icepop.train, interrupted
 
 
@@ -33,20 +31,21 @@ def listening_addresses(pid: int) -> set[str]:
     return addresses
 
 
-def weight_dirs() -> set[str]:
-    return {p.name for p in Path(shm_dir()).glob("icepop-weights-*")}
+def weight_dirs(where: Path) -> set[str]:
+    return {p.name for p in where.glob("icepop-weights-*")}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_leaves_nothing_behind(tmp_path: Path, signum: int) -> None:
-    before_dirs = weight_dirs()
+    shm = tmp_path / "shm"  # the run's own (ICEPOP_SHM_DIR): other tests' runs may use /dev/shm meanwhile
+    shm.mkdir()
     overrides = [
         "+recipe=rlvr", "run.dir=run", "model.sft_warmup=false", "train.steps=500", "algo.prompts_per_step=4",
         "algo.samples_per_prompt=4", "trainer.micro_batch_size=4", "rollout.max_new_tokens=8",
         "data.eval_size=4", "reward.workers=1", "rollout.weight_sync=file",
     ]  # fmt: skip
     cache = str(tmp_path / "cache")  # Ray's processes of this run carry it in their environment
-    env = {**os.environ, "ICEPOP_CACHE": cache}
+    env = {**os.environ, "ICEPOP_CACHE": cache, "ICEPOP_SHM_DIR": str(shm)}
     run = subprocess.Popen([sys.executable, "-m", "icepop.train", *overrides], cwd=tmp_path, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -56,7 +55,7 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path: Path, signum: int) -> N
             assert time.monotonic() < deadline, "the run never completed a step"
             time.sleep(0.5)
         assert run.poll() is None, run.stderr.read() if run.stderr else ""
-        held_weight_dirs = weight_dirs() - before_dirs
+        held_weight_dirs = weight_dirs(shm)
         listeners = listening_addresses(run.pid)
         assert len(ray_processes(cache)) >= 4  # GCS, raylet, the engine and trainer actors: found by env
         run.send_signal(signum)
@@ -76,7 +75,7 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path: Path, signum: int) -> N
     while ray_processes(cache) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not ray_processes(cache), "orphaned Ray processes"
-    assert not held_weight_dirs & weight_dirs(), "the run left its weight-sync directory behind"
+    assert not weight_dirs(shm), "the run left its weight-sync directory behind"
 
 
 WAITING_DRIVER = """

@@ -44,10 +44,14 @@ def test_a_multi_turn_tool_run_trains_on_the_models_tokens_exactly(tmp_path: Pat
     assert [e["step"] for e in evals] == [0, 3] and all(0.0 <= e["eval/accuracy"] <= 1.0 for e in evals)
 
 
-def test_a_users_environment_runs_from_its_dotted_path(tmp_path: Path) -> None:
-    """tests/test_environments.py's Counter, imported inside the engine's Ray actor (PYTHONPATH)."""
+def test_a_users_environment_runs_from_its_dotted_path_and_ahead(tmp_path: Path) -> None:
+    """tests/test_environments.py's Counter, imported inside the engine's Ray actor (PYTHONPATH), its
+    episodes generated one step ahead (rollout.max_staleness=1) like single replies."""
     icepop_train(tmp_path, *TOOLS, "rollout.environment=test_environments:Counter", "model.sft_warmup=false",
-                 "train.steps=1")  # fmt: skip
-    (row,) = metrics(tmp_path / "run")
-    assert row["episode/turns_mean"] >= 1 and "episode/tool_calls_mean" not in row
-    assert row["reward/mean"] == 0.0  # Counter rewards a third turn; the untrained model's are cut short
+                 "train.steps=2", "rollout.max_staleness=1")  # fmt: skip
+    rows = metrics(tmp_path / "run")
+    assert [r["staleness/versions_behind_mean"] for r in rows] == [0.0, 1.0]
+    assert "staleness/engine_mismatch_abs_log_ratio_mean" in rows[1]  # rescored, observations included
+    for row in rows:
+        assert row["episode/turns_mean"] >= 1 and "episode/tool_calls_mean" not in row
+        assert row["reward/mean"] == 0.0  # Counter rewards a third turn; the untrained model's are cut short

@@ -20,6 +20,7 @@ class _Host:
 
     def __init__(self) -> None:
         self.obj: Any = None
+        self.episode_runner: EpisodeRunner | None = None  # an engine's, once it runs episodes
 
     def node_address(self) -> tuple[str, int]:
         import ray
@@ -50,10 +51,9 @@ class _Host:
         sampling: SamplingSettings,
     ) -> list[list[Completion]]:
         """Multi-turn episodes on the actor's engine, its environments stepping in this process."""
-        runner = getattr(self, "episode_runner", None)
-        if runner is None or runner.settings != settings:
-            runner = self.episode_runner = EpisodeRunner(settings)
-        return runner.run(self.rollout_engine(), prompts, samples_per_prompt, sampling)
+        if self.episode_runner is None or self.episode_runner.settings != settings:
+            self.episode_runner = EpisodeRunner(settings)
+        return self.episode_runner.run(self.rollout_engine(), prompts, samples_per_prompt, sampling)
 
 
 class EngineHost(_Host):

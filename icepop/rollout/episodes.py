@@ -154,7 +154,7 @@ def _step_all(episodes: list[_Episode], replies: list[str], timeout: float) -> l
     deadline = time.monotonic() + timeout
     for thread in threads:  # a hung thread is left behind (daemon): Python cannot stop it
         thread.join(max(0.0, deadline - time.monotonic()))
-    return results
+    return list(results)  # a copy: a late thread must not turn its "timeout" into a Turn afterwards
 
 
 def run_episodes(
@@ -181,9 +181,11 @@ def run_episodes(
         room = [min(sampling.max_new_tokens, e.room(limits, context_length)) for e in live]
         for episode, tokens in zip(live, room, strict=True):
             episode.done = tokens < 1  # no room for a turn: ended by its token budget
-        for tokens in sorted(set(t for t in room if t >= 1)):  # usually one group: every turn's budget
+        for group, tokens in enumerate(
+            sorted(set(t for t in room if t >= 1))
+        ):  # usually one: every turn's budget
             batch = [e for e, t in zip(live, room, strict=True) if t == tokens]
-            seed = None if sampling.seed is None else sampling.seed + 7919 * turn
+            seed = None if sampling.seed is None else sampling.seed + 7919 * turn + 104_729 * group
             settings = replace(sampling, max_new_tokens=tokens, seed=seed)
             outputs = engine.generate([e.prompt_ids + e.tokens for e in batch], 1, settings)
             for episode, (output,) in zip(batch, outputs, strict=True):
