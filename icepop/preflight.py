@@ -69,6 +69,8 @@ def check_inputs(config: Config) -> None:
     if config.stage == "pipeline":
         return  # each stage is checked when it starts (later stages start from earlier ones' output)
     _check_model(config)
+    if config.trainer.lora.enabled and config.stage in ("sft", "rm", "rlvr", "rlhf"):
+        _check_lora(config)
     if is_gym(config.data.source):
         with input_errors(f"data.source={config.data.source!r}"):
             check_source(config.data.source, config.data.task_options)
@@ -128,6 +130,31 @@ def _check_model(config: Config) -> None:
             f"rollout.max_model_len={config.rollout.max_model_len} leaves no room for a reply after prompts "
             f"of up to data.max_prompt_tokens={config.data.max_prompt_tokens} tokens"
         )
+
+
+def _check_lora(config: Config) -> None:
+    """trainer.lora applies to the model: peft wraps a weightless copy (on the meta device) exactly as
+    each rank will, so a target that matches nothing or an option peft refuses fails here."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from icepop.stages.setup import resolve_model
+    from icepop.trainer.lora import add_adapters
+
+    kind = "reward" if config.stage == "rm" else "policy"
+    auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+    model_config = AutoConfig.from_pretrained(resolve_model(config), num_labels=1)
+    with torch.device("meta"):
+        model = auto.from_config(model_config)
+    with input_errors(f"trainer.lora (rank {config.trainer.lora.rank}) on model.path={config.model.path!r}"):
+        model = add_adapters(model, kind, **config.trainer.lora.adapter_options())
+    trainable, total = model.get_nb_trainable_parameters()
+    experts = {name.split(".layers.", 1)[-1].split(".", 1)[-1] for name in model.targeted_parameter_names}
+    targets = sorted({*model.peft_config["default"].target_modules, *experts})
+    print(
+        f"icepop: LoRA rank {config.trainer.lora.rank} on {', '.join(targets)}: {trainable:,} trainable "
+        f"parameters of {total:,} ({100 * trainable / total:.2f}%)"
+    )
 
 
 def _check_reward(config: Config) -> None:

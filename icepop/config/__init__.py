@@ -78,6 +78,13 @@ class Config:
     def __post_init__(self) -> None:
         one_of("stage", self.stage, STAGES)
         check_placement(self.cluster, self.rollout, self.trainer.ranks, self.trainer.gpus_per_rank)
+        stages = self.pipeline.stages if self.stage == "pipeline" else [self.stage]
+        if self.trainer.lora.dropout and {"rlvr", "rlhf"} & set(stages):
+            raise ValueError(
+                f"trainer.lora.dropout={self.trainer.lora.dropout} in an RL stage: dropout makes the "
+                "trainer's log-probs a random draw, which IcePop's ratio to the engine's would read as "
+                "mismatch; set it to 0"
+            )
         self.derived()  # refuses inconsistent batch sizes
 
     def derived(self) -> Derived:

@@ -3,11 +3,47 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from icepop.config.checks import non_negative, one_of, positive, zero_or_one_gpu
 
 LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (peft's LoRA) instead of full fine-tuning, in every stage that trains."""
+
+    rank: int = 0
+    """Adapter rank r; 0 trains every weight. > 0: only the adapters (and a reward model's score head)
+    have gradients and optimizer state, under every ZeRO stage; the engine gets base + B·A·alpha/r."""
+    alpha: float = 0.0
+    """The update is (alpha / rank)·B·A; 0 means 2 × rank. LoRA usually wants ≈ 10× the full
+    fine-tuning learning rate (trainer.lr, sft.lr, rm.lr)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training (SFT and reward-model stages only: in RL it would
+    make the trainer's ℓ a random draw, which IcePop would read as train/inference mismatch)."""
+    target_modules: list[str] = field(default_factory=list)
+    """Names of the linear layers to adapt (peft target_modules, e.g. [q_proj, v_proj]); empty: every
+    linear layer of the decoder — attention and MLP projections, never lm_head, a MoE router or a
+    reward model's score head (which trains whole)."""
+    experts: bool = True
+    """MoE models: adapt the fused expert weights too (each expert of a layer gets its own rank-r
+    adapter: peft target_parameters on experts.gate_up_proj and experts.down_proj)."""
+
+    def __post_init__(self) -> None:
+        non_negative(**{"trainer.lora.rank": self.rank, "trainer.lora.alpha": self.alpha})
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"trainer.lora.dropout must be in [0, 1); got {self.dropout}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def adapter_options(self) -> dict[str, Any]:
+        """The keyword arguments of icepop.trainer.lora.add_adapters."""
+        return {**asdict(self), "target_modules": list(self.target_modules)}
 
 
 @dataclass
@@ -43,6 +79,8 @@ class TrainerConfig:
     """CPUs reserved per trainer rank; on CPU also its torch threads."""
     gpus_per_rank: int = 0
     """GPUs per trainer rank: 0 (CPU) or 1 (cluster=gpu)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of full fine-tuning (trainer.lora.rank=16)."""
 
     def __post_init__(self) -> None:
         one_of("trainer.zero_stage", self.zero_stage, (1, 2, 3))

@@ -246,6 +246,7 @@ class TrainerGroup:
             "seed": config.run.seed,
             "temperature": temperature,  # the sampling temperature: ℓ under the processed distribution
             "model_kind": model_kind,
+            "lora": trainer.lora.adapter_options() if trainer.lora.enabled else None,
         }
         self.pending = [
             a.setup.remote(backend, {**common, "rank": rank}) for rank, a in enumerate(self.actors)

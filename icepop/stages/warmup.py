@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from icepop.config import Config
+from icepop.config.trainer import LoraConfig
 from icepop.stages.setup import TINY_PREFIX, cache_dir, cached, resolve_model
 from icepop.stages.sft import run_sft
 
@@ -56,7 +57,12 @@ def policy_path(config: Config, run_dir: Path) -> str:
             f"icepop: {path} has no SFT checkpoint for {config.data.source} yet; running +recipe=sft first "
             f"({config.sft.steps} steps), cached for later runs"
         )
-        sft_config = replace(config, stage="sft", run=replace(config.run, dir=str(run_dir / "sft-warmup")))
+        sft_config = replace(
+            config,
+            stage="sft",
+            run=replace(config.run, dir=str(run_dir / "sft-warmup")),
+            trainer=replace(config.trainer, lora=LoraConfig()),  # it stands in for pretraining: every weight
+        )
         sft_dir = Path(sft_config.run.dir)
         sft_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(sft_config), sft_dir / "config.yaml")

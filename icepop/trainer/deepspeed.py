@@ -28,7 +28,7 @@ from torch import Tensor
 
 from icepop import comm
 from icepop.algo import PolicyLossOptions, bradley_terry_loss, logprobs_and_entropy, pg_loss
-from icepop.trainer.export import engine_buckets, state_buckets, write_checkpoint, write_weights_file
+from icepop.trainer.export import TrainerWeights
 from icepop.trainer.inputs import (
     RLStepRecord,
     check_args,
@@ -41,10 +41,10 @@ from icepop.trainer.inputs import (
     place_rows,
     rows_of,
 )
+from icepop.trainer.lora import Adapters, add_adapters
 from icepop.trainer.models import load_model
 from icepop.types import PreferenceBatch, RLBatch, SFTBatch
 
-GATHER_BUCKET_BYTES = 256 * 2**20  # ZeRO-3 export: one all-gather per bucket, never the whole model
 STATE_TAG = "trainer"  # the DeepSpeed checkpoint tag (sub-folder) of `save_state`
 
 
@@ -79,6 +79,7 @@ class DeepSpeedTrainer:
         cpu_threads: int | None = None,
         ds_config_overrides: dict[str, Any] | None = None,
         model_kind: str = "policy",
+        lora: dict[str, Any] | None = None,
     ) -> None:
         """Join the process group and build the ZeRO engine. `temperature` is the rollout's sampling
         temperature, applied by `train_rl` (docs/algorithm.md §1); `ds_config_overrides` is merged
@@ -86,7 +87,8 @@ class DeepSpeedTrainer:
         builds a sequence-classification model with one output (a reward model, `train_rm`/`scores`)
         on top of the checkpoint instead of the causal LM policy. `micro_batch_tokens` > 0 forms
         micro-batches by a token budget instead of `micro_batch_size` rows (inputs.micro_batch_rows).
-        `cpu_threads`: torch threads of a CPU rank (None keeps the process's)."""
+        `cpu_threads`: torch threads of a CPU rank (None keeps the process's). `lora`: the keyword
+        arguments of `lora.add_adapters` (trainer.lora) to train LoRA adapters instead of every weight."""
         check_args(zero_stage, dtype, micro_batch_size, lr_schedule, total_steps, model_kind)
         self.model_kind = model_kind
         self.model_path, self.rank, self.world_size = model_path, rank, world_size
@@ -108,7 +110,9 @@ class DeepSpeedTrainer:
             zero3_config=config if zero_stage == 3 else None,
             gradient_checkpointing=gradient_checkpointing,
         )
+        self.adapters = None if not lora else Adapters(model := add_adapters(model, model_kind, **lora))
         self.engine = self._build_engine(model, config, weight_decay, warmup_steps, lr_schedule, total_steps)
+        self.weights = TrainerWeights(self.engine.module, self._gathered, self.rank == 0, self.adapters)
 
     def _init_distributed(self, addr: str, port: int, local_rank: int | None) -> torch.device:
         cuda = torch.cuda.is_available()
@@ -319,33 +323,25 @@ class DeepSpeedTrainer:
         out = self.engine(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         return out.logits[:, 0]
 
-    def _state_buckets(self, device: Any, every_rank: bool = False) -> Iterator[dict[str, Tensor]]:
-        """`state_buckets` of the model for rank 0 (or every rank); collective under ZeRO-3."""
-        gathered: Any = contextlib.nullcontext  # ZeRO-1/2 keep full, updated parameters on every rank
-        if self.zero_stage == 3:
-            import deepspeed
+    def _gathered(self, params: list[Tensor]) -> Any:
+        """A context in which `params` are whole on every rank (ZeRO-3 all-gathers them; ZeRO-1/2 keep
+        full, updated parameters on every rank); collective under ZeRO-3."""
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
 
-            gathered = functools.partial(deepspeed.zero.GatheredParameters, modifier_rank=None)
-        return state_buckets(
-            self.engine.module, gathered, every_rank or self.rank == 0, device, GATHER_BUCKET_BYTES
-        )
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def weight_tensors(self) -> Iterator[tuple[str, Tensor]]:
         """The full weights as (name, tensor) pairs, named as for `broadcast_weights`, on every rank: for
         an engine in this process (cluster.placement=colocated); collective under ZeRO-3."""
-        for bucket in engine_buckets(self.engine.module, self._state_buckets(self.device, every_rank=True)):
+        for bucket in self.weights.engine_buckets(self.device, every_rank=True):
             yield from bucket.items()
-
-    def _full_state_dict(self) -> dict[str, Tensor]:
-        """The whole state of `_state_buckets` on the CPU, on rank 0 ({} elsewhere); collective."""
-        return {name: t for bucket in self._state_buckets("cpu") for name, t in bucket.items()}
 
     def export_weights(self, path: str) -> None:
         """One safetensors file in save_pretrained's layout (MoE experts per expert, what vLLM loads),
         renamed into place when complete; collective, rank 0 writes."""
-        state = self._full_state_dict()
-        if self.rank == 0:
-            write_weights_file(self.engine.module, state, path)
+        self.weights.write_file(path)
         dist.barrier()  # when export_weights returns on any rank, the file is complete
 
     def join_weight_group(self, addr: str, port: int, world_size: int) -> None:
@@ -359,29 +355,33 @@ class DeepSpeedTrainer:
         of the weight group; collective over the trainer ranks (ZeRO-3 gathers) and with the engines'
         `receive_weights`. Returns the bytes sent (0 on ranks other than 0)."""
         if self.rank != 0:
-            for _ in self._state_buckets(self.device):  # take part in the ZeRO-3 gathers
+            for _ in self.weights.buckets(self.device):  # take part in the ZeRO-3 gathers
                 pass
             return 0
         if self._weight_group is None:
             raise RuntimeError("broadcast_weights before join_weight_group: there is no engine to send to")
-        buckets = engine_buckets(self.engine.module, self._state_buckets(self.device))
-        return comm.send_tensors(self._weight_group, buckets, self.device)
+        return comm.send_tensors(self._weight_group, self.weights.engine_buckets(self.device), self.device)
 
     def save(self, directory: str) -> None:
-        """A Hugging Face checkpoint folder (icepop.trainer.export); collective, rank 0 writes."""
-        state = self._full_state_dict()
-        if self.rank == 0:
-            write_checkpoint(self.engine.module, state, self.model_path, directory)
+        """A Hugging Face checkpoint folder (icepop.trainer.export.TrainerWeights.write_checkpoint: under
+        LoRA merged, with the peft adapter in its `adapter/`); collective, rank 0 writes."""
+        self.weights.write_checkpoint(self.model_path, directory)
         dist.barrier()
 
     def save_state(self, directory: str) -> None:
         """What exact resumption needs — weights, optimizer and scheduler state — as DeepSpeed's own
-        checkpoint (every rank writes its ZeRO shard: the folder must be on storage all ranks share)."""
-        self.engine.save_checkpoint(directory, tag=STATE_TAG, save_latest=False)
+        checkpoint (every rank writes its ZeRO shard: the folder must be on storage all ranks share).
+        Under LoRA the frozen base weights are left out: they are the model's own."""
+        frozen_left_out = self.adapters is not None
+        self.engine.save_checkpoint(
+            directory, tag=STATE_TAG, save_latest=False, exclude_frozen_parameters=frozen_left_out
+        )
 
     def load_state(self, directory: str) -> None:
         """Restore what `save_state` wrote; collective."""
-        path, _ = self.engine.load_checkpoint(directory, tag=STATE_TAG, load_lr_scheduler_states=True)
+        path, _ = self.engine.load_checkpoint(
+            directory, tag=STATE_TAG, load_lr_scheduler_states=True, load_module_strict=self.adapters is None
+        )
         if path is None:
             raise FileNotFoundError(f"{directory} holds no trainer state (tag {STATE_TAG!r})")
 

@@ -20,7 +20,10 @@ import torch
 from torch import Tensor
 
 from icepop.trainer.inputs import buckets
+from icepop.trainer.lora import Adapters
 
+GATHER_BUCKET_BYTES = 256 * 2**20  # ZeRO-3 export: one all-gather per bucket, never the whole model
+ADAPTER_FOLDER = "adapter"  # under LoRA, the sub-folder of a checkpoint holding the peft adapter
 ONE_FILE = 2**62  # max_shard_size for save_pretrained: never shard the exported file
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")  # not copied from model_path
 
@@ -61,15 +64,81 @@ def state_buckets(
     receiver: bool,
     device: torch.device | str,
     bucket_bytes: int,
+    adapters: Adapters | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """Every parameter and persistent buffer of `module`, full-size, in buckets of about bucket_bytes,
     as copies on `device` for the receiver (empty dicts on the other ranks). `gathered(params)` is a
     context in which sharded parameters are whole (ZeRO-3: one all-gather per bucket, never the whole
-    model; every rank must iterate). Tied weights appear once (named_parameters deduplicates them)."""
-    for bucket in buckets(list(module.named_parameters()), bucket_bytes):
-        with gathered([p for _, p in bucket]):
-            copies = {n: p.detach().to(device, copy=True) for n, p in bucket} if receiver else {}
+    model; every rank must iterate). Tied weights appear once (named_parameters deduplicates them).
+    With `adapters` (a peft model's LoRA layers) the state is the base model's: its names, each adapted
+    weight merged with its adapter, whose tensors are gathered in the same bucket."""
+    named = list(module.named_parameters()) if adapters is None else adapters.named_parameters()
+    for bucket in buckets(named, bucket_bytes):
+        params = [p for _, p in bucket]
+        with gathered(params if adapters is None else params + adapters.companions(params)):
+            if not receiver:
+                copies = {}
+            elif adapters is None:
+                copies = {n: p.detach().to(device, copy=True) for n, p in bucket}
+            else:
+                copies = {n: adapters.merged(p, device) for n, p in bucket}
         yield copies
     if receiver:
-        persistent = set(module.state_dict().keys())  # without the non-persistent (rotary) buffers
-        yield {n: b.to(device, copy=True) for n, b in module.named_buffers() if n in persistent}
+        view = module if adapters is None else adapters
+        yield {n: b.to(device, copy=True) for n, b in persistent_buffers(view)}
+
+
+def persistent_buffers(module: Any) -> list[tuple[str, Tensor]]:
+    """`module`'s named buffers without the non-persistent ones (rotary tables are rebuilt, not loaded)."""
+    persistent = set(module.state_dict().keys())
+    return [(n, b) for n, b in module.named_buffers() if n in persistent]
+
+
+class TrainerWeights:
+    """What one trainer rank's model hands out — to engines, files and checkpoints — in the base model's
+    layout: under LoRA (`adapters`) merged. `gathered(params)` makes sharded parameters whole (ZeRO-3);
+    every method is then collective, and only the `receiver` rank gets (or writes) anything."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        gathered: Callable[[list[Tensor]], Any],
+        receiver: bool,
+        adapters: Adapters | None = None,
+    ) -> None:
+        self.module, self.gathered, self.receiver, self.adapters = module, gathered, receiver, adapters
+        # The Hugging Face model (under LoRA, the one inside peft's wrapper): its save_pretrained and
+        # weight conversions give the layout an engine loads.
+        self.hf_model: Any = module if adapters is None else module.get_base_model()
+
+    def buckets(self, device: torch.device | str, every_rank: bool = False) -> Iterator[dict[str, Tensor]]:
+        """`state_buckets` for the receiver (or every rank)."""
+        receiver = every_rank or self.receiver
+        return state_buckets(self.module, self.gathered, receiver, device, GATHER_BUCKET_BYTES, self.adapters)
+
+    def engine_buckets(
+        self, device: torch.device | str, every_rank: bool = False
+    ) -> Iterator[dict[str, Tensor]]:
+        """`buckets` with the names and shapes an engine loads (`engine_buckets`)."""
+        return engine_buckets(self.hf_model, self.buckets(device, every_rank))
+
+    def state(self) -> dict[str, Tensor]:
+        """The whole state on the CPU for the receiver ({} elsewhere)."""
+        return {name: t for bucket in self.buckets("cpu") for name, t in bucket.items()}
+
+    def write_file(self, path: str) -> None:
+        """`write_weights_file` of the whole state (the receiver writes)."""
+        state = self.state()
+        if self.receiver:
+            write_weights_file(self.hf_model, state, path)
+
+    def write_checkpoint(self, model_path: str, directory: str) -> None:
+        """`write_checkpoint` of the whole state; under LoRA also the adapter alone, in peft's format, in
+        its `adapter/` sub-folder (`PeftModel.from_pretrained(base, directory + "/adapter")`)."""
+        state = self.state()
+        if self.receiver:
+            write_checkpoint(self.hf_model, state, model_path, directory)
+        if self.adapters is not None:
+            with self.gathered(self.adapters.adapter_parameters):
+                if self.receiver:
+                    self.module.save_pretrained(os.path.join(directory, ADAPTER_FOLDER))
