@@ -20,26 +20,24 @@ from dist_helpers import free_port, run_ranks
 from safetensors.torch import load_file
 from test_config import compose_config
 from test_trainer_deepspeed import (
-    EPS,
-    LR,
     PARTITION_ALL,
     SPAWNS_RANKS,
     TEMPERATURE,
     TRAINER_ARGS,
     exact_steps,
     reference_logprobs,
+    reference_training,
     rl_batch,
     run_step,
     shard,
 )
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from icepop.algo import PolicyLossOptions, pg_loss
 from icepop.errors import InputError
 from icepop.models.tiny import build_tiny_model
 from icepop.preflight import check_inputs
 from icepop.trainer.export import state_buckets
-from icepop.trainer.lora import Adapters, add_adapters, hf_name
+from icepop.trainer.lora import Adapters, add_adapters, check_same_adapters, hf_name
 
 RANK = 4
 LORA = {"rank": RANK, "alpha": 8.0}
@@ -138,13 +136,23 @@ def test_lora_settings_are_checked_before_anything_starts(tiny_models: dict[str,
     ))  # fmt: skip
 
 
+def test_a_trainer_state_resumes_only_into_the_adapters_it_was_saved_with() -> None:
+    check_same_adapters(None, None, "ckpt")  # full fine-tuning, as before LoRA existed
+    check_same_adapters({"rank": 8}, {"rank": 8}, "ckpt")
+    with pytest.raises(
+        ValueError, match=r"ckpt was saved with trainer\.lora=off, this run has trainer\.lora="
+    ):
+        check_same_adapters(None, {"rank": 8}, "ckpt")  # would leave the adapters untrained silently
+    with pytest.raises(ValueError, match=r"saved with trainer\.lora=\{'rank': 8\}"):
+        check_same_adapters({"rank": 8}, {"rank": 16}, "ckpt")
+
+
 # ---- slow: two DeepSpeed ranks ----------------------------------------------------------------------
 
 LORA_RUNS = {
     "dense": {"zero_stage": 2},
     "moe": {"zero_stage": 3, "ds_config_overrides": PARTITION_ALL},
 }
-STEPS = 2  # of exact_steps(): an on-policy RL step and one with old log-probs and a KL term
 
 
 def adapter_state(module: Any) -> dict[str, torch.Tensor]:
@@ -174,7 +182,7 @@ def _worker(rank: int, world_size: int, ports: list[int], models: dict[str, str]
         res: dict[str, Any] = {}
         with whole(module, arch == "moe"):
             res["initial"] = adapter_state(module)
-        for kind, batch, options, shards in exact_steps()[:STEPS]:
+        for kind, batch, options, shards in exact_steps():
             run_step(trainer, kind, batch, options, shards[rank])
         with whole(module, arch == "moe"):
             res["params"] = {n: p.detach().clone() for n, p in module.named_parameters()}
@@ -216,35 +224,6 @@ def lora_runs(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, P
     return {"root": root, "models": tiny_models, "ranks": ranks}
 
 
-def reference_lora_training(model_dir: Path, initial: dict[str, torch.Tensor]) -> Any:
-    """Plain torch AdamW on a peft model with the trainer's initial adapters, on each full batch."""
-    model = add_adapters(
-        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), "policy", **LORA
-    )
-    model.load_state_dict(initial, strict=False)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [p for _, p in named], lr=LR, betas=(0.9, 0.999), eps=EPS, weight_decay=0.01
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / TRAINER_ARGS["warmup_steps"])
-    )
-    for kind, batch, options, _ in exact_steps()[:STEPS]:
-        assert kind == "rl"
-        lp = reference_logprobs(model, batch, TEMPERATURE)
-        old = lp.detach() if batch.old_logprobs is None else batch.old_logprobs
-        tensors = (batch.rollout_logprobs, batch.advantages, batch.response_mask)
-        loss, _, _ = pg_loss(
-            lp, old, *tensors, options or PolicyLossOptions(), ref_logprobs=batch.ref_logprobs
-        )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], TRAINER_ARGS["grad_clip"])
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-    return model
-
-
 @SPAWNS_RANKS
 @pytest.mark.parametrize("arch", list(LORA_RUNS))
 def test_only_adapters_change_and_training_equals_plain_torch_on_the_peft_model(
@@ -264,10 +243,13 @@ def test_only_adapters_change_and_training_equals_plain_torch_on_the_peft_model(
             assert not torch.equal(tensor, rank0["initial"][name]), name  # every adapter moved
         else:
             assert torch.equal(tensor, original[hf_name(name)]), name  # base weights bit-identical
-    reference = reference_lora_training(lora_runs["models"][arch], rank0["initial"])
-    for name, param in reference.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(trained[name], param.detach(), atol=2e-6, rtol=0)
+    # The same steps in one process: plain torch AdamW on a peft model with the trainer's first adapters.
+    model = add_adapters(AutoModelForCausalLM.from_pretrained(lora_runs["models"][arch]), "policy", **LORA)
+    model.load_state_dict(rank0["initial"], strict=False)
+    reference, _ = reference_training(lora_runs["models"][arch], exact_steps(), model)
+    assert reference.keys() == trained.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(trained[name], tensor, atol=2e-6, rtol=0)
 
 
 @SPAWNS_RANKS

@@ -245,10 +245,15 @@ def reference_logprobs(model: torch.nn.Module, batch: Any, temperature: float) -
     return logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
 
 
-def reference_training(model_dir: Path, steps: list[Any]) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Plain torch AdamW on each full batch: one loss, one backward, clip, step (no DeepSpeed)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    named = list(model.named_parameters())
+def reference_training(
+    model_dir: Path, steps: list[Any], model: torch.nn.Module | None = None
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Plain torch AdamW on each full batch: one loss, one backward, clip, step (no DeepSpeed); on the
+    model in model_dir, or on `model` (its trainable parameters: a peft model's adapters)."""
+    model = (
+        model if model is not None else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": 0.01},
         {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
@@ -270,7 +275,7 @@ def reference_training(model_dir: Path, steps: list[Any]) -> tuple[dict[str, tor
             pg_part = float(loss.detach())
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in named], CLIP))
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()

@@ -41,7 +41,7 @@ from icepop.trainer.inputs import (
     place_rows,
     rows_of,
 )
-from icepop.trainer.lora import Adapters, add_adapters
+from icepop.trainer.lora import Adapters, check_same_adapters
 from icepop.trainer.models import load_model
 from icepop.types import PreferenceBatch, RLBatch, SFTBatch
 
@@ -90,10 +90,14 @@ class DeepSpeedTrainer:
         `cpu_threads`: torch threads of a CPU rank (None keeps the process's). `lora`: the keyword
         arguments of `lora.add_adapters` (trainer.lora) to train LoRA adapters instead of every weight."""
         check_args(zero_stage, dtype, micro_batch_size, lr_schedule, total_steps, model_kind)
-        self.model_kind = model_kind
-        self.model_path, self.rank, self.world_size = model_path, rank, world_size
+        self.model_kind, self.model_path, self.rank, self.world_size = (
+            model_kind,
+            model_path,
+            rank,
+            world_size,
+        )
         self.zero_stage, self.micro_batch_size, self.temperature = zero_stage, micro_batch_size, temperature
-        self.micro_batch_tokens = micro_batch_tokens
+        self.micro_batch_tokens, self.lora = micro_batch_tokens, lora
         torch.manual_seed(seed)
         self.device = self._init_distributed(master_addr, master_port, local_rank)
         if self.device.type == "cpu" and cpu_threads is not None:
@@ -103,14 +107,9 @@ class DeepSpeedTrainer:
         config = deepspeed_config(
             micro_batch_size, grad_clip, zero_stage, dtype, offload, (lr, betas, eps), ds_config_overrides
         )
-        model = load_model(
-            model_path,
-            model_kind,
-            dtype,
-            zero3_config=config if zero_stage == 3 else None,
-            gradient_checkpointing=gradient_checkpointing,
-        )
-        self.adapters = None if not lora else Adapters(model := add_adapters(model, model_kind, **lora))
+        zero3_config = config if zero_stage == 3 else None
+        model = load_model(model_path, model_kind, dtype, zero3_config, gradient_checkpointing, lora)
+        self.adapters = Adapters(model) if lora else None
         self.engine = self._build_engine(model, config, weight_decay, warmup_steps, lr_schedule, total_steps)
         self.weights = TrainerWeights(self.engine.module, self._gathered, self.rank == 0, self.adapters)
 
@@ -372,18 +371,19 @@ class DeepSpeedTrainer:
         """What exact resumption needs — weights, optimizer and scheduler state — as DeepSpeed's own
         checkpoint (every rank writes its ZeRO shard: the folder must be on storage all ranks share).
         Under LoRA the frozen base weights are left out: they are the model's own."""
-        frozen_left_out = self.adapters is not None
         self.engine.save_checkpoint(
-            directory, tag=STATE_TAG, save_latest=False, exclude_frozen_parameters=frozen_left_out
-        )
+            directory, tag=STATE_TAG, save_latest=False, client_state={"lora": self.lora},
+            exclude_frozen_parameters=self.adapters is not None,
+        )  # fmt: skip
 
     def load_state(self, directory: str) -> None:
         """Restore what `save_state` wrote; collective."""
-        path, _ = self.engine.load_checkpoint(
+        path, saved = self.engine.load_checkpoint(
             directory, tag=STATE_TAG, load_lr_scheduler_states=True, load_module_strict=self.adapters is None
         )
         if path is None:
             raise FileNotFoundError(f"{directory} holds no trainer state (tag {STATE_TAG!r})")
+        check_same_adapters(saved.get("lora"), self.lora, directory)
 
     def close(self) -> None:
         """Free the engine and leave the process group (also avoids a rare SIGABRT at exit)."""

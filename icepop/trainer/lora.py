@@ -83,6 +83,16 @@ def add_adapters(
     return get_peft_model(model, config)
 
 
+def check_same_adapters(saved: dict[str, Any] | None, current: dict[str, Any] | None, directory: str) -> None:
+    """A trainer state resumes only into the same adapters (or none): a full fine-tuning state has no
+    adapters to load, and an adapter state would leave a full fine-tuning run at the base weights."""
+    if saved != current:
+        raise ValueError(
+            f"{directory} was saved with trainer.lora={saved or 'off'}, this run has trainer.lora="
+            f"{current or 'off'}: resume with the settings it was saved with"
+        )
+
+
 def hf_name(peft_name: str) -> str:
     """The base model's name of a peft model's parameter or buffer: no `base_model.model.` prefix, no
     `base_layer` wrappers, and a trained copy (`modules_to_save.default`) under the original's name."""

@@ -12,18 +12,20 @@ from __future__ import annotations
 from typing import Any
 
 from icepop.trainer.inputs import DTYPES, MODEL_KINDS
+from icepop.trainer.lora import add_adapters
 
 
 def load_model(
     model_path: str,
     kind: str,
     dtype: str,
-    *,
     zero3_config: dict[str, Any] | None = None,
     gradient_checkpointing: bool = False,
+    lora: dict[str, Any] | None = None,
 ) -> Any:
     """The model of `kind` ("policy" or "reward") from `model_path` in `dtype` ("float32" or
-    "bfloat16"), without a KV cache; zero3_config: the DeepSpeed config when ZeRO-3 partitions it."""
+    "bfloat16"), without a KV cache; zero3_config: the DeepSpeed config when ZeRO-3 partitions it.
+    With `lora` (the keyword arguments of `add_adapters`) the model is peft's, adapters trainable."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
@@ -46,4 +48,4 @@ def load_model(
     model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return add_adapters(model, kind, **lora) if lora else model
