@@ -49,8 +49,8 @@ class TrainerBackend(Protocol):
         ...
 
     def export_weights(self, path: str) -> None:
-        """Write the full weights (gathered under ZeRO-3) as one safetensors file with the names an
-        inference engine loads; collective: every rank calls it, rank 0 writes."""
+        """Write the full weights (gathered under ZeRO-3; under LoRA merged: base + ΔW) as one safetensors
+        file with the names an inference engine loads; collective: every rank calls it, rank 0 writes."""
         ...
 
     def join_weight_group(self, addr: str, port: int, world_size: int) -> None:
@@ -68,8 +68,9 @@ class TrainerBackend(Protocol):
         ...
 
     def save(self, directory: str) -> None:
-        """Save a Hugging Face checkpoint (config, tokenizer, weights) that vLLM and transformers load;
-        collective like `export_weights`."""
+        """Save a Hugging Face checkpoint (config, tokenizer, weights) that vLLM and transformers load,
+        under LoRA with the adapter alone in peft's format in its `adapter/`; collective like
+        `export_weights`."""
         ...
 
     def save_state(self, directory: str) -> None:

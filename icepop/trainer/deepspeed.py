@@ -41,7 +41,7 @@ from icepop.trainer.inputs import (
     place_rows,
     rows_of,
 )
-from icepop.trainer.lora import Adapters, check_same_adapters
+from icepop.trainer.lora import Adapters, check_same_adapters, fewer_heap_holes
 from icepop.trainer.models import load_model
 from icepop.types import PreferenceBatch, RLBatch, SFTBatch
 
@@ -90,18 +90,16 @@ class DeepSpeedTrainer:
         `cpu_threads`: torch threads of a CPU rank (None keeps the process's). `lora`: the keyword
         arguments of `lora.add_adapters` (trainer.lora) to train LoRA adapters instead of every weight."""
         check_args(zero_stage, dtype, micro_batch_size, lr_schedule, total_steps, model_kind)
-        self.model_kind, self.model_path, self.rank, self.world_size = (
-            model_kind,
-            model_path,
-            rank,
-            world_size,
-        )
+        self.model_kind, self.model_path = model_kind, model_path
+        self.rank, self.world_size = rank, world_size
         self.zero_stage, self.micro_batch_size, self.temperature = zero_stage, micro_batch_size, temperature
         self.micro_batch_tokens, self.lora = micro_batch_tokens, lora
         torch.manual_seed(seed)
         self.device = self._init_distributed(master_addr, master_port, local_rank)
         if self.device.type == "cpu" and cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
+        if self.device.type == "cpu" and lora:
+            fewer_heap_holes()
         self._weight_group: dist.ProcessGroup | None = None  # rank 0 only, after join_weight_group
         self._last_old_logprobs: Tensor | None = None
         config = deepspeed_config(

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from icepop.trainer.inputs import buckets
-from icepop.trainer.lora import Adapters
+from icepop.trainer.lora import Adapters, hf_name
 
 GATHER_BUCKET_BYTES = 256 * 2**20  # ZeRO-3 export: one all-gather per bucket, never the whole model
 ADAPTER_FOLDER = "adapter"  # under LoRA, the sub-folder of a checkpoint holding the peft adapter
@@ -84,14 +84,9 @@ def state_buckets(
                 copies = {n: adapters.merged(p, device) for n, p in bucket}
         yield copies
     if receiver:
-        view = module if adapters is None else adapters
-        yield {n: b.to(device, copy=True) for n, b in persistent_buffers(view)}
-
-
-def persistent_buffers(module: Any) -> list[tuple[str, Tensor]]:
-    """`module`'s named buffers without the non-persistent ones (rotary tables are rebuilt, not loaded)."""
-    persistent = set(module.state_dict().keys())
-    return [(n, b) for n, b in module.named_buffers() if n in persistent]
+        persistent = set(module.state_dict().keys())  # without the non-persistent (rotary) buffers
+        name = (lambda n: n) if adapters is None else hf_name
+        yield {name(n): b.to(device, copy=True) for n, b in module.named_buffers() if n in persistent}
 
 
 class TrainerWeights:

@@ -93,6 +93,25 @@ def check_same_adapters(saved: dict[str, Any] | None, current: dict[str, Any] | 
         )
 
 
+MMAP_THRESHOLD_BYTES = 4 * 2**20
+"""glibc's M_MMAP_THRESHOLD for a CPU rank training adapters (`fewer_heap_holes`)."""
+
+
+def fewer_heap_holes() -> None:
+    """On a CPU rank with adapters, allocate blocks of ≥ 4 MiB with mmap, returned to the system when
+    freed. peft's per-layer temporaries (B·A·x, then its sum with W·x) otherwise leave holes in glibc's
+    heap between the activations kept for backward, which count as resident memory: on SmolLM2-135M one
+    rank's peak fell from 8.5 to 5.9 GB (8.2 → 7.5 GB without LoRA), the step 8% slower (README).
+    Nothing to do outside glibc (the call is skipped)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, MMAP_THRESHOLD_BYTES)  # -3: M_MMAP_THRESHOLD (malloc.h)
+
+
 def hf_name(peft_name: str) -> str:
     """The base model's name of a peft model's parameter or buffer: no `base_model.model.` prefix, no
     `base_layer` wrappers, and a trained copy (`modules_to_save.default`) under the original's name."""
@@ -107,7 +126,6 @@ class Adapters:
     def __init__(self, model: torch.nn.Module) -> None:
         from peft.tuners.lora import LoraLayer
 
-        self.model = model
         self.layers: dict[int, Any] = {}  # id(base weight) → the LoRA layer adapting it
         adapter_ids: set[int] = set()
         for module in model.modules():
@@ -124,14 +142,6 @@ class Adapters:
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """(base model name, tensor) of every weight an engine loads; merged values via `merged`."""
         return self.named
-
-    def named_buffers(self) -> list[tuple[str, Tensor]]:
-        """The buffers, under the base model's names."""
-        return [(hf_name(n), b) for n, b in self.model.named_buffers()]
-
-    def state_dict(self) -> dict[str, Any]:
-        """The state's names (peft's `state_dict`, under the base model's names)."""
-        return {hf_name(n): t for n, t in self.model.state_dict().items()}
 
     def companions(self, params: Iterable[Tensor]) -> list[Tensor]:
         """The adapter parameters that `merged` reads for these base weights (to gather with them)."""
