@@ -47,22 +47,22 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results" / "lora_sync.json"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONTEXT = 512
 """The engines' max_model_len (prompt + reply)."""
 KV_CACHE_BYTES = 256 * 2**20
 
 
 def build_policy(model_path: str, rank: int, alpha: int) -> Any:
-    """The trainer's policy: the float32 base model with a fresh LoRA adapter (lora_A seeded)."""
+    """The trainer's policy: the float32 base model with a fresh LoRA adapter on icepop's default targets
+    (icepop.trainer.lora.add_adapters; lora_A seeded)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from icepop.trainer.lora import add_adapters
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0)
-    return get_peft_model(base, config).eval()
+    return add_adapters(base, "policy", rank=rank, alpha=alpha).eval()
 
 
 def train_step(policy: Any, step: int, std: float) -> None:
@@ -77,19 +77,14 @@ def train_step(policy: Any, step: int, std: float) -> None:
 
 
 def merged_state(policy: Any) -> dict[str, Any]:
-    """The base model's state dict with W + B·A·scale in every adapted layer, under the base names."""
-    from peft.tuners.lora import LoraLayer
+    """What icepop's trainer exports: the base names, W + ΔW (peft's delta) in every adapted layer."""
+    import contextlib
 
-    model = policy.get_base_model()
-    state = {
-        name.replace(".base_layer.", "."): tensor
-        for name, tensor in model.state_dict().items()
-        if ".lora_" not in name
-    }
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            state[f"{name}.weight"] = module.base_layer.weight.detach() + module.get_delta_weight("default")
-    return state
+    from icepop.trainer.export import TrainerWeights
+    from icepop.trainer.lora import Adapters
+
+    whole = lambda params: contextlib.nullcontext()  # noqa: E731  one process: nothing is sharded
+    return TrainerWeights(policy, whole, True, Adapters(policy)).state()
 
 
 def lora_engine(model_path: str, rank: int, threads: int) -> Any:
@@ -303,10 +298,11 @@ def main() -> None:
     prompt_ids = [p.prompt_ids for p in prompts[: args.prompts]]
     policy = build_policy(model_path, args.rank, args.alpha)
     trainable = sum(p.numel() for n, p in policy.named_parameters() if "lora_" in n)
+    targets = sorted(policy.peft_config["default"].target_modules)
 
     results: dict[str, Any] = {
         "model": model_path, "dtype": "float32", "vllm": vllm.__version__, "peft": peft.__version__,
-        "lora": {"rank": args.rank, "alpha": args.alpha, "targets": TARGETS, "parameters": trainable,
+        "lora": {"rank": args.rank, "alpha": args.alpha, "targets": targets, "parameters": trainable,
                  "lora_B_std": args.lora_std},
         "prompts": len(prompt_ids), "new_tokens": args.new_tokens, "syncs": args.syncs,
         "threads": args.threads, "cpus": os.cpu_count(), "options": {},

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import torch
 from dist_helpers import free_port, run_ranks
 from safetensors.torch import load_file
 from test_config import compose_config
+from test_inputs import readme_commands
 from test_trainer_deepspeed import (
     PARTITION_ALL,
     SPAWNS_RANKS,
@@ -134,6 +138,18 @@ def test_lora_settings_are_checked_before_anything_starts(tiny_models: dict[str,
         "+recipe=sft", f"model.path={tiny_models['moe']}", "trainer.lora.rank=8", "trainer.lora.dropout=0.1",
         "trainer.lora.experts=false",
     ))  # fmt: skip
+
+
+def test_the_readme_sft_command_with_lora_passes_a_dry_run_and_says_what_it_trains(tmp_path: Path) -> None:
+    _, command = readme_commands("LoRA: adapters in the trainer, the merged policy in the engine")
+    sft = command[: command.index("#")]  # without the comment
+    assert sft == ["+recipe=sft", "trainer.lora.rank=16"]
+    env = {**os.environ, "ICEPOP_CACHE": str(tmp_path / "cache")}
+    argv = [sys.executable, "-m", "icepop.train", *sft, "run.dry_run=true"]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    trained = "icepop: LoRA rank 16 on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj: 155,648"
+    assert trained in result.stdout and "every check passed; nothing was started" in result.stdout
 
 
 def test_a_trainer_state_resumes_only_into_the_adapters_it_was_saved_with() -> None:
