@@ -2,9 +2,9 @@
 DeepSpeed trainer on 2 real gloo ranks training adapters only — exact against plain torch on a peft
 model, base weights untouched, checkpoints (merged folder + peft adapter) and an exact resume.
 
-The fast tests need no process group; one spawned run of two ranks (ZeRO-2 dense, then ZeRO-3 MoE in
-the same processes) serves the slow ones. vLLM loading the merged weights is tests/test_rollout_vllm.py's
-`test_lora_merged_weights_in_the_engine_equal_the_peft_model`.
+The fast tests need no process group; one spawned run of two ranks (ZeRO-1 dense, then ZeRO-3 MoE in
+the same processes) serves the slow ones, among them a vLLM engine given the merged weights by an
+in-place reload and as a checkpoint, against the peft model's own forward.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def test_a_trainer_state_resumes_only_into_the_adapters_it_was_saved_with() -> N
 # ---- slow: two DeepSpeed ranks ----------------------------------------------------------------------
 
 LORA_RUNS = {
-    "dense": {"zero_stage": 2},
+    "dense": {"zero_stage": 1},  # ZeRO-2 is the end-to-end runs' (tests/test_lora_e2e.py)
     "moe": {"zero_stage": 3, "ds_config_overrides": PARTITION_ALL},
 }
 
