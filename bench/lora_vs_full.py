@@ -44,21 +44,18 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
+from process_tree import GB, POLL_SECONDS, run_measured
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "lora_vs_full.json"
-POLL_SECONDS = 0.5
-GB = 1e9
 
 WORKLOAD = [
     "+recipe=rlvr",
@@ -104,125 +101,20 @@ def config_overrides(name: str, steps: int, lora_lr: str, run_dir: Path, extra: 
 # --- measuring the run's processes ----------------------------------------------------------------
 
 
-class Memory:
-    """Peak RSS/PSS (bytes) of a process tree, summed, and of the tree's Ray actors of each class in
-    ACTORS (the peak of their sum and each process's own peak), polled in a thread."""
-
-    def __init__(self, pid: int) -> None:
-        self.root = psutil.Process(pid)
-        self.peak_rss = self.peak_pss = 0
-        self.actor_pids: dict[str, set[int]] = {name: set() for name in ACTORS}
-        self.peak_sum_rss = dict.fromkeys(ACTORS, 0)
-        self.peak_sum_pss = dict.fromkeys(ACTORS, 0)
-        self.peak_each_rss: dict[int, int] = {}
-        self.peak_each_pss: dict[int, int] = {}
-        self.samples = 0
-        self.started = time.time()
-        self.trace: list[
-            tuple[float, float, float]
-        ] = []  # (seconds since start, trainer RSS GB, tree RSS GB)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def _actor(self, process: psutil.Process) -> str | None:
-        for name, pids in self.actor_pids.items():
-            if process.pid in pids:  # once seen: Ray retitles an actor by its current method
-                return name
-        title = " ".join(process.cmdline()) + " " + process.name()
-        for name in ACTORS:
-            if name in title:
-                self.actor_pids[name].add(process.pid)
-                return name
-        return None
-
-    def _poll(self) -> None:
-        while not self._stop.wait(POLL_SECONDS):
-            try:
-                processes = [self.root, *self.root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            rss = pss = 0
-            actor_rss, actor_pss = dict.fromkeys(ACTORS, 0), dict.fromkeys(ACTORS, 0)
-            for process in processes:
-                try:
-                    info = process.memory_full_info()  # /proc/PID/smaps_rollup: cheap
-                    actor = self._actor(process)
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
-                one_pss = getattr(info, "pss", info.rss)
-                rss, pss = rss + info.rss, pss + one_pss
-                if actor is not None:
-                    actor_rss[actor] += info.rss
-                    actor_pss[actor] += one_pss
-                    pid = process.pid
-                    self.peak_each_rss[pid] = max(self.peak_each_rss.get(pid, 0), info.rss)
-                    self.peak_each_pss[pid] = max(self.peak_each_pss.get(pid, 0), one_pss)
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-            for name in ACTORS:
-                self.peak_sum_rss[name] = max(self.peak_sum_rss[name], actor_rss[name])
-                self.peak_sum_pss[name] = max(self.peak_sum_pss[name], actor_pss[name])
-            self.samples += 1
-            self.trace.append((time.time() - self.started, actor_rss[ACTORS[0]] / GB, rss / GB))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def report(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "tree_peak_rss_gb": self.peak_rss / GB,
-            "tree_peak_pss_gb": self.peak_pss / GB,
-            "samples": self.samples,
-            "trace": [[round(t, 1), round(trainer, 3), round(tree, 3)] for t, trainer, tree in self.trace],
-        }
-        for name in ACTORS:
-            key = name.removesuffix("Host").lower()
-            pids = sorted(self.actor_pids[name])
-            out[f"{key}_processes"] = len(pids)
-            out[f"{key}_peak_rss_gb"] = self.peak_sum_rss[name] / GB
-            out[f"{key}_peak_pss_gb"] = self.peak_sum_pss[name] / GB
-            out[f"{key}_each"] = [
-                {
-                    "pid": pid,
-                    "peak_rss_gb": self.peak_each_rss[pid] / GB,
-                    "peak_pss_gb": self.peak_each_pss[pid] / GB,
-                }
-                for pid in pids
-                if pid in self.peak_each_rss
-            ]
-        return out
-
-
 def run_process(command: list[str], log: Path, metrics: Path) -> dict[str, Any]:
     """Run `command` (output to `log`) in its own session while measuring its processes; also note
     when each row of `metrics` (the run's metrics.jsonl) appeared, in seconds since the launch."""
     launched = time.time()
     row_seconds: list[float] = []
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=dict(os.environ),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        memory = Memory(process.pid)
-        try:
-            while process.poll() is None:
-                time.sleep(POLL_SECONDS)
-                if metrics.is_file():
-                    rows = metrics.read_text().count("\n")
-                    row_seconds += [round(time.time() - launched, 1)] * (rows - len(row_seconds))
-        except BaseException:
-            os.killpg(process.pid, signal.SIGTERM)  # our own child's session only
-            process.wait()
-            raise
-        finally:
-            memory.stop()
+
+    def note_rows() -> None:
+        if metrics.is_file():
+            rows = metrics.read_text().count("\n")
+            row_seconds.extend([round(time.time() - launched, 1)] * (rows - len(row_seconds)))
+
+    returncode, memory = run_measured(command, log, REPO, dict(os.environ), ACTORS, note_rows)
     return {
-        "returncode": process.returncode,
+        "returncode": returncode,
         "wall_seconds": time.time() - launched,
         "row_seconds": row_seconds,
         **memory.report(),

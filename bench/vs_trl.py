@@ -62,18 +62,17 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
+from process_tree import run_measured
 
 REPO = Path(__file__).resolve().parent.parent
 TRL_SCRIPT = Path(__file__).resolve().parent / "trl_grpo.py"
@@ -105,8 +104,6 @@ WORKLOADS: dict[str, list[str]] = {
     ],
     "tiny": [],  # the embedded default: model=tiny-dense on countdown, its preset's sizes
 }
-
-POLL_SECONDS = 0.5
 
 
 def cache_dir() -> Path:
@@ -229,36 +226,6 @@ def icepop_overrides(workload: str, steps: int, extra: list[str]) -> list[str]:
 # --- measuring a process tree ---------------------------------------------------------------------
 
 
-class TreeMemory:
-    """Peak RSS and PSS (bytes) of a process and all its descendants, summed, polled in a thread."""
-
-    def __init__(self, pid: int) -> None:
-        self.root = psutil.Process(pid)
-        self.peak_rss = self.peak_pss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(POLL_SECONDS):
-            rss = pss = 0
-            try:
-                processes = [self.root, *self.root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            for process in processes:
-                try:
-                    info = process.memory_full_info()  # /proc/PID/smaps_rollup: cheap
-                    rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 @dataclass
 class Run:
     """One system's run of one workload."""
@@ -301,32 +268,22 @@ def run_process(
     `watch`, also note the modification time of that file when it first has a line (icepop's first
     metrics row). Returns launch time, wall seconds, peaks and that time."""
     launched = time.time()
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        memory = TreeMemory(process.pid)
-        first_row_mtime = None
-        try:
-            while process.poll() is None:
-                time.sleep(POLL_SECONDS)
-                if watch is not None and first_row_mtime is None and watch.is_file() and watch.stat().st_size:
-                    first_row_mtime = watch.stat().st_mtime
-        except BaseException:
-            os.killpg(process.pid, signal.SIGTERM)  # our own child's session only
-            process.wait()
-            raise
-        finally:
-            memory.stop()
-    if process.returncode != 0:
+    first_row: dict[str, float] = {}
+
+    def note_first_row() -> None:
+        if watch is not None and not first_row and watch.is_file() and watch.stat().st_size:
+            first_row["mtime"] = watch.stat().st_mtime
+
+    returncode, memory = run_measured(command, log, REPO, env, on_poll=note_first_row)
+    if returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:])
-        raise SystemExit(f"vs_trl: {command[:3]} failed ({process.returncode}); log {log}:\n{tail}")
+        raise SystemExit(f"vs_trl: {command[:3]} failed ({returncode}); log {log}:\n{tail}")
     return {
         "launched": launched,
         "wall": time.time() - launched,
         "rss": memory.peak_rss,
         "pss": memory.peak_pss,
-        "first_row_mtime": first_row_mtime,
+        "first_row_mtime": first_row.get("mtime"),
     }
 
 
