@@ -14,7 +14,7 @@ from test_config import compose_config
 from icepop.algo import PolicyLossOptions, mismatch_by_turn, pg_loss, turn_index
 from icepop.data.prompts import chat_ids
 from icepop.data.tasks import humaneval_problem, problem
-from icepop.envs import Turn, environment_factory
+from icepop.envs import Turn, demonstration_for, environment_factory
 from icepop.envs.base import started
 from icepop.envs.code_repair import CodeRepair
 from icepop.envs.python_tool import SYSTEM, PythonTool, demonstration
@@ -40,6 +40,18 @@ class Counter:
         return Turn([{"role": "user", "content": str(self.turns)}], reward=float(done), done=done)
 
 
+class ToolEveryTurn(PythonTool):
+    """The Python tool, but a turn without code gets a tool message too ("(no code)") instead of being
+    scored (tests use it by dotted path, test_environments:ToolEveryTurn): every episode whose first turn
+    ends on <|im_end|> goes on after a tool message, whatever the tiny model chose to write, so tests of
+    multi-turn episodes see them on every CPU. It keeps the tool's `demonstration` for the warm-up."""
+
+    def step(self, reply: str) -> Turn:
+        if "```" in reply:
+            return super().step(reply)
+        return Turn([{"role": "tool", "content": "(no code)"}])
+
+
 class NoStep:
     def start(self, prompt: Prompt) -> list[dict[str, str]]:
         return [{"role": "user", "content": "hi"}]
@@ -53,6 +65,16 @@ def test_environments_are_built_in_names_or_dotted_paths() -> None:
         environment_factory("pyton_tool")
     with pytest.raises(ImportError, match=re.escape("environment 'no_such_pkg.envs:Make': cannot import")):
         environment_factory("no_such_pkg.envs:Make")
+
+
+def test_an_environment_with_a_demonstration_writes_the_warm_ups_conversations() -> None:
+    """The SFT warm-up asks the environment (icepop.stages.sft), not its name: python_tool and a subclass
+    by dotted path write the tool's exchange; one without `demonstration` leaves the task's own."""
+    item = problem("arithmetic", 0, 1, digits=2, operators="*")
+    for name in ("python_tool", "test_environments:ToolEveryTurn"):
+        written = demonstration_for(name)
+        assert written is not None and written(item) == demonstration(item), name
+    assert demonstration_for("code_repair") is None and demonstration_for("test_environments:Counter") is None
 
 
 def test_start_must_return_a_conversation_for_the_model_to_answer() -> None:

@@ -8,15 +8,18 @@ only ever sees and writes text.
 
 Built-in environments are named ("python_tool", "code_repair"); any other is a dotted path to a
 callable that returns one (`rollout.environment=my_pkg.envs:Make`, a class will do): see
-icepop.envs.factory.
+icepop.envs.factory. That callable may also carry a `demonstration(problem)` (a static method of the
+class will do) writing a whole conversation for a built-in task's problem: the tiny models' SFT warm-up
+then learns the environment's exchange from it (`Demonstration`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from icepop.types import Prompt
+from icepop.types import Problem, Prompt
 
 Message = dict[str, str]
 """A chat message: {"role": ..., "content": ...}."""
@@ -34,7 +37,8 @@ class Turn:
     done: bool = False
     """The episode ends here (it also ends at rollout.max_turns or when its token budget is spent)."""
     info: dict[str, float] = field(default_factory=dict)
-    """Counts to log, summed over the episode and averaged over episodes as env/<key> (e.g. tool_calls)."""
+    """Counts to log, summed over the episode and averaged over episodes as episode/<key>_mean (e.g.
+    episode/tool_calls_mean)."""
 
 
 class Environment(Protocol):
@@ -48,6 +52,11 @@ class Environment(Protocol):
     def step(self, reply: str) -> Turn:
         """Read the model's turn (its text, end-of-turn token excluded) and answer it."""
         ...
+
+
+Demonstration = Callable[[Problem], list[Message]]
+"""What an environment's optional `demonstration(problem)` is: the whole conversation, tool messages
+included, that the SFT warm-up trains on for one generated problem (e.g. icepop.envs.python_tool)."""
 
 
 def started(env: Environment, prompt: Prompt) -> list[Message]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from icepop.envs.base import Environment
+from icepop.envs.base import Demonstration, Environment
 from icepop.rewards.verifiers import resolve_callable
 
 BUILTIN_ENVIRONMENTS = ("python_tool", "code_repair")
@@ -26,3 +26,8 @@ def environment_factory(name: str) -> Callable[[], Environment]:
             f"({', '.join(BUILTIN_ENVIRONMENTS)}) nor a dotted path 'package.module:Name'"
         )
     return resolve_callable(name, "environment")
+
+
+def demonstration_for(name: str) -> Demonstration | None:
+    """The environment's `demonstration`, which the SFT warm-up trains on, or None where it has none."""
+    return getattr(environment_factory(name), "demonstration", None)

@@ -48,6 +48,11 @@ class PythonTool:
     def __init__(self) -> None:
         self.prompt: Prompt | None = None
 
+    @staticmethod
+    def demonstration(problem: Problem) -> list[Message]:
+        """The SFT warm-up's conversation for `problem` (the module's `demonstration`)."""
+        return demonstration(problem)
+
     def start(self, prompt: Prompt) -> list[Message]:
         self.prompt = prompt
         question = [m for m in prompt.meta["messages"] if m["role"] != "system"]

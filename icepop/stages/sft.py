@@ -48,10 +48,12 @@ def sft_examples(config: Config, tokenizer: Any) -> tuple[list[Any], list[Any]]:
     source, seed = config.data.source, config.run.seed
     data = config.data
     where = data.task_options if is_generated(source) else {"split": data.split, "subset": data.subset}
-    if is_generated(source) and config.rollout.environment == "python_tool":  # the tool's exchange
-        from icepop.envs.python_tool import demonstration
+    environment = config.rollout.environment
+    if is_generated(source) and environment is not None:  # the environment's exchange, where it has one
+        from icepop.envs import demonstration_for
 
-        where = {**where, "conversation": demonstration}
+        if (demonstration := demonstration_for(environment)) is not None:
+            where = {**where, "conversation": demonstration}
     dataset = load_sft_examples(
         source, tokenizer, count=config.sft.examples, seed=seed, max_tokens=max_tokens, **where
     )

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from icepop.config import Config
 from icepop.config.trainer import LoraConfig
+from icepop.envs import demonstration_for
 from icepop.stages.setup import TINY_PREFIX, cache_dir, cached, resolve_model
 from icepop.stages.sft import run_sft
 
@@ -33,8 +34,9 @@ def sft_warmup_key(config: Config) -> dict[str, Any]:
         "ranks": config.trainer.ranks,
         "version": 1,
     }
-    if config.rollout.environment == "python_tool":  # the warm-up then learns the tool's exchange
-        key |= {"environment": "python_tool", "task_options": config.data.task_options}
+    environment = config.rollout.environment
+    if environment is not None and demonstration_for(environment) is not None:  # learns its exchange
+        key |= {"environment": environment, "task_options": config.data.task_options}
     return key
 
 
