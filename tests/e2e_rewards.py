@@ -24,9 +24,10 @@ def longer(prompt: Prompt, response_text: str) -> float:
 
 
 def hangs_sometimes(prompt: Prompt, response_text: str) -> float:
-    """`longer`, except that about one response in sixteen (by a hash of its text, so the same ones in
-    every run) makes the reward function hang forever; the pool must time it out and score it 0."""
-    if zlib.crc32(response_text.encode()) % 16 == 0:
+    """`longer`, except that the responses to about one prompt in eight (by a hash of its token ids, so
+    the same prompts in every run and on every CPU: what the model samples does not decide it) make the
+    reward function hang forever; the pool must time them out and score them 0."""
+    if zlib.crc32(str(prompt.prompt_ids).encode()) % 8 == 0:
         time.sleep(10**6)
     return longer(prompt, response_text)
 
