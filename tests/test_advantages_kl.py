@@ -16,6 +16,7 @@ from icepop.algo import (
     reinforce_pp_baseline_advantages,
     rloo_advantages,
     to_tokens,
+    token_advantages,
 )
 
 # Two groups, interleaved on purpose: group 7 = rewards [1, 0, 0, 1]... written per response.
@@ -61,6 +62,24 @@ def test_reinforce_pp_baseline_whitens_over_valid_tokens() -> None:
 def test_to_tokens_zeroes_padding() -> None:
     mask = torch.tensor([[True, False], [True, True]])
     assert to_tokens(t64([2.0, -1.0]), mask).tolist() == [[2.0, 0.0], [-1.0, -1.0]]
+
+
+def test_the_registry_dispatches_every_estimator_by_name_and_refuses_others() -> None:
+    # dr_grpo on REWARDS/GROUPS: [0.5, −1, −0.5, 1, −0.5, 0.5], broadcast onto each row's valid tokens.
+    mask = torch.tensor(
+        [[True, True], [True, False], [False, False], [True, True], [True, False], [True, True]]
+    )
+    assert token_advantages("dr_grpo", REWARDS, GROUPS, mask).tolist() == [
+        [0.5, 0.5], [-1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [-0.5, 0.0], [0.5, 0.5]
+    ]  # fmt: skip
+    for name, sequence in (("grpo", grpo_advantages), ("rloo", rloo_advantages)):
+        torch.testing.assert_close(
+            token_advantages(name, REWARDS, GROUPS, mask), to_tokens(sequence(REWARDS, GROUPS), mask)
+        )
+    whitened = reinforce_pp_baseline_advantages(REWARDS, GROUPS, mask)
+    torch.testing.assert_close(token_advantages("reinforce_pp", REWARDS, GROUPS, mask), whitened)
+    with pytest.raises(ValueError, match="advantage='gae' is not one of grpo, dr_grpo, rloo, reinforce_pp"):
+        token_advantages("gae", REWARDS, GROUPS, mask)
 
 
 def test_advantages_reject_mismatched_shapes() -> None:

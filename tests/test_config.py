@@ -117,3 +117,22 @@ def test_every_package_is_listed_in_pyproject() -> None:
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "icepop").rglob("__init__.py")}
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
+
+
+def test_the_loss_options_have_one_home_for_their_defaults() -> None:
+    """algo.* declares every loss option the loss library has (but the reply length, which follows the
+    rollout), with the library's type and default, and hands each one over."""
+    from dataclasses import fields
+
+    from icepop.algo import PolicyLossOptions
+    from icepop.config.algo import LOSS_FIELDS, AlgoConfig
+
+    library = {f.name: f for f in fields(PolicyLossOptions)}
+    config = {f.name: f for f in fields(AlgoConfig)}
+    assert set(LOSS_FIELDS) == set(library) - {"max_response_length"} and set(LOSS_FIELDS) <= set(config)
+    for name in LOSS_FIELDS:
+        assert (config[name].type, config[name].default) == (library[name].type, library[name].default), name
+    changed = AlgoConfig(ratio_low=0.3, clip_high=0.3, kl_coef=0.1, kl_estimator="k2", dual_clip=3.0)
+    options = changed.loss_options(max_response_length=7)
+    assert all(getattr(options, name) == getattr(changed, name) for name in LOSS_FIELDS)
+    assert options.max_response_length == 7

@@ -5,12 +5,14 @@ Ray, vLLM, DeepSpeed or transformers, so a researcher can use the loss inside an
 """
 
 from icepop.algo.advantages import (
+    ADVANTAGES,
     dr_grpo_advantages,
     group_mean_std,
     grpo_advantages,
     reinforce_pp_baseline_advantages,
     rloo_advantages,
     to_tokens,
+    token_advantages,
 )
 from icepop.algo.aggregation import AGGREGATIONS, aggregate
 from icepop.algo.corrections import CORRECTIONS, Correction, correction_weights, log_ratio
@@ -33,6 +35,7 @@ from icepop.algo.preference import bradley_terry_loss, pairwise_accuracy, whiten
 from icepop.algo.surrogates import OBJECTIVES
 
 __all__ = [
+    "ADVANTAGES",
     "AGGREGATIONS",
     "CORRECTIONS",
     "KL_ESTIMATORS",
@@ -65,6 +68,7 @@ __all__ = [
     "rloo_advantages",
     "staleness_metrics",
     "to_tokens",
+    "token_advantages",
     "turn_index",
     "weight_metrics",
     "whiten",

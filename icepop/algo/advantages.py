@@ -2,13 +2,17 @@
 
 Rewards arrive as one scalar per response, [B], with `group_ids` [B] saying which prompt each
 response answers (any integers; groups need not be contiguous nor equal in size). Sequence-level
-advantages are [B]; `to_tokens` broadcasts them onto the response tokens.
+advantages are [B]; `to_tokens` broadcasts them onto the response tokens. `token_advantages` is the
+registry: the estimator by name (`ADVANTAGES`), [B, T] on the valid tokens, and an error for any other.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+"""The advantage estimators `token_advantages` dispatches on (algo.advantage)."""
 
 
 def _group_index(group_ids: Tensor) -> tuple[Tensor, int]:
@@ -74,3 +78,17 @@ def to_tokens(sequence_advantages: Tensor, response_mask: Tensor) -> Tensor:
     """Broadcast [B] advantages onto the valid tokens of [B, T]; 0 on padding."""
     expanded = sequence_advantages[:, None].expand(response_mask.shape)
     return torch.where(response_mask, expanded, torch.zeros_like(expanded))
+
+
+def token_advantages(name: str, rewards: Tensor, group_ids: Tensor, response_mask: Tensor) -> Tensor:
+    """The estimator `name`'s advantages on the valid tokens of [B, T], 0 elsewhere: the sequence-level
+    ones broadcast, REINFORCE++-baseline whitened over the batch's tokens. ValueError for other names."""
+    if name == "grpo":
+        return to_tokens(grpo_advantages(rewards, group_ids), response_mask)
+    elif name == "dr_grpo":
+        return to_tokens(dr_grpo_advantages(rewards, group_ids), response_mask)
+    elif name == "rloo":
+        return to_tokens(rloo_advantages(rewards, group_ids), response_mask)
+    elif name == "reinforce_pp":
+        return reinforce_pp_baseline_advantages(rewards, group_ids, response_mask)
+    raise ValueError(f"advantage={name!r} is not one of {', '.join(ADVANTAGES)}")

@@ -14,7 +14,7 @@ while they still count in the aggregation's denominator (docs/algorithm.md §2).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -119,35 +119,23 @@ def policy_loss(
     advantages: Tensor,
     response_mask: Tensor,
     *,
-    correction: str = "icepop",
-    ratio_low: float = 0.5,
-    ratio_high: float = 5.0,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    agg: str = "token-mean",
     global_token_count: Count | None = None,
+    **options: Any,
 ) -> tuple[Tensor, Metrics]:
     """IcePop-GRPO loss L = −J (arXiv 2510.18855 Eq. 1) with PPO clipping.
 
     Tensors are [B, T]: ℓ_θ (with grad), ℓ_old and ℓ_inf (constants), per-token advantages, and a
-    bool response mask. The options mean what `PolicyLossOptions` says; `global_token_count`
-    replaces the local Σ mask in "token-mean" so micro-batch losses sum to the full-batch loss.
+    bool response mask. `options` are `PolicyLossOptions` fields by keyword (correction="icepop",
+    ratio_low=0.5, ...), whose defaults are theirs; `global_token_count` replaces the local Σ mask in
+    "token-mean" so micro-batch losses sum to the full-batch loss.
     """
-    options = PolicyLossOptions(
-        correction=correction,
-        ratio_low=ratio_low,
-        ratio_high=ratio_high,
-        clip_low=clip_low,
-        clip_high=clip_high,
-        agg=agg,
-    )
     result = pg_loss(
         logprobs,
         old_logprobs,
         rollout_logprobs,
         advantages,
         response_mask,
-        options,
+        PolicyLossOptions(**options),
         global_token_count=global_token_count,
     )
     return result.loss, result.metrics

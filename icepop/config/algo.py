@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from icepop.algo import AGGREGATIONS, PolicyLossOptions
+from icepop.algo import ADVANTAGES, AGGREGATIONS, PolicyLossOptions
 from icepop.config.checks import non_negative, one_of, positive, zero_or_one_gpu
 from icepop.rewards.verifiers import VERIFIERS
 
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+LOSS = PolicyLossOptions()
+"""The loss library's own defaults, the one home of every loss option's default: algo's fields below take
+theirs from it (tests/test_config.py checks that the two sets of fields cannot drift apart)."""
+LOSS_FIELDS = tuple(f.name for f in fields(PolicyLossOptions) if f.name != "max_response_length")
+"""The loss options algo.* sets (max_response_length follows the rollout's reply length)."""
 
 
 @dataclass
@@ -21,27 +25,27 @@ class AlgoConfig:
     """Optimizer steps per RL step (the batch is split into this many mini-batches)."""
     advantage: str = "grpo"
     """Advantage estimator: "grpo", "dr_grpo", "rloo" or "reinforce_pp"."""
-    correction: str = "icepop"
+    correction: str = LOSS.correction
     """Train/inference mismatch correction (see icepop.algo.CORRECTIONS)."""
-    ratio_low: float = 0.5
+    ratio_low: float = LOSS.ratio_low
     """α, the lower bound of the kept ratio band (or unused by one-sided corrections)."""
-    ratio_high: float = 5.0
+    ratio_high: float = LOSS.ratio_high
     """β, the upper bound (the cap C for "tis", "token-mis", "seq-tis", "seq-mis")."""
-    kpop_threshold: float = 0.05
+    kpop_threshold: float = LOSS.kpop_threshold
     """φ for "kpop"."""
-    objective: str = "ppo"
+    objective: str = LOSS.objective
     """"ppo", "gspo" or "cispo"."""
-    clip_low: float = 0.2
+    clip_low: float = LOSS.clip_low
     """ε_low of the PPO clip."""
-    clip_high: float = 0.28
+    clip_high: float = LOSS.clip_high
     """ε_high of the PPO clip (DAPO clip-higher)."""
-    dual_clip: float | None = None
+    dual_clip: float | None = LOSS.dual_clip
     """Dual-clip constant c > 1, or None."""
-    agg: str = "token-mean"
+    agg: str = LOSS.agg
     """Loss aggregation (see icepop.algo.AGGREGATIONS); the paper uses "seq-mean-token-mean"."""
-    kl_coef: float = 0.0
+    kl_coef: float = LOSS.kl_coef
     """γ, weight of KL(π_θ ‖ π_ref) (the paper uses 0); > 0 computes reference log-probs each step."""
-    kl_estimator: str = "k3"
+    kl_estimator: str = LOSS.kl_estimator
     """"k1", "k2" or "k3"."""
 
     def __post_init__(self) -> None:
@@ -65,20 +69,8 @@ class AlgoConfig:
 
     def loss_options(self, max_response_length: int | None = None) -> PolicyLossOptions:
         """The loss's options as the pure loss library takes them."""
-        return PolicyLossOptions(
-            correction=self.correction,
-            ratio_low=self.ratio_low,
-            ratio_high=self.ratio_high,
-            kpop_threshold=self.kpop_threshold,
-            objective=self.objective,
-            clip_low=self.clip_low,
-            clip_high=self.clip_high,
-            dual_clip=self.dual_clip,
-            agg=self.agg,
-            max_response_length=max_response_length,
-            kl_coef=self.kl_coef,
-            kl_estimator=self.kl_estimator,
-        )
+        chosen = {name: getattr(self, name) for name in LOSS_FIELDS}
+        return PolicyLossOptions(**chosen, max_response_length=max_response_length)
 
 
 @dataclass

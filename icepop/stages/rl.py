@@ -20,13 +20,7 @@ import ray
 import torch
 
 from icepop import weights
-from icepop.algo import (
-    dr_grpo_advantages,
-    grpo_advantages,
-    log_ratio,
-    reinforce_pp_baseline_advantages,
-    rloo_advantages,
-)
+from icepop.algo import log_ratio, token_advantages
 from icepop.config import Config
 from icepop.errors import input_errors
 from icepop.ray import cluster
@@ -97,11 +91,10 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     rewards = torch.tensor(scored.rewards, dtype=torch.float32)
     lap("reward")
 
-    # 3. Advantages, group-relative; then the padded, label-aligned batch.
+    # 3. The padded, label-aligned batch; the advantages, group-relative, on its model tokens.
     group_ids = torch.arange(len(prompts)).repeat_interleave(algo.samples_per_prompt)
-    batch = rl_batch(prompts, groups, _sequence_advantages(algo.advantage, rewards, group_ids), run.pad_id)
-    if algo.advantage == "reinforce_pp":  # REINFORCE++-baseline: whiten over the batch's valid tokens
-        batch.advantages = reinforce_pp_baseline_advantages(rewards, group_ids, batch.response_mask)
+    batch = rl_batch(prompts, groups, torch.zeros(len(completions)), run.pad_id)
+    batch.advantages = token_advantages(algo.advantage, rewards, group_ids, batch.response_mask)
 
     # 4. ℓ_old: the trainer's log-probs at the rollout weights θ_old, before any update. With one update
     # per step the trainer's θ is θ_old, so the training forward's own detached ℓ_θ is ℓ_old (fetched
@@ -180,15 +173,6 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     if step == config.train.steps or (every and step % every == 0):
         save_checkpoint(run, step)
     return metrics
-
-
-def _sequence_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """One advantage per response (REINFORCE++ is only centred here; it is whitened per token later)."""
-    if name == "grpo":
-        return grpo_advantages(rewards, group_ids)
-    elif name == "rloo":
-        return rloo_advantages(rewards, group_ids)
-    return dr_grpo_advantages(rewards, group_ids)  # "dr_grpo", and the centring of "reinforce_pp"
 
 
 def run_rl(config: Config, run_dir: Path) -> Summary:

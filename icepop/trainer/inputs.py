@@ -12,10 +12,12 @@ import torch
 from torch import Tensor
 
 from icepop.algo import PolicyLossOptions
+from icepop.config.checks import DTYPES as DTYPE_NAMES
+from icepop.config.trainer import LR_SCHEDULES
 from icepop.types import PreferenceBatch, RLBatch, SFTBatch, select_rows
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-LR_SCHEDULES = ("constant", "cosine")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+"""The torch dtype of each of the config's dtype names (icepop.config.checks.DTYPES, their one home)."""
 MODEL_KINDS = ("policy", "reward")
 
 
