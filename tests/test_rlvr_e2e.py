@@ -87,7 +87,8 @@ def test_rl_metrics_present_and_finite_every_step(runs: dict[str, Any]) -> None:
     tokens = [sum(h["counts"]) for h in histograms]
     assert all(t > 0 for t in tokens)
     for key in ("icepop/ess_frac", "icepop/masked_tokens_per_seq", "actor/entropy_masked",
-                "staleness/abs_log_ratio_mean", "staleness/mismatch_abs_log_ratio_mean"):  # fmt: skip
+                "staleness/update_drift_abs_log_ratio_mean",
+                "staleness/rollout_gap_abs_log_ratio_mean"):  # fmt: skip
         assert all(math.isfinite(m[key]) for m in metrics), key
     assert all(m["icepop/ess_frac"] > 0.99 for m in metrics)  # fp32: k ≈ 1, nothing masked
     assert (runs["rl"] / "events.jsonl").read_text() == ""

@@ -34,11 +34,11 @@ def test_staleness_and_mismatch_split_add_up() -> None:
     old = torch.tensor([[-1.1, -1.8, 9.0]])  # mismatch |Δ| = 0.1, 0.2
     current = torch.tensor([[-0.6, -2.0, 9.0]])  # staleness |ℓ_θ − ℓ_old| = 0.5, 0.2
     metrics = staleness_metrics(current, old, rollout, mask)
-    assert float(metrics["staleness/abs_log_ratio_mean"]) == pytest.approx(0.35)
-    assert float(metrics["staleness/mismatch_abs_log_ratio_mean"]) == pytest.approx(0.15)
+    assert float(metrics["staleness/update_drift_abs_log_ratio_mean"]) == pytest.approx(0.35)
+    assert float(metrics["staleness/rollout_gap_abs_log_ratio_mean"]) == pytest.approx(0.15)
     assert float(metrics["staleness/total_abs_log_ratio_mean"]) == pytest.approx((0.4 + 0.0) / 2)
     on_policy = staleness_metrics(old, old, rollout, mask)  # θ = θ_old: no staleness
-    assert float(on_policy["staleness/abs_log_ratio_mean"]) == 0.0
+    assert float(on_policy["staleness/update_drift_abs_log_ratio_mean"]) == 0.0
 
 
 def stream(mask: list[float], kl: list[float], rel: float = 0.01) -> list[dict[str, float]]:

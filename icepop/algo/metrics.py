@@ -97,15 +97,17 @@ def weight_metrics(correction: Correction, response_mask: Tensor) -> Metrics:
 def staleness_metrics(
     logprobs: Tensor, old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor
 ) -> Metrics:
-    """The split of log(π_θ/π_inf) = log(π_θ/π_old) + log(π_old/π_inf) into staleness (the policy moved
-    since the rollout: later updates of a step, async rollouts) and engine mismatch, as mean |·| of
-    each part over valid tokens. On-policy (θ = θ_old) the staleness part is 0."""
+    """The split of log(π_θ/π_inf) = log(π_θ/π_old) + log(π_old/π_inf), as mean |·| of each part over
+    valid tokens: the update drift (the policy moved within the step: its later updates; 0 for the
+    first) and the rollout gap (from the weights and engine that sampled to the trainer at θ_old: the
+    engine mismatch, plus the versions behind of rollouts generated ahead, which
+    icepop.stages.step_metrics.staleness_split separates), and their total."""
     stale = logprobs.detach().double() - old_logprobs.detach().double()
     mismatch = old_logprobs.detach().double() - rollout_logprobs.detach().double()
     finite = response_mask & torch.isfinite(stale) & torch.isfinite(mismatch)
     return {
-        "staleness/abs_log_ratio_mean": masked_mean(stale.abs(), finite),
-        "staleness/mismatch_abs_log_ratio_mean": masked_mean(mismatch.abs(), finite),
+        "staleness/update_drift_abs_log_ratio_mean": masked_mean(stale.abs(), finite),
+        "staleness/rollout_gap_abs_log_ratio_mean": masked_mean(mismatch.abs(), finite),
         "staleness/total_abs_log_ratio_mean": masked_mean((stale + mismatch).abs(), finite),
     }
 
