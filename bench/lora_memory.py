@@ -40,7 +40,7 @@ def measure(setting: str, rows: int, steps: int) -> dict[str, float]:
     import icepop.trainer.deepspeed as backend
     from icepop.algo import PolicyLossOptions
     from icepop.config import Config
-    from icepop.ray.cluster import free_port
+    from icepop.ray.hosts import free_port
     from icepop.stages.setup import resolve_model
 
     kind, *options = setting.split(":")

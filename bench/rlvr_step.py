@@ -9,7 +9,7 @@ Then the rollout efficiency: raw vLLM (`vllm.LLM` in a process of its own) gener
 batches — the run's model folder, its prompts in the order the run drew them, prompts_per_step ×
 samples_per_prompt samples each, the same sampling (temperature, top-p/k, max_new_tokens, the
 sampled token's log-prob, seeded like the run's engine) — with the engine arguments and thread count
-of icepop's engine (icepop.rollout.vllm.VllmEngine, icepop.ray.workers.engine_settings) and the
+of icepop's engine (icepop.rollout.vllm.VllmEngine, icepop.ray.engine_placement.engine_settings) and the
 environment icepop gives its actors. Printed: icepop's median generate tok/s ÷ raw vLLM's (steps
 2..N both). The gap is what icepop adds around the engine: Ray (task dispatch, result transfer),
 Completion objects, the batch split across engines; both sides pay for the log-probs. `--no-raw-vllm`
@@ -47,7 +47,8 @@ def raw_vllm(run_dir: Path) -> None:
     from omegaconf import OmegaConf
 
     from icepop.config import Config
-    from icepop.ray.workers import engine_settings
+    from icepop.ray.ahead import batch_sampling
+    from icepop.ray.engine_placement import engine_settings
     from icepop.rollout.vllm import VllmEngine, _sampling_params
     from icepop.stages import setup, warmup
 
@@ -66,7 +67,7 @@ def raw_vllm(run_dir: Path) -> None:
     results = []
     for step in range(1, steps + 1):
         prompts = batches.next_batch(algo.prompts_per_step)
-        sampling = setup.sampling_settings(config, seed=config.run.seed * 100_003 + step)  # rl_step's seed
+        sampling = batch_sampling(config, step)  # the RL step's
         torch.manual_seed(sampling.seed)  # VllmEngine on CPU seeds torch's generator, not each request
         params = _sampling_params(sampling, algo.samples_per_prompt, seed=None)
         start = time.perf_counter()

@@ -23,7 +23,7 @@ import torch
 from icepop.algo import PolicyLossOptions
 from icepop.config import Config
 from icepop.data.prompts import load_prompts
-from icepop.ray.cluster import free_port
+from icepop.ray.hosts import free_port
 from icepop.stages.batch import rl_batch
 from icepop.stages.setup import load_tokenizer, resolve_model
 from icepop.trainer.deepspeed import DeepSpeedTrainer

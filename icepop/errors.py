@@ -23,3 +23,8 @@ def input_errors(what: str) -> Iterator[None]:
     except (ValueError, OSError, ImportError, TypeError) as error:
         lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
         raise InputError(f"{what}: {' '.join(lines[:3])}") from error
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (a trainer rank died, too many non-finite steps, engines keep dying); the
+    message says why and which checkpoint to resume from."""

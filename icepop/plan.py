@@ -113,7 +113,7 @@ def _shown(value: object) -> str:
 def dry_run(config: Config) -> None:
     """`run.dry_run=true`: after the settings (printed by icepop.train) and the input checks, load the
     stage's data exactly as the run would and print the batch sizes and the placement; start nothing."""
-    from icepop.ray.placement import roles
+    from icepop.ray.bundles import roles
     from icepop.stages import setup
 
     if config.stage == "pipeline":

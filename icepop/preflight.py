@@ -47,7 +47,7 @@ def broken_vision_packages(torch_version: str, installed: dict[str, str]) -> lis
     return sorted(name for name, version in installed.items() if not version.endswith("+cpu"))
 
 
-def check_environment() -> str | None:
+def check_install() -> str | None:
     """None when the install is sound, else one message naming what to uninstall."""
     torch_version = installed_versions(("torch",)).get("torch")
     if torch_version is None:
@@ -78,7 +78,7 @@ def check_inputs(config: Config) -> None:
         if config.rollout.environment is None:
             _check_reward(config)
         else:  # the environment gives the reward
-            _check_environment(config)
+            _check_rollout_environment(config)
     if config.stage == "rm" and config.rm.source not in TASKS and not Path(config.rm.source).exists():
         _check_dataset_name("rm.source", config.rm.source)
 
@@ -177,7 +177,7 @@ def _check_reward(config: Config) -> None:
         )
 
 
-def _check_environment(config: Config) -> None:
+def _check_rollout_environment(config: Config) -> None:
     """rollout.environment imports and makes an environment with start and step (what it does with a
     data row is checked on the first training prompt, once the data is loaded: icepop.stages.rl)."""
     from icepop.envs.factory import environment_factory

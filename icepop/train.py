@@ -97,9 +97,9 @@ def prepare(cfg: DictConfig, overrides: list[str]) -> tuple[Config, DictConfig]:
     """The checked config of a command line (composed again with model=custom when `with_model_preset`
     asks for it), its settings and their sources printed, and its inputs checked before anything
     starts; one line and SystemExit for whatever is wrong."""
-    from icepop.preflight import check_environment, check_inputs
+    from icepop.preflight import check_inputs, check_install
 
-    problem = check_environment()
+    problem = check_install()
     if problem is not None:
         sys.exit(problem)
     effective = with_model_preset(overrides)
@@ -140,9 +140,9 @@ def main(cfg: DictConfig) -> None:
 def execute(config: Config, cfg: DictConfig) -> None:
     """Run the stage `prepare` checked (or, with run.dry_run=true, only load its data and print the
     plan); a bad input found while the stage loads its data stops it with one line."""
+    from icepop.errors import RunStopped
     from icepop.stages.checkpoint import resume_dir
     from icepop.stages.pipeline import run_stage
-    from icepop.stages.rl_run import RunStopped
 
     if config.run.dry_run:
         from icepop.plan import dry_run

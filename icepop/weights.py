@@ -3,6 +3,9 @@
 Stale or corrupted weights in the inference engine are the most damaging silent bug in RL for LLMs:
 every ratio k is then wrong, and IcePop masks the symptom. So a probe far beyond the engine dtype's
 noise is an error that stops the run, not a warning.
+
+Pure functions of token ids and log-probs: `icepop.ray.engines.Engines.probe` has both sides score the
+sequences and hands the scores here.
 """
 
 from __future__ import annotations
@@ -11,12 +14,10 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from icepop.config import RolloutConfig
-from icepop.ray.workers import gather
 from icepop.types import Prompt
 
 PROBES = {"float32": 2, "bfloat16": 8}
@@ -58,17 +59,22 @@ def probe_shares(sequences: int, engines: int) -> list[list[int]]:
     return [[(e * size + j) % sequences for j in range(size)] for e in range(engines)]
 
 
-def probe_difference(rollout: Any, trainer: Any, sequences: list[list[int]]) -> ProbeDifference:
-    """Score the probe sequences (after their first token): each engine its share, at once, then the
-    trainer all of them. One after the other: on a CPU machine engines and ranks share the cores, and
-    their thread pools side by side oversubscribe them (the probe of SmolLM2-135M took 5.5 s instead of 2)."""
-    shares = probe_shares(len(sequences), len(rollout.actors))
-    per_engine = gather(rollout.async_score([[sequences[i] for i in share] for share in shares], 1))
+def probe_rows(sequences: list[list[int]], ranks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of the sequences for the trainer, right-padded, repeated so that each
+    of `ranks` ranks gets rows (its share of a collective forward)."""
     width = max(map(len, sequences))
-    rows = sequences * math.ceil(trainer.ranks / len(sequences))  # every rank takes part
+    rows = sequences * math.ceil(ranks / len(sequences))
     ids = torch.tensor([seq + [0] * (width - len(seq)) for seq in rows])
     mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in rows])
-    trainer_scores = torch.cat(gather(trainer.async_logprobs(ids, mask, 1.0))).double()
+    return ids, mask
+
+
+def probe_difference(
+    shares: list[list[int]], per_engine: list[list[list[float]]], trainer_scores: torch.Tensor
+) -> ProbeDifference:
+    """|ℓ_engine − ℓ_trainer| of every probe token: engine e scored sequences shares[e] (their tokens
+    after the first), the trainer every row of `probe_rows` ([rows, width - 1] log-probs)."""
+    trainer_scores = trainer_scores.double()
     diffs = [
         (torch.tensor(scores, dtype=torch.float64) - trainer_scores[i, : len(scores)]).abs()
         for share, engine_scores in zip(shares, per_engine, strict=True)

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from icepop.ray import cluster
+from icepop.ray import hosts
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago, outside the ephemeral range (icepop's own)."""
-    return cluster.free_port()
+    return hosts.free_port()
 
 
 def _entry(

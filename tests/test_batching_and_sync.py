@@ -9,9 +9,9 @@ import torch
 from test_config import compose_config
 
 from icepop.config import RolloutConfig
+from icepop.ray.bundles import check_capacity, needed_resources
 from icepop.ray.cluster import process_env
-from icepop.ray.placement import check_capacity, needed_resources
-from icepop.ray.workers import engine_settings
+from icepop.ray.engine_placement import engine_settings
 from icepop.stages.batch import rl_batch, sequence_count, split_rows
 from icepop.trainer.inputs import micro_batch_rows, place_rows, rows_of
 from icepop.types import Completion, Prompt
@@ -242,7 +242,7 @@ def test_every_engine_scores_its_own_share_of_the_probe_and_at_least_one_sequenc
 def test_free_ports_avoid_the_ephemeral_range_that_outgoing_connections_take() -> None:
     import socket
 
-    from icepop.ray.cluster import FREE_PORTS, free_port
+    from icepop.ray.hosts import FREE_PORTS, free_port
 
     ports = {free_port() for _ in range(20)}
     assert ports <= set(FREE_PORTS) and len(ports) > 1  # random, not one fixed sequence

@@ -18,8 +18,8 @@ from hydra import compose, initialize_config_dir
 
 from icepop import smoke
 from icepop.config import Config
+from icepop.ray.bundles import REFERENCE_GPU_SHARE, check_capacity, describe_devices, gpu_requests
 from icepop.ray.cluster import process_env
-from icepop.ray.placement import REFERENCE_GPU_SHARE, check_capacity, describe_devices, gpu_requests
 from icepop.train import CONF_DIR, prepare
 
 
@@ -94,7 +94,7 @@ DEVICES_SCRIPT = """
 import json, os, ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from icepop.ray import cluster
-from icepop.ray.placement import gpu_requests
+from icepop.ray.bundles import gpu_requests
 from icepop.train import CONF_DIR
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf

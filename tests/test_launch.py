@@ -14,7 +14,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from icepop.ray.placement import placement_shortfall
+from icepop.ray.bundles import placement_shortfall
 from icepop.train import CONF_DIR, RECIPES
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"

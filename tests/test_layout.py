@@ -78,3 +78,34 @@ def test_no_import_circle() -> None:
     assert import_graph()["icepop.stages.rl"] >= {"icepop.stages.checkpoint", "icepop.config"}  # sees imports
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]  # finds circles
     assert cycles(import_graph()) == []
+
+
+def placement_readers() -> set[str]:
+    """The icepop modules whose code reads `<x>.cluster.placement` or `<x>.colocated`."""
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and (
+                node.attr == "colocated"
+                or (
+                    node.attr == "placement"
+                    and isinstance(node.value, ast.Attribute)
+                    and node.value.attr == "cluster"
+                )
+            ):
+                found.add(module_name(path))
+    return found
+
+
+def test_only_the_engine_placements_read_the_placement() -> None:
+    """cluster.placement is read once, by icepop.ray.engine_placement's factory; everything else asks
+    the strategy it returns (the config package itself checks and describes its own field)."""
+    readers = placement_readers()
+    assert "icepop.ray.engine_placement" in readers  # the test sees what it looks for
+    assert readers - {"icepop.ray.engine_placement"} <= {"icepop.config.rollout", "icepop.config.derived"}, (
+        readers
+    )
+
+
+def test_the_probe_needs_nothing_from_ray() -> None:
+    assert not any(module.startswith("icepop.ray") for module in import_graph()["icepop.weights"])

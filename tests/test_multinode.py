@@ -37,8 +37,9 @@ import pytest
 from e2e_helpers import REFERENCE, Run
 from test_config import compose_config
 
-from icepop.ray.cluster import _submitted_job_env_vars, free_port
-from icepop.ray.placement import Role, bundle, check_weight_sync, describe_placement, placement_shortfall
+from icepop.ray.bundles import Role, bundle, check_weight_sync, describe_placement, placement_shortfall
+from icepop.ray.cluster import _submitted_job_env_vars
+from icepop.ray.hosts import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 SUBMIT = Path(__file__).resolve().parents[1] / "launch" / "submit.sh"

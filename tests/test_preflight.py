@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from icepop.preflight import broken_vision_packages, check_environment
+from icepop.preflight import broken_vision_packages, check_install
 
 
 def test_cpu_torch_with_cuda_builds_beside_it_is_named() -> None:
@@ -19,7 +19,7 @@ def test_cpu_torch_with_cuda_builds_beside_it_is_named() -> None:
 
 
 def test_this_environment_passes() -> None:
-    assert check_environment() is None
+    assert check_install() is None
 
 
 def fake_distribution(site: Path, name: str, version: str) -> None:

@@ -18,7 +18,8 @@ from icepop.algo import whiten
 from icepop.data.prompts import load_prompts
 from icepop.models.tiny import build_tiny_model
 from icepop.ray import cluster
-from icepop.ray.workers import RewardModelGroup, wait_ready
+from icepop.ray.actors import wait_ready
+from icepop.ray.workers import RewardModelGroup
 from icepop.rewards.pool import RewardPool
 from icepop.stages.rewards import Rewards
 

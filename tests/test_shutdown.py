@@ -81,7 +81,7 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path: Path, signum: int) -> N
 WAITING_DRIVER = """
 import ray, sys, time
 from icepop.ray import cluster
-from icepop.ray.workers import gather
+from icepop.ray.actors import gather
 
 ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=1, include_dashboard=False)
 cluster._graceful_stop()

@@ -1,4 +1,4 @@
-"""The contract every TrainerBackend implementation passes, checked from inside each of its ranks.
+"""The contract every PolicyTrainer implementation passes, checked from inside each of its ranks.
 
 Call `check_trainer_backend_contract(trainer, rank, world_size, rl, sft, out_dir, weight_port)` on every
 rank with the same full batches; each rank takes its contiguous share of rows, as the Ray trainer group
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from icepop.algo import PolicyLossOptions
-from icepop.trainer.base import TrainerBackend
+from icepop.trainer.base import PolicyTrainer
 from icepop.types import RLBatch, SFTBatch
 
 RL_KEYS = ("actor/loss", "actor/grad_norm", "actor/lr", "actor/entropy", "icepop/mask_frac")
@@ -36,7 +36,7 @@ def receive_broadcast(weight_port: int, out_dir: str) -> None:
 
 
 def check_trainer_backend_contract(
-    trainer: TrainerBackend,
+    trainer: PolicyTrainer,
     rank: int,
     world_size: int,
     rl: RLBatch,

@@ -19,8 +19,8 @@ class Derived:
     samples_per_rank: int
     micro_batches_per_update: int | None
     """None when trainer.micro_batch_tokens forms the micro-batches (their count follows the lengths)."""
-    sft_samples_per_rank: int
     sft_micro_batches: int | None
+    """SFT micro-batches per rank and step; None under trainer.micro_batch_tokens."""
 
     def describe(
         self, algo: AlgoConfig, trainer: TrainerConfig, rollout: RolloutConfig, cluster: ClusterConfig
@@ -76,6 +76,5 @@ def derive(algo: AlgoConfig, trainer: TrainerConfig, sft: SFTConfig) -> Derived:
         samples_per_step=samples,
         samples_per_rank=samples // trainer.ranks,
         micro_batches_per_update=None if trainer.micro_batch_tokens else per_rank_update // rows,
-        sft_samples_per_rank=sft_per_rank,
         sft_micro_batches=None if trainer.micro_batch_tokens else sft_per_rank // rows,
     )

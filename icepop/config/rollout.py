@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from icepop.config.checks import DTYPES, non_negative, one_of, positive, zero_or_one_gpu
+from icepop.types import SamplingSettings
 
 
 @dataclass
@@ -109,6 +110,16 @@ class RolloutConfig:
     def context_length(self, max_prompt_tokens: int) -> int:
         """The engine's context: max_model_len, or prompt + response budget."""
         return self.max_model_len or max_prompt_tokens + self.response_tokens()
+
+    def sampling(self, seed: int | None) -> SamplingSettings:
+        """How the engines sample the run's rollouts (`seed`: the batch's)."""
+        return SamplingSettings(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            seed=seed,
+        )
 
     def response_tokens(self) -> int:
         """The most tokens after a prompt: one reply's, or with an environment an episode's."""

@@ -5,7 +5,7 @@ of environment variables from `process_env`, so users never have to know them, a
 reserve all bundles up front, so a cluster that is too small fails at start-up with one message
 instead of hanging half-way through the first step. The check is node-aware: a bundle (one engine,
 one trainer rank) never spans nodes, so the message names what each role needs and what each node has
-(icepop.ray.placement decides; this module asks Ray). A pipeline keeps one cluster for all its stages
+(icepop.ray.bundles decides; this module asks Ray). A pipeline keeps one cluster for all its stages
 (`kept`, `session`).
 """
 
@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -24,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from icepop.config import Config
-from icepop.ray.placement import (
+from icepop.ray.actors import STOP_SIGNAL, raise_if_stopping
+from icepop.ray.bundles import (
     bundle,
     check_capacity,
     check_weight_sync,
@@ -120,12 +119,6 @@ def _keep_ray_on_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
-STOP_SIGNAL: list[int] = []
-"""The signal (SIGINT or SIGTERM) that asked the driver to stop. `ray.wait` swallows the exception a
-signal handler raises while it blocks, so the code that waits (icepop.ray.workers.gather) raises it
-again, through `raise_if_stopping`, when it sees this."""
-
-
 def _graceful_stop() -> None:
     """ray.init installs a SIGTERM handler that aborts the driver on the spot; put back one that raises
     SystemExit(128 + 15), which unwinds through the stages' `finally` blocks (Ray shutdown, temp files).
@@ -138,16 +131,7 @@ def _graceful_stop() -> None:
 
 def _stop(signum: int, frame: Any) -> None:
     STOP_SIGNAL.append(signum)
-    raise_if_stopping()
-
-
-def raise_if_stopping() -> None:
-    """Raise what the first stop signal asked for: KeyboardInterrupt for Ctrl-C, SystemExit(128 + 15)
-    for SIGTERM; nothing when none came."""
-    if STOP_SIGNAL:
-        if STOP_SIGNAL[0] == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise SystemExit(128 + STOP_SIGNAL[0])
+    raise_if_stopping()  # noted in STOP_SIGNAL too: gather raises it again where ray.wait swallowed it
 
 
 def shutdown() -> None:
@@ -246,24 +230,3 @@ def reserve(config: Config, rollout: bool = True, trainer: bool = True) -> Place
         reward=groups.get("reward model"),
         bundle_nodes=bundle_nodes,
     )
-
-
-FREE_PORTS = range(20000, 32768)
-"""Where `free_port` looks: above Ray's worker ports (10002-19999 by default) and below Linux's
-ephemeral range (32768-60999), from which every outgoing connection takes its local port. A port the
-OS hands out for bind(0) lies in that range, so between our check and the server's bind any connection
-on the machine (Ray's, another job's) could take it: "Address already in use" (seen under load)."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` (the address the trainer group's rendezvous will listen on),
-    picked at random in FREE_PORTS; the OS's choice if none of the tried ones binds."""
-    rng = random.Random()  # seeded from the OS: processes picking at once do not follow one sequence
-    for port in rng.sample(FREE_PORTS, 64):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            with contextlib.suppress(OSError):
-                s.bind((host, port))
-                return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])

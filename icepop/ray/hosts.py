@@ -7,11 +7,36 @@ the environments step next to the engine.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+import random
+import socket
+from typing import Any, cast
 
+from icepop.rollout.base import RolloutEngine
 from icepop.rollout.episodes import EpisodeRunner, EpisodeSettings
+from icepop.trainer.base import PolicyTrainer, RewardModelTrainer
 from icepop.types import Completion, Prompt, SamplingSettings
+
+FREE_PORTS = range(20000, 32768)
+"""Where `free_port` looks: above Ray's worker ports (10002-19999 by default) and below Linux's
+ephemeral range (32768-60999), from which every outgoing connection takes its local port. A port the
+OS hands out for bind(0) lies in that range, so between our check and the server's bind any connection
+on the machine (Ray's, another job's) could take it: "Address already in use" (seen under load)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` (the address the trainer group's rendezvous will listen on),
+    picked at random in FREE_PORTS; the OS's choice if none of the tried ones binds."""
+    rng = random.Random()  # seeded from the OS: processes picking at once do not follow one sequence
+    for port in rng.sample(FREE_PORTS, 64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            with contextlib.suppress(OSError):
+                s.bind((host, port))
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 class _Host:
@@ -25,8 +50,6 @@ class _Host:
     def node_address(self) -> tuple[str, int]:
         import ray
 
-        from icepop.ray.cluster import free_port
-
         address = ray.util.get_node_ip_address()
         return address, free_port(address)
 
@@ -39,9 +62,9 @@ class _Host:
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.obj, method)(*args, **kwargs)
 
-    def rollout_engine(self) -> Any:
-        """The actor's RolloutEngine."""
-        return self.obj
+    def rollout_engine(self) -> RolloutEngine:
+        """The engine this actor's episodes run on (an engine's or a colocated trainer rank's)."""
+        raise TypeError(f"{type(self).__name__} hosts no rollout engine")
 
     def episodes(
         self,
@@ -59,32 +82,42 @@ class _Host:
 class EngineHost(_Host):
     """A rollout engine's actor; the class names the role in `ps` ("ray::EngineHost.call") and Ray."""
 
+    obj: RolloutEngine
+
+    def rollout_engine(self) -> RolloutEngine:
+        return self.obj
+
 
 class TrainerHost(_Host):
     """A trainer rank's actor; under cluster.placement=colocated it also hosts a rollout engine, built
     after the rank (vLLM then adopts the rank's process group) and reached through `call_engine`."""
 
-    engine: Any = None
+    obj: PolicyTrainer | RewardModelTrainer
+    engine: RolloutEngine | None = None
 
     def setup_engine(self, cls: type, kwargs: dict[str, Any]) -> None:
         self.engine = cls(**kwargs)
 
     def call_engine(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.engine, method)(*args, **kwargs)
+        return getattr(self.rollout_engine(), method)(*args, **kwargs)
 
-    def rollout_engine(self) -> Any:
+    def rollout_engine(self) -> RolloutEngine:
+        if self.engine is None:
+            raise TypeError("this trainer rank hosts no engine (cluster.placement=disaggregated)")
         return self.engine
 
     def push_to_engine(self, noise: tuple[float, int] | None) -> None:
         """Hand the rank's full weights to its engine in this process (woken first, if asleep);
         collective over the ranks under ZeRO-3."""
-        self.engine.wake()
-        self.engine.load_tensors(self.obj.weight_tensors(), noise)
+        engine = self.rollout_engine()
+        policy = cast(PolicyTrainer, self.obj)  # only a policy's ranks host an engine
+        engine.wake()
+        engine.load_tensors(policy.weight_tensors(), noise)
 
 
 class ReferenceHost(_Host):
-    """The frozen reference policy's actor."""
+    """The frozen reference policy's actor (icepop.trainer.reference.ReferencePolicy)."""
 
 
 class RewardModelHost(_Host):
-    """A reward-model scoring actor."""
+    """A reward-model scoring actor (icepop.rewards.model.RewardModelScorer)."""

@@ -60,6 +60,10 @@ class RolloutEngine(Protocol):
         """Undo `sleep`."""
         ...
 
+    def close(self) -> None:
+        """Shut the engine down and free its memory; it is not used afterwards."""
+        ...
+
 
 def engine_class(backend: str) -> type:
     """The RolloutEngine implementation named by `rollout.backend` (imported only when chosen)."""

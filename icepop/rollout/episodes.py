@@ -10,7 +10,7 @@ noise. tests/test_episodes.py checks trainer ℓ against engine ℓ_inf over who
 
 All live episodes' next turns go to the engine in one `generate` call (continuous batching inside
 it); their environments then step in parallel threads, each with a deadline: an environment that
-raises or hangs ends its episode with reward 0, counted in env/errors or env/timeouts.
+raises or hangs ends its episode with reward 0, counted in episode/errors or episode/timeouts.
 """
 
 from __future__ import annotations

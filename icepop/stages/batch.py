@@ -7,6 +7,8 @@ occupies label positions P-1 … P-1+len(response)-1.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -65,3 +67,17 @@ def sequence_count(mask: Tensor) -> int:
 def concat_rows(blocks: list[Tensor], width: int) -> Tensor:
     """Stack per-rank [rows, width_r] blocks (each trimmed to its own longest row) into [rows, width]."""
     return torch.cat([torch.nn.functional.pad(b, (0, width - b.shape[1])) for b in blocks])
+
+
+def rescored_logprobs(
+    prompts: list[Prompt], groups: list[list[Completion]], scores: list[list[list[float]]], pad_id: int
+) -> Tensor:
+    """The engines' rescored log-probs of the groups' response tokens (one list of rows per engine, each
+    row a whole sequence's after its first token: icepop.ray.ahead.rescore), laid out like the batch's
+    ℓ_inf."""
+    flat = iter(row for share in scores for row in share)
+    rescored = [
+        [replace(c, logprobs=(row := next(flat))[len(row) - len(c.token_ids) :]) for c in group]
+        for group in groups
+    ]
+    return rl_batch(prompts, rescored, torch.zeros(sum(map(len, rescored))), pad_id).rollout_logprobs

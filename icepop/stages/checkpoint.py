@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from icepop.ray.workers import TrainerGroup, gather
+from icepop.ray.actors import gather
+from icepop.ray.workers import TrainerGroup
 from icepop.stages.summary import SUMMARY
 
 CHECKPOINTS = "checkpoints"

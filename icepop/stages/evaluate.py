@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from icepop.config import Config
 from icepop.errors import input_errors
 from icepop.ray import cluster
-from icepop.ray.workers import RewardModelGroup, RolloutGroup, gather, wait_ready
+from icepop.ray.actors import wait_ready
+from icepop.ray.engines import Engines
+from icepop.ray.workers import RewardModelGroup
 from icepop.stages import setup, warmup
 from icepop.stages.rewards import Rewards
 from icepop.stages.summary import Summary, write_summary
@@ -28,7 +28,7 @@ from icepop.types import Prompt, SamplingSettings
 def evaluate(run: Any, prompts: list[Prompt], step: int) -> dict[str, float]:
     """Greedy measures of the engines' current weights on held-out prompts; appended to eval.jsonl."""
     sampling = SamplingSettings(temperature=0.0, max_new_tokens=run.config.rollout.max_new_tokens, seed=0)
-    groups = RolloutGroup.merge(gather(run.rollout.async_generate(prompts, 1, sampling)))
+    groups = run.engines.generate(prompts, 1, sampling)
     measures = run.rewards.measures(prompts, [group[0] for group in groups])
     shown = ", ".join(f"{k} {v:.3f}" for k, v in measures.items())
     run.tracker.log_eval(
@@ -73,14 +73,14 @@ def run_eval(config: Config, run_dir: Path) -> Summary:
     )
     with cluster.session(config):
         placement = cluster.reserve(config, trainer=False)
-        rollout = RolloutGroup(config, model_path, placement)
+        engines = Engines(config, model_path, placement)
         model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
-        wait_ready(rollout, model)
+        wait_ready(engines, model)
         with setup.reward_pool(config) as pool:
             rewards = Rewards(config.reward, pool if config.reward.rule_weight else None, model)
-            groups = RolloutGroup.merge(gather(rollout.async_generate(prompts, k, sampling)))
+            groups = engines.generate(prompts, k, sampling)
             measures = sample_measures(rewards, prompts, groups)
-        ray.get(rollout.async_call("close"))
+        engines.close()
     shown = ", ".join(f"{key} {value:.3f}" for key, value in measures.items())
     print(f"icepop eval: {model_path} on {len(prompts)} held-out problems of {config.data.source}: {shown}")
     (run_dir / "eval.json").write_text(

@@ -15,7 +15,7 @@ import torch
 
 from icepop.algo import whiten
 from icepop.config import RewardConfig
-from icepop.ray.workers import gather
+from icepop.ray.actors import gather
 from icepop.rewards.model import prompt_messages
 from icepop.rewards.pool import Scores
 from icepop.rewards.verifiers import lenient_correct, strict_correct

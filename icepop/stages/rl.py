@@ -22,32 +22,28 @@ import torch
 from icepop import weights
 from icepop.algo import log_ratio, token_advantages
 from icepop.config import Config
-from icepop.errors import input_errors
+from icepop.errors import RunStopped, input_errors
 from icepop.ray import cluster
-from icepop.ray.weight_sync import WeightSync
-from icepop.ray.workers import (
-    ReferenceGroup,
-    RewardModelGroup,
-    RolloutGroup,
-    TrainerGroup,
-    actor_index,
-    gather,
-    wait_ready,
-)
+from icepop.ray.actors import actor_index, gather, wait_ready
+from icepop.ray.engines import EngineHooks, Engines
+from icepop.ray.workers import ReferenceGroup, RewardModelGroup, TrainerGroup
 from icepop.stages import checkpoint, setup, warmup
-from icepop.stages.ahead import RolloutQueue, rescored_logprobs
-from icepop.stages.batch import concat_rows, rl_batch, select_rows, sequence_count, split_rows
+from icepop.stages.batch import (
+    concat_rows,
+    rescored_logprobs,
+    rl_batch,
+    select_rows,
+    sequence_count,
+    split_rows,
+)
 from icepop.stages.rewards import Rewards
 from icepop.stages.rl_run import (
     RLRun,
-    RunStopped,
     count_nonfinite,
     count_reward_failures,
     evaluate_exact,
     resume,
     save_checkpoint,
-    sync,
-    with_engines,
 )
 from icepop.stages.step_metrics import (
     episode_statistics,
@@ -76,11 +72,10 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         clock = now
 
     # 1. Generate: every sampled token carries ℓ_inf under the processed sampling distribution. With
-    # rollout.max_staleness = N the engines generate the batch of step + N meanwhile (icepop.stages.ahead).
-    run.ahead.top_up(step)
-    rollouts = run.ahead.take(step, lambda collect: with_engines(run, step, collect))
+    # rollout.max_staleness = N the engines generate the batch of step + N meanwhile (icepop.ray.ahead).
+    rollouts = run.engines.rollouts(step)
     prompts, groups = rollouts.prompts, rollouts.groups
-    gather(run.rollout.async_sleep())  # colocated: the engines free the devices until the sync
+    run.engines.sleep()  # colocated: the engines free the devices until the push
     lap("generate")
 
     # 2. Reward: verifiers in worker processes (per-sample timeout) and/or reward-model actors.
@@ -128,11 +123,9 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         )
     lap("train")
 
-    # 6. Sync the new weights into every engine once they finished what is in flight, check engine and
+    # 6. Push the new weights into every engine once they finished what is in flight, check engine and
     # trainer agree on the probe, and (stress test only) give the engines a noisy copy.
-    run.ahead.wait()
-    lap("wait_rollouts")
-    probe_diff = with_engines(run, step, lambda: sync(run, step, lap))
+    probe_diff = run.engines.push(step, lap)
     lap("sync_probe")
     timings["timing/sync_seconds"] = sum(timings[f"timing/sync_{part}_seconds"] for part in ("push", "probe"))
 
@@ -149,7 +142,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         "sync/probe_abs_logp_diff": probe_diff.max,
         "sync/probe_abs_logp_diff_mean": probe_diff.mean,
         "inject/mismatch_noise": config.rollout.mismatch_noise,
-        "fault/engine_restarts": run.rollout.restarts,
+        "fault/engine_restarts": run.engines.restarts,
         "perf/step_seconds": step_seconds,
         "perf/tokens_per_second": float(lengths.sum()) / step_seconds,
         **timings,
@@ -159,7 +152,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     if not config.rollout.max_staleness:  # generated ahead, the batch took no time of this step
         metrics["perf/rollout_tokens_per_second"] = float(lengths.sum()) / timings["timing/generate_seconds"]
     if rollouts.rescored is not None:  # the engines' log-probs at the trainer's weights: the split
-        engine_now = rescored_logprobs(rollouts, gather(rollouts.rescored), run.pad_id)
+        engine_now = rescored_logprobs(prompts, groups, gather(rollouts.rescored), run.pad_id)
         metrics.update(staleness_split(batch, engine_now, options))
     shown = metrics.get("reward/model_score_mean", metrics["reward/mean"])  # RLHF: the raw RM score
     run.tracker.log(step, metrics, status=f"reward {shown:.3f}  {step_seconds:.1f} s/step")
@@ -211,7 +204,7 @@ def run_rl(config: Config, run_dir: Path) -> Summary:
                 if every and step % every == 0 and step != config.train.steps:
                     evaluate_exact(run, eval_prompts, step)
             after = evaluate_exact(run, eval_prompts, step)
-            gather(run.rollout.async_call("close"))  # first: a colocated engine's close ends the ranks' group
+            run.engines.close()  # first: a colocated engine's close ends the ranks' group
             gather(run.trainer.async_call("close"))
     except ray.exceptions.RayActorError as error:
         rank = None if run is None else actor_index(run.trainer.actors, error)
@@ -259,30 +252,27 @@ def _set_up(
         warmup_steps=config.trainer.warmup_steps,
         temperature=config.rollout.temperature,
     )
-    colocated = config.cluster.colocated  # engines built in the ranks, after them
-    rollout = RolloutGroup(config, model_path, placement, hosts=trainer.actors if colocated else None)
+    engines = Engines(  # colocated: built in the ranks, after them
+        config,
+        model_path,
+        placement,
+        trainer,
+        weights_file=str(weights_dir / "weights.safetensors"),
+        data=prompts,
+        probe=weights.probe_sequences(eval_prompts, config.rollout, config.model.dtype),
+    )
     reference = ReferenceGroup(config, model_path, placement) if config.algo.kl_coef != 0.0 else None
     reward_model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
     rule = config.reward.rule_weight and config.rollout.environment is None  # else: the environment's reward
     pool = stack.enter_context(setup.reward_pool(config)) if rule else None  # starts meanwhile
-    wait_ready(rollout, trainer, reference, reward_model)
-    sync = WeightSync(config.rollout.weight_sync, trainer, rollout, str(weights_dir / "weights.safetensors"))
-    print(f"icepop {config.stage}: workers ready in {time.perf_counter() - started:.1f} s; {sync.describe()}")
-    run = RLRun(
-        config,
-        run_dir,
-        rollout,
-        trainer,
-        reference,
-        prompts,
-        Rewards(config.reward, pool, reward_model),
-        pad_id,
-        weights.probe_sequences(eval_prompts, config.rollout, config.model.dtype),
-        sync,
-        stack.enter_context(Tracker(config, run_dir, config.train.steps, config.stage)),
-        Telemetry(run_dir, config.logger.mismatch_alert, config.logger.alert_window),
-        RolloutQueue(config, rollout, prompts),
-    )
+    wait_ready(engines, trainer, reference, reward_model)
+    transport = engines.connect()
+    print(f"icepop {config.stage}: workers ready in {time.perf_counter() - started:.1f} s; {transport}")
+    tracker = stack.enter_context(Tracker(config, run_dir, config.train.steps, config.stage))
+    telemetry = Telemetry(run_dir, config.logger.mismatch_alert, config.logger.alert_window)
+    engines.hooks = EngineHooks(tracker.print, telemetry.event, lambda: checkpoint.resume_hint(run_dir))
+    rewards = Rewards(config.reward, pool, reward_model)
+    run = RLRun(config, run_dir, engines, trainer, reference, prompts, rewards, pad_id, tracker, telemetry)
     if config.rollout.mismatch_noise:
         print(
             "icepop: mismatch injection on: every sync gives the engines noise of "

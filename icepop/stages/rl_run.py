@@ -1,6 +1,6 @@
-"""The state of one RL run and what keeps it going between steps: the weight sync with its probe
-check (and, for stress tests, the noisy copy), restarts of engines that died, held-out evaluation of
-the exact weights, the streak of non-finite updates, and saving/restoring the driver's state.
+"""The state of one RL run and what keeps it going between steps: held-out evaluation of the exact
+weights, the streaks of non-finite updates and failed rewards, and saving/restoring the driver's state.
+(The engines — weight sync, probe, noise, restarts — are `icepop.ray.engines.Engines`.)
 
 `rl_step` (icepop.stages.rl) calls these; none of them calls it, so a step still reads top to bottom
 in one function.
@@ -8,32 +8,21 @@ in one function.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import ray
-
-from icepop import weights
 from icepop.config import Config
-from icepop.ray.weight_sync import WeightSync
-from icepop.ray.workers import ReferenceGroup, RolloutGroup, TrainerGroup
+from icepop.errors import RunStopped
+from icepop.ray.engines import Engines
+from icepop.ray.workers import ReferenceGroup, TrainerGroup
 from icepop.rewards.pool import Scores
 from icepop.stages import checkpoint
-from icepop.stages.ahead import RolloutQueue
 from icepop.stages.evaluate import evaluate
 from icepop.stages.rewards import Rewards
 from icepop.telemetry import Telemetry
 from icepop.tracking import Tracker, read_metrics
 from icepop.types import Prompt
-
-T = TypeVar("T")
-
-
-class RunStopped(RuntimeError):
-    """The run cannot go on (a trainer rank died, too many non-finite steps, engines keep dying); the
-    message says why and which checkpoint to resume from."""
 
 
 @dataclass
@@ -42,18 +31,15 @@ class RLRun:
 
     config: Config
     run_dir: Path
-    rollout: RolloutGroup
+    engines: Engines
+    """The rollout engines, with the batches issued to them and not yet trained on."""
     trainer: TrainerGroup
     reference: ReferenceGroup | None
     data: Any  # a prompt stream with next_batch(n) (icepop.data.prompts)
     rewards: Rewards
     pad_id: int
-    probe: list[list[int]]
-    weight_sync: WeightSync
     tracker: Tracker
     telemetry: Telemetry
-    ahead: RolloutQueue
-    """The batches issued to the engines and not yet trained on (rollout.max_staleness)."""
     before: dict[str, float] | None = None
     """The held-out measures before training (kept in checkpoints: a resumed run does not redo them)."""
     nonfinite_streak: int = 0
@@ -62,67 +48,10 @@ class RLRun:
     """Steps in a row in which the rule reward failed (raised or timed out) on every sample."""
 
 
-def sync(run: RLRun, step: int, lap: Callable[[str], None] | None = None) -> weights.ProbeDifference:
-    """Push the trainer's weights into every engine and check them on the probe; then, for stress
-    tests, push a noisy copy (the noise of step s is seeded by run.seed + s). `lap("sync_push")` is
-    called once the push is done (the RL step's timing of that part)."""
-    run.weight_sync.push()  # blocks until every engine holds the new weights
-    run.ahead.engine_version = step
-    if lap is not None:
-        lap("sync_push")
-    probe_diff = weights.probe_difference(run.rollout, run.trainer, run.probe)
-    weights.check_probe(probe_diff, run.config.rollout, run.config.model.dtype, step)
-    inject_mismatch(run, step)
-    return probe_diff
-
-
 def evaluate_exact(run: RLRun, prompts: list[Prompt], step: int) -> dict[str, float]:
-    """Held-out measures of the trainer's weights after `step`: under mismatch injection the engines
-    get the exact weights for it, then their noisy copy back."""
-
-    def exact() -> dict[str, float]:
-        if run.config.rollout.mismatch_noise:
-            run.weight_sync.push()
-        measures = evaluate(run, prompts, step)
-        inject_mismatch(run, step)
-        return measures
-
-    return with_engines(run, step + 1, exact)
-
-
-def inject_mismatch(run: RLRun, step: int) -> None:
-    """Stress test (rollout.mismatch_noise): sync again, the engines adding seeded noise on the way in."""
-    if run.config.rollout.mismatch_noise:
-        run.weight_sync.push(noise=(run.config.rollout.mismatch_noise, run.config.run.seed + step))
-
-
-def with_engines(run: RLRun, step: int, action: Callable[[], T]) -> T:
-    """action(), which uses the engines; when one of them has died, restart it on its bundle, re-sync
-    every engine with the trainer's current weights and retry (at most rollout.max_restarts restarts
-    in a run). An error with every engine alive (a trainer rank died, a bad probe) is raised as is."""
-    while True:
-        try:
-            return action()
-        except ray.exceptions.RayError:
-            dead = run.rollout.dead_engines()
-            limit = run.config.rollout.max_restarts
-            if not dead:
-                raise
-            if run.rollout.restarts + len(dead) > limit:
-                raise RunStopped(
-                    f"rollout engines {dead} died at step {step} after {run.rollout.restarts} restart(s); "
-                    f"rollout.max_restarts={limit} is used up. {checkpoint.resume_hint(run.run_dir)}"
-                ) from None
-            for index in dead:
-                run.tracker.print(
-                    f"icepop: rollout engine {index} died at step {step}; restarting it, re-syncing the "
-                    f"weights and retrying ({run.rollout.restarts + 1}/{limit} restarts)"
-                )
-                run.rollout.restart(index)
-                run.telemetry.event(step, "engine_restarted", engine=index, restarts=run.rollout.restarts)
-            run.weight_sync.reconnect()
-            run.ahead.reissue_later()
-            sync(run, step - 1)  # the engines as they were before this step: θ, plus step − 1's noise
+    """Held-out measures of the trainer's weights after `step` (under mismatch injection the engines get
+    the exact weights for it, then their noisy copy back)."""
+    return run.engines.at_exact_weights(step, lambda: evaluate(run, prompts, step))
 
 
 def count_nonfinite(run: RLRun, step: int, skipped: bool) -> None:
@@ -171,8 +100,13 @@ def reward_failure(scored: Scores, limit: int, step: int) -> str:
 
 def save_checkpoint(run: RLRun, step: int) -> Path:
     """A resumable checkpoint of the run at `step` (icepop.stages.checkpoint)."""
-    state = {"data": run.ahead.data_state(), "before": run.before, "nonfinite_streak": run.nonfinite_streak,
-             "reward_error_streak": run.reward_error_streak}  # fmt: skip
+    assert run.engines.queue is not None
+    state = {
+        "data": run.engines.queue.data_state(),
+        "before": run.before,
+        "nonfinite_streak": run.nonfinite_streak,
+        "reward_error_streak": run.reward_error_streak,
+    }
     return checkpoint.save(run.run_dir, step, run.trainer, state, run.config.train.keep_last)
 
 
@@ -185,5 +119,5 @@ def resume(run: RLRun, step: int, path: Path) -> None:
     run.before, run.nonfinite_streak = state["before"], state["nonfinite_streak"]
     run.reward_error_streak = state.get("reward_error_streak", 0)  # absent from older checkpoints
     run.telemetry.replay(read_metrics(run.run_dir))
-    sync(run, step)
+    run.engines.push(step)
     print(f"icepop: resumed from {path.resolve()} (step {step} of {run.config.train.steps})")

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from icepop.config import Config, DataConfig
-from icepop.types import SamplingSettings
 
 TINY_PREFIX = "tiny:"
 
@@ -92,17 +91,6 @@ def load_tokenizer(model_path: str, data: DataConfig | None = None) -> Any:
     if data is None:
         return tokenizer
     return ChatTokenizer(tokenizer, data.system_prompt, data.chat_template_kwargs)
-
-
-def sampling_settings(config: Config, seed: int) -> SamplingSettings:
-    rollout = config.rollout
-    return SamplingSettings(
-        temperature=rollout.temperature,
-        top_p=rollout.top_p,
-        top_k=rollout.top_k,
-        max_new_tokens=rollout.max_new_tokens,
-        seed=seed,
-    )
 
 
 def reward_pool(config: Config) -> Any:

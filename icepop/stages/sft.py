@@ -20,7 +20,8 @@ import torch
 from icepop.config import Config
 from icepop.errors import input_errors
 from icepop.ray import cluster
-from icepop.ray.workers import TrainerGroup, gather, wait_ready
+from icepop.ray.actors import gather, wait_ready
+from icepop.ray.workers import TrainerGroup
 from icepop.stages import setup
 from icepop.stages.batch import concat_rows, split_rows
 from icepop.stages.summary import Summary, write_summary

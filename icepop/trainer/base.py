@@ -1,6 +1,9 @@
-"""The `TrainerBackend` seam: one data-parallel rank of the policy trainer.
+"""The trainer seam: one data-parallel rank of a trainer group, as two small Protocols for the two
+things it trains: `PolicyTrainer` (a causal LM: SFT and the RL updates, log-probs, weights for the
+engines) and `RewardModelTrainer` (model_kind "reward": Bradley–Terry training and scores). Both save,
+resume and close alike (`TrainerRank`).
 
-One small Protocol; `deepspeed.py` is the only implementation and the only module that imports
+`deepspeed.py` is the only implementation (one class, both kinds) and the only module that imports
 DeepSpeed. Every rank of a trainer group runs the same calls on its own shard of the batch; the
 global counts that make the loss exact across ranks and micro-batches come with the call.
 """
@@ -16,9 +19,30 @@ from icepop.algo import PolicyLossOptions
 from icepop.types import PreferenceBatch, RLBatch, SFTBatch
 
 
-class TrainerBackend(Protocol):
-    """One rank of a trainer group (a torch.distributed process group of `world_size` ranks), training a
-    policy (a causal LM) or, built with model_kind "reward", a reward model (one score per sequence)."""
+class TrainerRank(Protocol):
+    """What every rank of a trainer group does, whatever it trains."""
+
+    def save(self, directory: str) -> None:
+        """Save a Hugging Face checkpoint (config, tokenizer, weights) that vLLM and transformers load,
+        under LoRA with the adapter alone in peft's format in its `adapter/`; collective like
+        `export_weights`."""
+        ...
+
+    def save_state(self, directory: str) -> None:
+        """Save what exact resumption needs (weights, optimizer, scheduler); collective, every rank writes."""
+        ...
+
+    def load_state(self, directory: str) -> None:
+        """Restore what `save_state` wrote; collective."""
+        ...
+
+    def close(self) -> None:
+        """Free the model (and a colocated engine) and leave the process group."""
+        ...
+
+
+class PolicyTrainer(TrainerRank, Protocol):
+    """One rank training a policy (a causal LM)."""
 
     def logprobs(self, input_ids: Tensor, attention_mask: Tensor, temperature: float) -> Tensor:
         """ℓ of every label position, [B, L-1], with the current weights and no gradient."""
@@ -40,14 +64,6 @@ class TrainerBackend(Protocol):
         """One optimizer step of the token-mean cross-entropy on assistant tokens; returns metrics."""
         ...
 
-    def train_rm(self, batch: PreferenceBatch, global_pair_count: int) -> dict[str, float]:
-        """One optimizer step of the Bradley–Terry loss on this rank's pairs (model_kind "reward")."""
-        ...
-
-    def scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Reward-model scores [B], read at each row's last token, no gradient (model_kind "reward")."""
-        ...
-
     def export_weights(self, path: str) -> None:
         """Write the full weights (gathered under ZeRO-3; under LoRA merged: base + ΔW) as one safetensors
         file with the names an inference engine loads; collective: every rank calls it, rank 0 writes."""
@@ -67,23 +83,22 @@ class TrainerBackend(Protocol):
         an engine in the rank's own process; collective: every rank consumes it to the end."""
         ...
 
-    def save(self, directory: str) -> None:
-        """Save a Hugging Face checkpoint (config, tokenizer, weights) that vLLM and transformers load,
-        under LoRA with the adapter alone in peft's format in its `adapter/`; collective like
-        `export_weights`."""
+
+class RewardModelTrainer(TrainerRank, Protocol):
+    """One rank training a reward model (model_kind "reward": one score per sequence)."""
+
+    def train_rm(self, batch: PreferenceBatch, global_pair_count: int) -> dict[str, float]:
+        """One optimizer step of the Bradley–Terry loss on this rank's pairs (model_kind "reward")."""
         ...
 
-    def save_state(self, directory: str) -> None:
-        """Save what exact resumption needs (weights, optimizer, scheduler); collective, every rank writes."""
-        ...
-
-    def load_state(self, directory: str) -> None:
-        """Restore what `save_state` wrote; collective."""
+    def scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Reward-model scores [B], read at each row's last token, no gradient (model_kind "reward")."""
         ...
 
 
 def backend_class(backend: str) -> type:
-    """The TrainerBackend implementation named by `trainer.backend` (imported only when chosen)."""
+    """The implementation named by `trainer.backend` (a `PolicyTrainer` and `RewardModelTrainer`),
+    imported only when chosen."""
     if backend == "deepspeed":
         from icepop.trainer.deepspeed import DeepSpeedTrainer
 

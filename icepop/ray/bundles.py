@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from icepop.config import Config
+from icepop.ray.engine_placement import engine_placement
 
 ROLE_RESOURCE_SHARE = 0.001
 """How much of its role resource (e.g. `icepop_trainer`) each bundle reserves: a marker, not a limit."""
@@ -52,10 +53,11 @@ class Role:
 
 def roles(config: Config, rollout: bool = True, trainer: bool = True) -> list[Role]:
     """The run's roles in reservation order (rollout=False: no engines or reward model; trainer=False:
-    no trainer ranks). Colocated engines need no bundles of their own: they live in the ranks'."""
+    no trainer ranks). Engines get bundles where their placement says so (colocated ones live in the
+    ranks'; without ranks, for evaluation, they need their own)."""
     engines, ranks, reward = config.rollout, config.trainer, config.reward
     found = []
-    if rollout and not (trainer and config.cluster.colocated):  # else inside the ranks
+    if rollout and engine_placement(config, with_trainer=trainer).own_bundles:
         found.append(
             Role("rollout", "engine", engines.engines, engines.cpus_per_engine, engines.gpus_per_engine)
         )
@@ -218,7 +220,7 @@ def describe_devices(config: Config, rollout: bool = True, trainer: bool = True)
     icepop.ray.cluster.process_env), so it runs on CPU by design."""
     wanted = roles(config, rollout, trainer)
     parts = [f"{role.name} {role.unit}s: {'1 GPU each' if role.gpus else 'CPU'}" for role in wanted]
-    if rollout and trainer and config.cluster.colocated:
+    if rollout and not engine_placement(config, with_trainer=trainer).own_bundles:
         parts.insert(0, "rollout engines: inside the trainer ranks, on their devices")
     if rollout and trainer and config.algo.kl_coef != 0.0:  # an RL stage with a KL term
         share = f"{REFERENCE_GPU_SHARE:g} of trainer rank 0's GPU" if config.trainer.gpus_per_rank else "CPU"

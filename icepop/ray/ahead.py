@@ -10,26 +10,43 @@ queued ahead of it; N = 1 already overlaps one generation with one training step
 
 A resumed run regenerates the batches that were in flight at its checkpoint, from the prompts they had
 (the checkpoint keeps the prompt stream's position before them), at the checkpoint's weights.
+
+The queue belongs to the run's `Engines` (icepop.ray.engines), which asks it for each step's batch.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import ray
-import torch
 
 from icepop.config import Config
-from icepop.ray.workers import RolloutGroup, gather
-from icepop.stages import setup
-from icepop.stages.batch import rl_batch
+from icepop.ray.actors import gather
 from icepop.types import Completion, Prompt, SamplingSettings, blocks
 
 Retry = Callable[[Callable[[], list[list[Completion]]]], list[list[Completion]]]
-"""Runs an action that uses the engines, restarting dead ones and re-syncing them (rl_run.with_engines)."""
+"""Runs an action that uses the engines, restarting dead ones and re-syncing them (Engines.retrying)."""
+
+
+class Generating(Protocol):
+    """What the queue asks of the engines (icepop.ray.engines.Engines)."""
+
+    def async_generate(
+        self, prompts: list[Prompt], samples_per_prompt: int, sampling: SamplingSettings
+    ) -> list[Any]: ...
+
+    def async_score(self, shares: list[list[list[int]]], prompt_len: int) -> list[Any]: ...
+
+    @property
+    def count(self) -> int: ...
+
+
+def batch_sampling(config: Config, step: int) -> SamplingSettings:
+    """How step `step`'s batch is sampled: the rollout settings, seeded by the run's seed and the step."""
+    return config.rollout.sampling(seed=config.run.seed * 100_003 + step)
 
 
 @dataclass
@@ -56,15 +73,15 @@ class Rollouts:
 class RolloutQueue:
     """The batches issued and not yet trained on, oldest first, and the engines' weight version."""
 
-    def __init__(self, config: Config, rollout: RolloutGroup, data: Any) -> None:
-        self.config, self.rollout, self.data = config, rollout, data  # data: a prompt stream
+    def __init__(self, config: Config, engines: Generating, data: Any) -> None:
+        self.config, self.engines, self.data = config, engines, data  # data: a prompt stream
         self.max_staleness = config.rollout.max_staleness
         self.pending: deque[Rollouts] = deque()
         self.issued = 0
         """The last step whose batch was issued."""
         self.engine_version = 0
         """The weights the engines hold (or will, once the generations queued before it finish): those
-        after this step. Set at each push (icepop.stages.rl_run.sync)."""
+        after this step. Set at each push (Engines.push)."""
 
     def top_up(self, step: int) -> None:
         """Issue the batches of steps up to step + N (and the run's last), at the engines' weights."""
@@ -74,14 +91,14 @@ class RolloutQueue:
             self.issued += 1
             state = self.data.state_dict()
             prompts = self.data.next_batch(config.algo.prompts_per_step)
-            sampling = setup.sampling_settings(config, seed=config.run.seed * 100_003 + self.issued)
+            sampling = batch_sampling(config, self.issued)
             self.pending.append(Rollouts(self.issued, prompts, sampling, self.engine_version, state))
             self._issue(self.pending[-1])
 
     def _issue(self, batch: Rollouts) -> None:
         """Send the batch's prompts to the engines, at the weights they hold (or will, in queue order)."""
         batch.version = self.engine_version
-        batch.refs = self.rollout.async_generate(
+        batch.refs = self.engines.async_generate(
             batch.prompts, self.config.algo.samples_per_prompt, batch.sampling
         )
 
@@ -98,7 +115,7 @@ class RolloutQueue:
             if batch.refs is None:
                 self._issue(batch)
             try:
-                return RolloutGroup.merge(gather(batch.refs or []))
+                return [group for block in gather(batch.refs or []) for group in block]
             except ray.exceptions.RayError:
                 batch.refs = None  # re-issued after the restart
                 raise
@@ -111,7 +128,7 @@ class RolloutQueue:
                 f"versions behind the trainer; rollout.max_staleness={self.max_staleness}"
             )
         if batch.behind and self.config.rollout.temperature == 1.0:
-            batch.rescored = rescore(self.rollout, batch)
+            batch.rescored = rescore(self.engines, batch)
         return batch
 
     def reissue_later(self) -> None:
@@ -131,22 +148,10 @@ class RolloutQueue:
         return self.pending[0].data_state if self.pending else self.data.state_dict()
 
 
-def rescore(rollout: RolloutGroup, batch: Rollouts) -> list[Any]:
+def rescore(engines: Generating, batch: Rollouts) -> list[Any]:
     """Refs to the engines' log-probs of the batch's sequences at the weights they hold now (the
     trainer's, the proximal policy): with ℓ_inf at the batch's version they split log(π_prox/π_inf)
     into staleness and engine mismatch. One share of the sequences per engine."""
     pairs = zip(batch.prompts, batch.groups, strict=True)
     sequences = [(c.prompt_ids or prompt.prompt_ids) + c.token_ids for prompt, group in pairs for c in group]
-    shares = [sequences[rows] for rows in blocks(len(sequences), len(rollout.actors))]
-    return rollout.async_score(shares, 1)
-
-
-def rescored_logprobs(batch: Rollouts, scores: list[list[list[float]]], pad_id: int) -> torch.Tensor:
-    """The engines' rescored log-probs of the response tokens, laid out like the batch's ℓ_inf."""
-    flat = iter(row for share in scores for row in share)
-    groups = [
-        [replace(c, logprobs=(row := next(flat))[len(row) - len(c.token_ids) :]) for c in group]
-        for group in batch.groups
-    ]
-    advantages = torch.zeros(sum(map(len, groups)))
-    return rl_batch(batch.prompts, groups, advantages, pad_id).rollout_logprobs
+    return engines.async_score([sequences[rows] for rows in blocks(len(sequences), engines.count)], 1)
