@@ -75,6 +75,7 @@ def test_an_environment_with_a_demonstration_writes_the_warm_ups_conversations()
         written = demonstration_for(name)
         assert written is not None and written(item) == demonstration(item), name
     assert demonstration_for("code_repair") is None and demonstration_for("test_environments:Counter") is None
+    assert compose_config("+recipe=rlvr-tools").rollout.environment == "python_tool"  # the recipe's own
 
 
 def test_start_must_return_a_conversation_for_the_model_to_answer() -> None:

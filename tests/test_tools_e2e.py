@@ -31,7 +31,7 @@ def test_a_multi_turn_tool_run_trains_on_the_models_tokens_exactly(tmp_path: Pat
     result = icepop_train(tmp_path, *TOOLS, "rollout.environment=test_environments:ToolEveryTurn")
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert "python_tool  (recipe rlvr-tools)" in result.stdout  # what the command line replaced
+    assert "rollout.environment         test_environments:ToolEveryTurn  (command line)" in result.stdout
     for r in rows:
         # Every episode, tool messages included, scored by the trainer at the rollout weights in float32
         # exactly as the engine sampled it: a re-tokenized turn would show here (tests/test_episodes.py).
