@@ -18,7 +18,7 @@ from icepop.algo import whiten
 from icepop.data.prompts import load_prompts
 from icepop.models.tiny import build_tiny_model
 from icepop.ray import cluster
-from icepop.ray.actors import wait_ready
+from icepop.ray.actors import dead_actor, wait_ready
 from icepop.ray.workers import RewardModelGroup
 from icepop.rewards.pool import RewardPool
 from icepop.stages.rewards import Rewards
@@ -60,6 +60,11 @@ def test_reward_model_actors_score_like_transformers_and_mix_with_the_rule(rewar
             raw = rewards.model_scores(prompts, texts)
             scored = rewards.score(prompts, texts)
             rule = torch.tensor(pool.score(prompts, texts).rewards)
+        # A dead actor is found whichever error came first (a survivor's collective can fail before Ray
+        # reports the death): dead_actor, which the RL stage asks about its trainer ranks.
+        assert dead_actor(group.actors, RuntimeError("Connection reset by peer")) is None
+        ray.kill(group.actors[1], no_restart=True)
+        assert dead_actor(group.actors, RuntimeError("Connection reset by peer")) == 1
     finally:
         cluster.shutdown()
     model = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()

@@ -76,8 +76,28 @@ def make_actors(host: type, count: int, placement_group: Any, cpus: int, gpus: f
     return [make_actor(host, i, placement_group, cpus, gpus, name) for i in range(count)]
 
 
-def actor_index(actors: list[Any], error: Exception) -> int | None:
-    """Which of `actors` a RayActorError is about (None: another actor, or not known)."""
+def dead_actors(actors: list[Any]) -> list[int]:
+    """Indices of the actors that have died (a live but busy one answers within 60 s, or is taken as
+    alive)."""
+    import ray
+
+    found = []
+    for index, actor in enumerate(actors):
+        try:
+            ray.get(actor.pid.remote(), timeout=60)
+        except ray.exceptions.RayActorError:
+            found.append(index)
+        except ray.exceptions.GetTimeoutError:
+            pass
+    return found
+
+
+def dead_actor(actors: list[Any], error: Exception) -> int | None:
+    """Which of `actors` died, as far as `error` tells: the one a RayActorError names, else the first
+    found dead (the error of a survivor can come first: a collective with a dead rank fails at once with
+    gloo's "Connection reset by peer", before Ray reports the dead actor); None when all live."""
     actor_id = getattr(error, "actor_id", None)
     ids = [a._actor_id.hex() for a in actors]
-    return ids.index(actor_id) if actor_id in ids else None
+    if actor_id in ids:
+        return ids.index(actor_id)
+    return next(iter(dead_actors(actors)), None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from icepop.config import Config
-from icepop.ray.actors import gather, make_actor, make_actors
+from icepop.ray.actors import dead_actors, gather, make_actor, make_actors
 from icepop.ray.hosts import EngineHost
 from icepop.rollout.base import engine_class
 
@@ -115,17 +115,7 @@ class Disaggregated:
 
     def dead(self) -> list[int]:
         """Indices of the engines whose actor has died (a live but busy one answers within 60 s)."""
-        import ray
-
-        found = []
-        for index, actor in enumerate(self.actors):
-            try:
-                ray.get(actor.pid.remote(), timeout=60)
-            except ray.exceptions.RayActorError:
-                found.append(index)
-            except ray.exceptions.GetTimeoutError:
-                pass
-        return found
+        return dead_actors(self.actors)
 
     def restart(self, index: int, restarts: int) -> None:
         """Replace engine `index` (dead, or to be killed) by a new one on its bundle, with the starting

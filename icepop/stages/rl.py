@@ -24,7 +24,7 @@ from icepop.algo import log_ratio, token_advantages
 from icepop.config import Config
 from icepop.errors import RunStopped, input_errors
 from icepop.ray import cluster
-from icepop.ray.actors import actor_index, gather, wait_ready
+from icepop.ray.actors import dead_actor, gather, wait_ready
 from icepop.ray.engines import EngineHooks, Engines
 from icepop.ray.workers import ReferenceGroup, RewardModelGroup, TrainerGroup
 from icepop.stages import checkpoint, setup, warmup
@@ -206,8 +206,8 @@ def run_rl(config: Config, run_dir: Path) -> Summary:
             after = evaluate_exact(run, eval_prompts, step)
             run.engines.close()  # first: a colocated engine's close ends the ranks' group
             gather(run.trainer.async_call("close"))
-    except ray.exceptions.RayActorError as error:
-        rank = None if run is None else actor_index(run.trainer.actors, error)
+    except ray.exceptions.RayError as error:  # a dead rank's, or a survivor's collective failing first
+        rank = None if run is None else dead_actor(run.trainer.actors, error)
         if run is None or rank is None:
             raise
         raise RunStopped(
