@@ -31,6 +31,8 @@ pytestmark = pytest.mark.slow  # a vLLM engine
 TASK = {"digits": 2, "operators": "*"}
 CONTEXT = 352
 LIMITS = EpisodeLimits(max_turns=3, max_episode_tokens=96, step_timeout_seconds=10.0)
+TOOL_LIMITS = EpisodeLimits(max_turns=3, max_episode_tokens=256, step_timeout_seconds=10.0)
+"""The exactness check's: room after a first turn for a long tool output (up to 200 characters)."""
 SAMPLING = SamplingSettings(temperature=1.0, max_new_tokens=32, seed=3)
 
 
@@ -94,7 +96,7 @@ def prompts(tokenizer) -> list[Prompt]:
 
 @pytest.fixture(scope="module")
 def episodes(engine: VllmEngine, tokenizer, prompts: list[Prompt]) -> list[list[Completion]]:
-    return run_episodes(engine, ToolEveryTurn, tokenizer, prompts, 4, SAMPLING, LIMITS, CONTEXT)
+    return run_episodes(engine, ToolEveryTurn, tokenizer, prompts, 4, SAMPLING, TOOL_LIMITS, CONTEXT)
 
 
 @torch.no_grad()
@@ -124,15 +126,17 @@ def test_episodes_are_token_in_token_out_and_match_the_trainer(
     completions = [c for group in episodes for c in group]
     multi = [c for c in completions if c.stats["turns"] >= 2]
     # ToolEveryTurn answers every model turn with a tool message, so an episode ends after one turn only
-    # where that turn was cut at its 32 tokens (no <|im_end|>) or the tool timed out; whatever the
-    # model samples. (24 of 32 episodes went on here; 26 with ATEN_CPU_CAPABILITY=avx2.)
+    # where that turn was cut at its 32 tokens (no <|im_end|>), the tool timed out, or the code's output
+    # left no room in the budget (a code-less turn's "(no code)" always fits): whatever the model
+    # samples. (Episodes that went on, this file run alone: 24 of 32 with AVX-512 kernels, 27 with AVX2.)
     for c in completions:
         if c.stats["turns"] == 1:
-            assert c.finish_reason == "length" or c.stats["timeouts"] == 1, c.stats
+            cut, ran_code = c.finish_reason == "length", c.stats.get("tool_calls", 0.0) == 1
+            assert cut or c.stats["timeouts"] == 1 or ran_code, c.stats
     assert len(multi) >= 4, [c.stats for c in completions]
     for c in completions:
         assert c.model_mask is not None and len(c.model_mask) == len(c.token_ids) == len(c.logprobs)
-        assert c.prompt_ids is not None and len(c.token_ids) <= LIMITS.max_episode_tokens
+        assert c.prompt_ids is not None and len(c.token_ids) <= TOOL_LIMITS.max_episode_tokens
         assert c.stats["observation_tokens"] == c.model_mask.count(False)
         assert all(lp == 0.0 for lp, m in zip(c.logprobs, c.model_mask, strict=True) if not m)
     assert all("<|im_start|>tool\n" in c.text for c in multi)
