@@ -73,7 +73,9 @@ def test_every_stage_improves_its_own_measure(pipeline: dict) -> None:
     by_stage = {s["stage"]: s for s in pipeline["summaries"]}
     assert list(by_stage) == ["sft", "rm", "rlvr", "rlhf", "eval"]
     assert by_stage["sft"]["after"] < by_stage["sft"]["before"]  # validation loss
-    for stage in ("rm", "rlvr", "rlhf"):  # pairwise accuracy, held-out reward, reward-model score
+    # Pairwise accuracy, held-out reward, reward-model score: 0.19 → 1.0, 0.5 → 1.0 and −0.60 → +0.60,
+    # with AVX-512 and with AVX2 kernels alike (make test-avx2), so far from a tie on any CPU.
+    for stage in ("rm", "rlvr", "rlhf"):
         assert by_stage[stage]["after"] > by_stage[stage]["before"], by_stage[stage]
     # eval scores the final policy with k = 2 samples per problem, and the pipeline's reward model.
     assert by_stage["eval"]["measure"] == "avg@2" and by_stage["eval"]["before"] is None
