@@ -17,9 +17,7 @@ from icepop.config import Config
 from icepop.ray.actors import dead_actors, gather, make_actor, make_actors
 from icepop.ray.hosts import EngineHost
 from icepop.rollout.base import engine_class
-
-Noise = tuple[float, int] | None
-"""(level, seed) of a mismatch-injection push (icepop.rollout.noise), or None for the exact weights."""
+from icepop.rollout.noise import Noise
 
 
 def engine_settings(config: Config, model_path: str, with_trainer: bool = True) -> dict[str, Any]:
@@ -100,7 +98,7 @@ class Disaggregated:
             return f"weights by broadcast from trainer rank 0 to {engines} over {self.backend}"
         return f"weights by file ({self.weights_file}) from trainer rank 0 to {engines}"
 
-    def push(self, noise: Noise) -> None:
+    def push(self, noise: Noise | None) -> None:
         """Block until every engine holds the trainer's current weights (plus `noise`)."""
         if self.method == "broadcast":  # sender and receivers run together
             receive = [actor.call.remote("receive_weights", noise) for actor in self.actors]
@@ -163,7 +161,7 @@ class Colocated:
     def describe(self) -> str:
         return f"weights in-process from each trainer rank to its own engine ({len(self.actors)} engine(s))"
 
-    def push(self, noise: Noise) -> None:
+    def push(self, noise: Noise | None) -> None:
         """Every rank into its own engine (waking it first); gathering together under ZeRO-3."""
         gather([actor.push_to_engine.remote(noise) for actor in self.actors])
 

@@ -25,9 +25,10 @@ from icepop.config import Config
 from icepop.errors import RunStopped
 from icepop.ray.actors import gather
 from icepop.ray.ahead import RolloutQueue, Rollouts
-from icepop.ray.engine_placement import EnginePlacement, Noise, engine_placement
+from icepop.ray.engine_placement import EnginePlacement, engine_placement
 from icepop.ray.workers import TrainerGroup
 from icepop.rollout.episodes import EpisodeLimits, EpisodeSettings
+from icepop.rollout.noise import Noise
 from icepop.types import Completion, Prompt, SamplingSettings, blocks
 
 T = TypeVar("T")

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from icepop.rollout.base import RolloutEngine
 from icepop.rollout.episodes import EpisodeRunner, EpisodeSettings
+from icepop.rollout.noise import Noise
 from icepop.trainer.base import PolicyTrainer, RewardModelTrainer
 from icepop.types import Completion, Prompt, SamplingSettings
 
@@ -106,7 +107,7 @@ class TrainerHost(_Host):
             raise TypeError("this trainer rank hosts no engine (cluster.placement=disaggregated)")
         return self.engine
 
-    def push_to_engine(self, noise: tuple[float, int] | None) -> None:
+    def push_to_engine(self, noise: Noise | None) -> None:
         """Hand the rank's full weights to its engine in this process (woken first, if asleep);
         collective over the ranks under ZeRO-3."""
         engine = self.rollout_engine()
