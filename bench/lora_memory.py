@@ -35,7 +35,7 @@ def peak_gb() -> float:
 def measure(setting: str, rows: int, steps: int) -> dict[str, float]:
     """Runs in the child process: build one rank, train `steps` times, report."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from train_phase import batch
+    from train_phase import batch, one_rank
 
     import icepop.trainer.deepspeed as backend
     from icepop.algo import PolicyLossOptions
@@ -50,11 +50,10 @@ def measure(setting: str, rows: int, steps: int) -> dict[str, float]:
     config.model.path = "smollm2:135m-instruct"
     model_path = resolve_model(config)
     data = batch(model_path, rows, 6, 96, seed=0)
-    trainer = backend.DeepSpeedTrainer(
-        model_path, rank=0, world_size=1, master_port=free_port(), lr=1e-5, zero_stage=2,
-        micro_batch_tokens=4096, cpu_threads=1, gradient_checkpointing="gc" in options,
-        lora={"rank": 16} if kind == "lora" else None,
-    )  # fmt: skip
+    trainer = backend.DeepSpeedTrainer(**one_rank(
+        model_path, free_port(), lr=1e-5, zero_stage=2, micro_batch_tokens=4096, cpu_threads=1,
+        gradient_checkpointing="gc" in options, lora={"rank": 16} if kind == "lora" else None,
+    ))  # fmt: skip
     built = peak_gb()
     seconds = []
     for _ in range(steps):

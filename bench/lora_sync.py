@@ -87,6 +87,20 @@ def merged_state(policy: Any) -> dict[str, Any]:
     return TrainerWeights(policy, whole, True, Adapters(policy)).state()
 
 
+def engine_args(model_path: str, threads: int) -> dict[str, Any]:
+    """A float32 engine's arguments: the config schema's (icepop.ray.engine_placement) with this context."""
+    from icepop.config import Config
+    from icepop.ray.engine_placement import engine_settings
+
+    changes = {
+        "dtype": "float32",
+        "max_model_len": CONTEXT,
+        "kv_cache_bytes": KV_CACHE_BYTES,
+        "cpu_threads": threads,
+    }
+    return engine_settings(Config(stage="rlvr"), model_path) | changes
+
+
 def lora_engine(model_path: str, rank: int, threads: int) -> Any:
     """A VllmEngine whose `LLM(...)` call gets enable_lora=True, max_lora_rank, max_loras=1 on top of its
     own kwargs (so both engines differ in nothing else)."""
@@ -97,8 +111,7 @@ def lora_engine(model_path: str, rank: int, threads: int) -> Any:
     plain = vllm.LLM
     vllm.LLM = functools.partial(plain, enable_lora=True, max_lora_rank=rank, max_loras=1)
     try:
-        return VllmEngine(model_path, dtype="float32", max_model_len=CONTEXT, kv_cache_bytes=KV_CACHE_BYTES,
-                          cpu_threads=threads)  # fmt: skip
+        return VllmEngine(**engine_args(model_path, threads))
     finally:
         vllm.LLM = plain
 
@@ -167,8 +180,7 @@ def run_merged(args: argparse.Namespace, policy: Any, model_path: str, prompt_id
     from icepop.trainer.export import write_weights_file
 
     start = time.perf_counter()
-    engine = VllmEngine(model_path, dtype="float32", max_model_len=CONTEXT, kv_cache_bytes=KV_CACHE_BYTES,
-                        cpu_threads=args.threads)  # fmt: skip
+    engine = VllmEngine(**engine_args(model_path, args.threads))
     result: dict[str, Any] = {"engine_start_seconds": time.perf_counter() - start, "syncs": []}
     path = str(scratch / "weights.safetensors")
     try:

@@ -222,8 +222,10 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from icepop.config import Config
     from icepop.data.prompts import load_prompts
     from icepop.envs import environment_factory
+    from icepop.ray.engine_placement import engine_settings
     from icepop.rollout.vllm import VllmEngine
 
     model = args.model or find_model()
@@ -235,9 +237,8 @@ def main() -> None:
     def make_env() -> TimedEnv:
         return TimedEnv(python_tool())
 
-    engine = VllmEngine(
-        model, dtype="float32", max_model_len=CONTEXT, kv_cache_bytes=64 * 2**20, cpu_threads=1
-    )
+    changes = {"dtype": "float32", "max_model_len": CONTEXT, "kv_cache_bytes": 64 * 2**20, "cpu_threads": 1}
+    engine = VllmEngine(**engine_settings(Config(stage="rlvr"), model) | changes)
     count_steps(engine._llm.llm_engine)
     sampling = SamplingSettings(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS)
 

@@ -28,7 +28,14 @@ from icepop.stages.batch import rl_batch
 from icepop.stages.setup import load_tokenizer, resolve_model
 from icepop.trainer.deepspeed import DeepSpeedTrainer
 from icepop.trainer.inputs import micro_batch_rows
+from icepop.trainer.settings import trainer_settings
 from icepop.types import Completion
+
+
+def one_rank(model_path: str, port: int, **changes: Any) -> dict[str, Any]:
+    """The arguments of a lone trainer rank: the config schema's (icepop.trainer.settings) with `changes`."""
+    settings = trainer_settings(Config(stage="rlvr"), model_path, "rl")
+    return settings | {"rank": 0, "world_size": 1, "master_addr": "127.0.0.1", "master_port": port} | changes
 
 
 def batch(model_path: str, rows: int, group: int, max_new_tokens: int, seed: int) -> Any:
@@ -72,7 +79,7 @@ def main() -> None:
     data = batch(model_path, args.rows, args.group, args.max_new_tokens, seed=0)
     lengths = data.attention_mask.sum(-1).tolist()
     port = free_port()
-    trainer = DeepSpeedTrainer(model_path, rank=0, world_size=1, master_port=port, lr=1e-5, zero_stage=2)
+    trainer = DeepSpeedTrainer(**one_rank(model_path, port, lr=1e-5, micro_batch_size=1, cpu_threads=None))
     options, counts = PolicyLossOptions(), (int(data.response_mask.sum()), args.rows)
     print(
         f"{args.model}: {args.rows} rows, lengths {min(lengths)}-{max(lengths)}, {sum(lengths)} real "

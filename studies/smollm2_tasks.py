@@ -44,11 +44,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="the engine's (bfloat16 is 4.4x slower on AVX2)")
     parser.add_argument("--only", nargs="*", help="names of CANDIDATES to run (default: all)")
     args = parser.parse_args()
+    from icepop.config import Config
+    from icepop.ray.engine_placement import engine_settings
     from icepop.rollout.vllm import VllmEngine
 
     model = str(smollm2_model())
     tokenizer = load_tokenizer(model, DataConfig())
-    engine = VllmEngine(model, dtype=args.dtype, max_model_len=1024, kv_cache_bytes=2**29, cpu_threads=2)
+    changes = {"dtype": args.dtype, "max_model_len": 1024, "kv_cache_bytes": 2**29, "cpu_threads": 2}
+    engine = VllmEngine(**engine_settings(Config(stage="rlvr"), model) | changes)
     results = {}
     try:
         for label, (source, options) in CANDIDATES.items():

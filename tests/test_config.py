@@ -3,16 +3,19 @@ and inconsistent batch sizes are refused with a message naming the field."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from icepop.config import Config
+from icepop.config.trainer import LoraConfig
 from icepop.train import CONF_DIR, RECIPES, RECIPES_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,3 +139,50 @@ def test_the_loss_options_have_one_home_for_their_defaults() -> None:
     options = changed.loss_options(max_response_length=7)
     assert all(getattr(options, name) == getattr(changed, name) for name in LOSS_FIELDS)
     assert options.max_response_length == 7
+
+
+def changed_value(name: str, value: Any) -> Any:
+    """Another valid value of a config field (the perturbation below)."""
+    special = {"zero_stage": 3, "lr_schedule": "cosine", "lora": LoraConfig(rank=8)}
+    if name in special or isinstance(value, bool):
+        return special.get(name, not value)
+    if isinstance(value, int | float):
+        return value * 2 or 1
+    if isinstance(value, tuple):
+        return tuple(v / 2 for v in value)
+    assert isinstance(value, dict), (name, value)
+    return {**value, "steps_per_print": 1}
+
+
+def test_the_backends_take_every_argument_from_the_config() -> None:
+    """No default lives in a backend: the trainer rank and the rollout engine take keyword-only
+    arguments without defaults, exactly those the config gives (plus where ranks meet), and every
+    trainer.* field but the backend's name reaches the trainer rank's arguments (a changed value changes
+    them)."""
+    from dataclasses import fields, replace
+
+    from icepop.ray.engine_placement import engine_settings
+    from icepop.rollout.base import engine_class
+    from icepop.trainer.base import backend_class
+    from icepop.trainer.settings import RENDEZVOUS, trainer_settings
+
+    base = Config(stage="rlvr")
+    config = replace(base, rollout=replace(base.rollout, weight_sync="file"))  # any device for the ranks
+    for backend, given in (
+        (backend_class(config.trainer.backend), {*trainer_settings(config, "m", "rl"), *RENDEZVOUS}),
+        (engine_class(config.rollout.backend), set(engine_settings(config, "m"))),
+    ):
+        parameters = inspect.signature(backend).parameters.values()
+        assert all(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in parameters), backend
+        assert {p.name for p in parameters} == given, backend
+    assert all(trainer_settings(config, "m", s).keys() == trainer_settings(config, "m", "rl").keys()
+               for s in ("sft", "rm"))  # fmt: skip
+    with pytest.raises(ValueError, match="'rlhf' is not one of: rl, sft, rm"):
+        trainer_settings(config, "m", "rlhf")
+    ignored = []
+    for field in [f for f in fields(config.trainer) if f.name != "backend"]:  # which class, not its arguments
+        other = changed_value(field.name, getattr(config.trainer, field.name))
+        changed = replace(config, trainer=replace(config.trainer, **{field.name: other}))
+        if trainer_settings(changed, "m", "rl") == trainer_settings(config, "m", "rl"):
+            ignored.append(field.name)
+    assert not ignored, f"trainer.{ignored} never reach the trainer rank: pass them or drop them"

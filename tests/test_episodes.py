@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from backend_args import engine_args
 from test_environments import ToolEveryTurn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,7 +80,7 @@ def tool_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(tool_model: Path) -> Iterator[VllmEngine]:
-    engine = VllmEngine(str(tool_model), max_model_len=CONTEXT, kv_cache_bytes=64 * 2**20, cpu_threads=1)
+    engine = VllmEngine(**engine_args(tool_model, max_model_len=CONTEXT, kv_cache_bytes=64 * 2**20))
     yield engine
     engine.close()
 

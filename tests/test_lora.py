@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from backend_args import engine_args, trainer_args
 from dist_helpers import free_port, run_ranks
 from safetensors.torch import load_file
 from test_config import compose_config
@@ -186,14 +187,9 @@ def _worker(rank: int, world_size: int, ports: list[int], models: dict[str, str]
 
     for (arch, config), port in zip(LORA_RUNS.items(), ports, strict=True):
         trainer = DeepSpeedTrainer(
-            models[arch],
-            rank=rank,
-            world_size=world_size,
-            master_port=port,
-            lora=LORA,
-            **TRAINER_ARGS,
-            **config,
-        )
+            **trainer_args(models[arch], rank=rank, world_size=world_size, master_port=port, lora=LORA,
+                           **TRAINER_ARGS, **config)
+        )  # fmt: skip
         module = trainer.engine.module
         res: dict[str, Any] = {}
         with whole(module, arch == "moe"):
@@ -349,7 +345,7 @@ def test_the_engine_holds_the_trainers_policy_after_a_sync_and_loads_the_merged_
             logprobs = reference_logprobs(model.eval(), probe, 1.0)
         return [logprobs[i, prompt_len - 1 : len(ids) - 1] for i, ids in enumerate(sequences)]
 
-    engine = VllmEngine(str(model_dir), max_model_len=64, kv_cache_bytes=32 * 2**20, cpu_threads=1)
+    engine = VllmEngine(**engine_args(model_dir, max_model_len=64, kv_cache_bytes=32 * 2**20))
     try:
         before = engine_logprobs(engine)
         engine.load_weights(str(tmp_path / "sync.safetensors"))  # the weight sync's in-place reload
@@ -361,7 +357,8 @@ def test_the_engine_holds_the_trainers_policy_after_a_sync_and_loads_the_merged_
     assert largest_difference(after, trainer_view) < 1e-4  # the run's fp32 probe allows 1e-3
 
     # The checkpoint a LoRA run saved (merged folder) serves as a model of its own.
-    engine = VllmEngine(str(lora_runs["root"] / f"{arch}_ckpt"), max_model_len=64, kv_cache_bytes=32 * 2**20)
+    ckpt = lora_runs["root"] / f"{arch}_ckpt"
+    engine = VllmEngine(**engine_args(ckpt, max_model_len=64, kv_cache_bytes=32 * 2**20, cpu_threads=None))
     try:
         served = engine_logprobs(engine)
     finally:

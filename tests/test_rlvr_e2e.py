@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from backend_args import engine_args
 from e2e_helpers import TINY_DEFAULT, Run, assert_same_steps, icepop_train
 from safetensors.torch import load_file
 
@@ -114,7 +115,7 @@ def test_weights_changed_and_checkpoint_loads_in_transformers_and_vllm(runs: dic
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, :-1]
     expected = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
-    engine = VllmEngine(str(final))
+    engine = VllmEngine(**engine_args(final, max_model_len=1024, cpu_threads=None))
     try:
         scored = torch.tensor(engine.score([ids], 1)[0], dtype=torch.float64)
     finally:

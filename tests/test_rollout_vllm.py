@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from backend_args import engine_args
 from dist_helpers import free_port, send_file
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -69,7 +70,7 @@ def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 def engine(model_dir: Path) -> Iterator[VllmEngine]:
     threads = torch.get_num_threads()
     # One thread: on this 2-core machine, shared with other jobs, 2 OpenMP threads make vLLM ~10× slower.
-    engine = VllmEngine(str(model_dir), max_model_len=256, kv_cache_bytes=64 * 2**20, cpu_threads=1)
+    engine = VllmEngine(**engine_args(model_dir, max_model_len=256, kv_cache_bytes=64 * 2**20, cpu_threads=1))
     yield engine
     engine.close()
     engine.close()  # idempotent
@@ -269,7 +270,7 @@ def test_weight_sync_refuses_an_incomplete_state_dict(
 
 def test_one_engine_per_process_and_no_use_while_asleep(engine: VllmEngine, model_dir: Path) -> None:
     with pytest.raises(RuntimeError, match="already live"):
-        VllmEngine(str(model_dir))
+        VllmEngine(**engine_args(model_dir))
     engine.sleep()
     with pytest.raises(RuntimeError, match="asleep"):
         engine.score([PROMPTS[0]], 1)[0]

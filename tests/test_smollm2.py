@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from backend_args import engine_args
 from e2e_helpers import icepop_train
 from safetensors.torch import load_file
 
@@ -86,7 +87,7 @@ def test_rlvr_on_the_real_model_syncs_exactly_continues_and_saves_a_loadable_che
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, :-1]
     expected = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
-    engine = VllmEngine(str(final), max_model_len=256, kv_cache_bytes=256 * 2**20)
+    engine = VllmEngine(**engine_args(final, max_model_len=256, cpu_threads=None))
     try:
         scored = torch.tensor(engine.score([ids], 1)[0], dtype=torch.float64)
     finally:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from backend_args import trainer_args
 from dist_helpers import free_port, run_ranks
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -112,12 +113,9 @@ def _dense_part(rank: int, world_size: int, port: int, model_dir: str, out: str)
     from icepop.trainer.deepspeed import DeepSpeedTrainer
 
     trainer = DeepSpeedTrainer(
-        model_dir,
-        rank=rank,
-        world_size=world_size,
-        master_port=port,
-        zero_stage=2,
-        **TRAINER_ARGS,
+        **trainer_args(
+            model_dir, rank=rank, world_size=world_size, master_port=port, zero_stage=2, **TRAINER_ARGS
+        )
     )
     res: dict[str, Any] = {}
     probe = rl_batch(0, 4)
@@ -180,12 +178,9 @@ def _moe_part(rank: int, world_size: int, ports: list[int], model_dir: str, out:
     kind, batch, options, shards = exact_steps()[0]
     for (tag, config), port in zip(MOE_CONFIGS.items(), ports, strict=True):
         trainer = DeepSpeedTrainer(
-            model_dir,
-            rank=rank,
-            world_size=world_size,
-            master_port=port,
-            **TRAINER_ARGS,
-            **config,
+            **trainer_args(
+                model_dir, rank=rank, world_size=world_size, master_port=port, **TRAINER_ARGS, **config
+            )
         )
         res[f"{tag}_threads"] = torch.get_num_threads()
         res[f"{tag}_logprobs_before"] = trainer.logprobs(probe.input_ids, probe.attention_mask, TEMPERATURE)
@@ -448,17 +443,21 @@ def test_saved_checkpoint_loads_with_auto_classes(dense: dict[str, Any], moe: di
 def test_bad_arguments_fail_early_and_importing_the_module_does_not_import_deepspeed() -> None:
     code = """
 import sys
+from backend_args import trainer_args
 from icepop.trainer.deepspeed import DeepSpeedTrainer
-for kwargs in ({"zero_stage": 4}, {"dtype": "float16"}, {"micro_batch_size": 0}, {"lr_schedule": "cosine"}):
+bad = ({"zero_stage": 4}, {"dtype": "float16"}, {"micro_batch_size": 0},
+       {"lr_schedule": "cosine", "total_steps": None})
+for kwargs in bad:
     try:
-        DeepSpeedTrainer("unused", rank=0, world_size=1, master_port=1, **kwargs)
+        DeepSpeedTrainer(**trainer_args("unused", rank=0, world_size=1, master_port=1, **kwargs))
     except ValueError as error:
         print(error)
     else:
         raise AssertionError(kwargs)
 assert "deepspeed" not in sys.modules and "transformers" not in sys.modules
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    here = Path(__file__).parent  # backend_args
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=here)
     assert done.returncode == 0, done.stderr
     for field in ("zero_stage", "dtype", "micro_batch_size", "total_steps"):
         assert field in done.stdout
@@ -473,8 +472,10 @@ def _contract_worker(rank: int, _: int, ports: list[int], model_dir: str, out: s
         receive_broadcast(ports[1], out)
         return
     zero_config = {"zero_stage": zero, "ds_config_overrides": PARTITION_ALL if zero == 3 else None}
-    trainer = DeepSpeedTrainer(model_dir, rank=rank, world_size=2, master_port=ports[0], **TRAINER_ARGS,
-                               **zero_config)  # fmt: skip
+    args = trainer_args(
+        model_dir, rank=rank, world_size=2, master_port=ports[0], **TRAINER_ARGS, **zero_config
+    )
+    trainer = DeepSpeedTrainer(**args)
     try:
         rl, sft = rl_batch(7, 6), sft_batch(8, 4)
         check_trainer_backend_contract(trainer, rank, 2, rl, sft, out, weight_port=ports[1])
@@ -511,10 +512,10 @@ def _reward_worker(rank: int, world_size: int, port: int, model_dir: str, out: s
     pairs, _ = tokenize_pairs(builtin_preference_pairs("arithmetic", 6, seed=0), tokenizer, None)
     whole = collate_pairs(pairs, tokenizer.pad_token_id)
     mine = collate_pairs(pairs[rank * 3 : rank * 3 + 3], tokenizer.pad_token_id)  # 3 pairs per rank
-    trainer = DeepSpeedTrainer(
-        model_dir, rank=rank, world_size=world_size, master_port=port, model_kind="reward", zero_stage=3,
+    trainer = DeepSpeedTrainer(**trainer_args(
+        model_dir, rank=rank, world_size=world_size, master_port=port, stage="rm", zero_stage=3,
         ds_config_overrides=PARTITION_ALL, **{**TRAINER_ARGS, "micro_batch_tokens": 160},
-    )  # fmt: skip
+    ))  # fmt: skip
     res: dict[str, Any] = {"before": trainer.scores(whole.input_ids, whole.attention_mask)}
     res["expected_first_loss"] = float(bradley_terry_loss(*res["before"].view(2, -1))[0])
     res["metrics"] = [trainer.train_rm(mine, global_pair_count=6) for _ in range(8)]

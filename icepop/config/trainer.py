@@ -64,6 +64,8 @@ class TrainerConfig:
     """AdamW weight decay (not applied to biases and norm gains)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon (added to the second-moment root in the update's denominator)."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up, in optimizer steps."""
     grad_clip: float = 1.0
@@ -81,6 +83,9 @@ class TrainerConfig:
     """GPUs per trainer rank: 0 (CPU) or 1 (cluster=gpu)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters instead of full fine-tuning (trainer.lora.rank=16)."""
+    ds_config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Merged last into the DeepSpeed config icepop writes (nested keys too), e.g.
+    '+trainer.ds_config_overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}'."""
 
     def __post_init__(self) -> None:
         one_of("trainer.zero_stage", self.zero_stage, (1, 2, 3))
@@ -89,6 +94,7 @@ class TrainerConfig:
             **{
                 "trainer.ranks": self.ranks,
                 "trainer.lr": self.lr,
+                "trainer.eps": self.eps,
                 "trainer.micro_batch_size": self.micro_batch_size,
                 "trainer.cpus_per_rank": self.cpus_per_rank,
             }

@@ -22,23 +22,15 @@ from icepop.ray.bundles import gpu_requests
 from icepop.ray.cluster import Placement
 from icepop.ray.hosts import ReferenceHost, RewardModelHost, TrainerHost
 from icepop.trainer.base import backend_class
+from icepop.trainer.settings import trainer_settings
 from icepop.types import PreferenceBatch, RLBatch, SFTBatch, blocks
 
 
 class TrainerGroup:
     """DeepSpeed ranks forming one torch.distributed group; rank 0's node hosts the rendezvous."""
 
-    def __init__(
-        self,
-        config: Config,
-        model_path: str,
-        placement: Placement,
-        total_steps: int,
-        lr: float,
-        warmup_steps: int,
-        temperature: float,
-        model_kind: str = "policy",
-    ) -> None:
+    def __init__(self, config: Config, model_path: str, placement: Placement, stage: str) -> None:
+        """`stage`: "rl", "sft" or "rm" (icepop.trainer.settings.trainer_settings)."""
         import ray
 
         trainer = config.trainer
@@ -47,30 +39,8 @@ class TrainerGroup:
         self.actors = make_actors(TrainerHost, trainer.ranks, placement.trainer, cpus, gpus, "trainer")
         master_addr, master_port = ray.get(self.actors[0].node_address.remote())
         backend = backend_class(trainer.backend)
-        common = {
-            "model_path": model_path,
-            "world_size": trainer.ranks,
-            "master_addr": master_addr,
-            "master_port": master_port,
-            "zero_stage": trainer.zero_stage,
-            "offload": trainer.offload,
-            "dtype": config.model.dtype,
-            "lr": lr,
-            "weight_decay": trainer.weight_decay,
-            "betas": tuple(trainer.betas),
-            "warmup_steps": warmup_steps,
-            "lr_schedule": trainer.lr_schedule,
-            "total_steps": total_steps,
-            "grad_clip": trainer.grad_clip,
-            "micro_batch_size": trainer.micro_batch_size,
-            "micro_batch_tokens": trainer.micro_batch_tokens,
-            "cpu_threads": trainer.cpus_per_rank if trainer.gpus_per_rank == 0 else None,
-            "gradient_checkpointing": config.model.gradient_checkpointing,
-            "seed": config.run.seed,
-            "temperature": temperature,  # the sampling temperature: ℓ under the processed distribution
-            "model_kind": model_kind,
-            "lora": trainer.lora.adapter_options() if trainer.lora.enabled else None,
-        }
+        common = trainer_settings(config, model_path, stage)
+        common |= {"master_addr": master_addr, "master_port": master_port}
         self.pending = [
             a.setup.remote(backend, {**common, "rank": rank}) for rank, a in enumerate(self.actors)
         ]

@@ -153,20 +153,21 @@ class VllmEngine:
     sizes the KV cache on CPU; gpu_memory_utilization is the fraction of GPU memory vLLM may take on
     a GPU. enable_sleep_mode makes `sleep` offload weights (GPU only).
     cpu_threads: torch/OpenMP threads on CPU for the engine's lifetime (None keeps the process's).
+    Every argument is required: a run's come from its config (icepop.ray.engine_placement.engine_settings).
     """
 
     def __init__(
         self,
-        model_path: str,
         *,
-        dtype: str = "float32",
-        seed: int = 0,
-        max_model_len: int = 1024,
-        enforce_eager: bool = True,
-        kv_cache_bytes: int = 256 * 2**20,
-        gpu_memory_utilization: float = 0.5,
-        enable_sleep_mode: bool = False,
-        cpu_threads: int | None = None,
+        model_path: str,
+        dtype: str,
+        seed: int,
+        max_model_len: int,
+        enforce_eager: bool,
+        kv_cache_bytes: int,
+        gpu_memory_utilization: float,
+        enable_sleep_mode: bool,
+        cpu_threads: int | None,
     ) -> None:
         global _live_engine
         live = _live_engine() if _live_engine is not None else None

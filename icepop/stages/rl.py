@@ -243,15 +243,7 @@ def _set_up(
     prompts, eval_prompts, pad_id = data
     started = time.perf_counter()
     placement = cluster.reserve(config)
-    trainer = TrainerGroup(
-        config,
-        model_path,
-        placement,
-        total_steps=config.train.steps * config.algo.updates_per_step,
-        lr=config.trainer.lr,
-        warmup_steps=config.trainer.warmup_steps,
-        temperature=config.rollout.temperature,
-    )
+    trainer = TrainerGroup(config, model_path, placement, "rl")
     engines = Engines(  # colocated: built in the ranks, after them
         config,
         model_path,

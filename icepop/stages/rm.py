@@ -77,10 +77,7 @@ def run_rm(config: Config, run_dir: Path) -> Summary:
     final, pad = run_dir / "checkpoints" / f"step-{rm.steps}", tokenizer.pad_token_id
     with cluster.session(config):
         placement = cluster.reserve(config, rollout=False)
-        trainer = TrainerGroup(
-            config, model_path, placement, total_steps=rm.steps, lr=rm.lr, warmup_steps=rm.warmup_steps,
-            temperature=1.0, model_kind="reward",
-        )  # fmt: skip
+        trainer = TrainerGroup(config, model_path, placement, "rm")
         wait_ready(trainer)
         with Tracker(config, run_dir, rm.steps, "rm") as tracker:
             before = held_out_accuracy(trainer, held_out, pad)

@@ -88,10 +88,7 @@ def run_sft(config: Config, run_dir: Path, model_path: str | None = None) -> Sum
     run_dir.mkdir(parents=True, exist_ok=True)
     with cluster.session(config):
         placement = cluster.reserve(config, rollout=False)
-        trainer = TrainerGroup(
-            config, model_path, placement, total_steps=sft.steps, lr=sft.lr, warmup_steps=sft.warmup_steps,
-            temperature=1.0,
-        )  # fmt: skip
+        trainer = TrainerGroup(config, model_path, placement, "sft")
         wait_ready(trainer)
         with Tracker(config, run_dir, sft.steps, "sft") as tracker:
             before = validation_loss(trainer, validation)

@@ -53,35 +53,35 @@ class DeepSpeedTrainer:
 
     def __init__(
         self,
-        model_path: str,
         *,
+        model_path: str,
+        model_kind: str,
         rank: int,
         world_size: int,
+        master_addr: str,
         master_port: int,
-        master_addr: str = "127.0.0.1",
-        local_rank: int | None = None,
-        zero_stage: int = 2,
-        offload: bool = False,
-        dtype: str = "float32",
-        lr: float = 1e-5,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_steps: int = 0,
-        lr_schedule: str = "constant",
-        total_steps: int | None = None,
-        grad_clip: float = 1.0,
-        micro_batch_size: int = 1,
-        micro_batch_tokens: int = 0,
-        temperature: float = 1.0,
-        gradient_checkpointing: bool = False,
-        seed: int = 0,
-        cpu_threads: int | None = None,
-        ds_config_overrides: dict[str, Any] | None = None,
-        model_kind: str = "policy",
-        lora: dict[str, Any] | None = None,
+        zero_stage: int,
+        offload: bool,
+        dtype: str,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        eps: float,
+        warmup_steps: int,
+        lr_schedule: str,
+        total_steps: int | None,
+        grad_clip: float,
+        micro_batch_size: int,
+        micro_batch_tokens: int,
+        temperature: float,
+        gradient_checkpointing: bool,
+        seed: int,
+        cpu_threads: int | None,
+        ds_config_overrides: dict[str, Any] | None,
+        lora: dict[str, Any] | None,
     ) -> None:
-        """Join the process group and build the ZeRO engine. `temperature` is the rollout's sampling
+        """Join the process group and build the ZeRO engine. Every argument is required: a run's come from
+        its config (icepop.trainer.settings.trainer_settings). `temperature` is the rollout's sampling
         temperature, applied by `train_rl` (docs/algorithm.md §1); `ds_config_overrides` is merged
         last into the generated DeepSpeed config (e.g. ZeRO-3 bucket sizes). `model_kind` "reward"
         builds a sequence-classification model with one output (a reward model, `train_rm`/`scores`)
@@ -95,7 +95,7 @@ class DeepSpeedTrainer:
         self.zero_stage, self.micro_batch_size, self.temperature = zero_stage, micro_batch_size, temperature
         self.micro_batch_tokens, self.lora = micro_batch_tokens, lora
         torch.manual_seed(seed)
-        self.device = self._init_distributed(master_addr, master_port, local_rank)
+        self.device = self._init_distributed(master_addr, master_port)
         if self.device.type == "cpu" and cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
         if self.device.type == "cpu" and lora:
@@ -111,9 +111,9 @@ class DeepSpeedTrainer:
         self.engine = self._build_engine(model, config, weight_decay, warmup_steps, lr_schedule, total_steps)
         self.weights = TrainerWeights(self.engine.module, self._gathered, self.rank == 0, self.adapters)
 
-    def _init_distributed(self, addr: str, port: int, local_rank: int | None) -> torch.device:
+    def _init_distributed(self, addr: str, port: int) -> torch.device:
         cuda = torch.cuda.is_available()
-        local_rank = self.rank % max(1, torch.cuda.device_count()) if local_rank is None else local_rank
+        local_rank = self.rank % max(1, torch.cuda.device_count())  # Ray shows a rank its own GPU: 0
         os.environ.update(
             RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size),
