@@ -47,8 +47,8 @@ def raw_vllm(run_dir: Path) -> None:
     from omegaconf import OmegaConf
 
     from icepop.config import Config
-    from icepop.ray.ahead import batch_sampling
     from icepop.ray.engine_placement import engine_settings
+    from icepop.ray.staleness import batch_sampling
     from icepop.rollout.vllm import VllmEngine, _sampling_params
     from icepop.stages import setup, warmup
 

@@ -11,7 +11,7 @@ mask fraction at least 10% below the first half's, and its mean KL (k3) at least
 above a noise floor, both changes also beyond step-to-step noise (Welch's t ≥ 3 between the halves:
 under a steady mismatch, e.g. injected noise redrawn every step, the halves differ by chance). It
 fires once per episode and re-arms when the pattern stops.
-(c) With rollouts generated ahead (rollout.max_staleness), staleness rather than engine mismatch drives the
+(c) With stale rollouts (rollout.max_staleness), staleness rather than engine mismatch drives the
 masking: the correction masks more than twice — and 1 point more than — what it would mask for the
 engine mismatch alone (`staleness/mismatch_only_mask_frac`). Then lowering max_staleness is the fix, not
 the band. It fires when the condition starts.

@@ -49,9 +49,9 @@ def test_a_multi_turn_tool_run_trains_on_the_models_tokens_exactly(tmp_path: Pat
     assert [e["step"] for e in evals] == [0, 3] and all(0.0 <= e["eval/accuracy"] <= 1.0 for e in evals)
 
 
-def test_a_users_environment_runs_from_its_dotted_path_and_ahead(tmp_path: Path) -> None:
+def test_a_users_environment_runs_from_its_dotted_path_and_stale(tmp_path: Path) -> None:
     """tests/test_environments.py's Counter, imported inside the engine's Ray actor (PYTHONPATH), its
-    episodes generated one step ahead (rollout.max_staleness=1) like single replies."""
+    stale episodes (rollout.max_staleness=1) like single replies."""
     icepop_train(tmp_path, *TOOLS, "rollout.environment=test_environments:Counter", "model.sft_warmup=false",
                  "train.steps=2", "rollout.max_staleness=1")  # fmt: skip
     rows = metrics(tmp_path / "run")

@@ -100,7 +100,7 @@ def staleness_metrics(
     """The split of log(π_θ/π_inf) = log(π_θ/π_old) + log(π_old/π_inf), as mean |·| of each part over
     valid tokens: the update drift (the policy moved within the step: its later updates; 0 for the
     first) and the rollout gap (from the weights and engine that sampled to the trainer at θ_old: the
-    engine mismatch, plus the versions behind of rollouts generated ahead, which
+    engine mismatch, plus the versions behind of stale rollouts (rollout.max_staleness), which
     icepop.stages.step_metrics.staleness_split separates), and their total."""
     stale = logprobs.detach().double() - old_logprobs.detach().double()
     mismatch = old_logprobs.detach().double() - rollout_logprobs.detach().double()

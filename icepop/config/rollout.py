@@ -48,9 +48,10 @@ class RolloutConfig:
     max_restarts: int = 3
     """Engines that die are restarted, re-synced and the step retried, at most this many times a run."""
     max_staleness: int = 0
-    """Rollouts generated ahead, at most this many weight versions behind the trainer: 0 is the serial loop
-    (generate, then train); N >= 1 generates the batch of step t + N, at the weights of step t - 1, while
-    step t trains (docs/algorithm.md, "Asynchronous rollouts"). Disaggregated placement only."""
+    """Stale rollouts: batches generated while the trainer trains, at most this many weight versions
+    behind it. 0 is the serial loop (generate, then train); N >= 1 generates the batch of step t + N, at
+    the weights of step t - 1, while step t trains (docs/algorithm.md, "Stale rollouts"). Disaggregated
+    placement only."""
     environment: str | None = None
     """Multi-turn episodes with tools: a built-in environment ("python_tool", "code_repair") or a dotted
     path to a callable that makes one ("my_pkg.envs:Make"; icepop.envs.base); its reward replaces

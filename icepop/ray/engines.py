@@ -1,7 +1,7 @@
 """The inference side of a run as one object: `Engines`.
 
-What an RL step asks of it, in order: `rollouts(step)` (the step's batch, generated ahead when
-rollout.max_staleness > 0: icepop.ray.ahead), `sleep()` (colocated: the engines free the devices for
+What an RL step asks of it, in order: `rollouts(step)` (the step's batch, a stale one when
+rollout.max_staleness > 0: icepop.ray.staleness), `sleep()` (colocated: the engines free the devices for
 training), `push(version)` (the trainer's new weights into every engine by the placement's transport,
 checked on the probe sequences — a difference beyond the engine dtype's noise stops the run — then,
 for the mismatch stress test only, a noisy copy; returns the probe's difference). Evaluation asks
@@ -24,8 +24,8 @@ from icepop import weights
 from icepop.config import Config
 from icepop.errors import RunStopped
 from icepop.ray.actors import gather
-from icepop.ray.ahead import RolloutQueue, Rollouts
 from icepop.ray.engine_placement import EnginePlacement, engine_placement
+from icepop.ray.staleness import Rollouts, StaleRolloutQueue
 from icepop.ray.workers import TrainerGroup
 from icepop.rollout.episodes import EpisodeLimits, EpisodeSettings
 from icepop.rollout.noise import Noise
@@ -55,7 +55,7 @@ class EngineHooks:
 
 
 class Engines:
-    """The run's rollout engines: generation (and the batches generated ahead), weights, probe, noise,
+    """The run's rollout engines: generation (and the queue of stale rollouts), weights, probe, noise,
     sleep, restarts and closing, over the placement `engine_placement(config)` chooses.
 
     trainer: the trainer ranks (None for evaluation alone: nothing to push or probe); data: the prompt
@@ -81,7 +81,7 @@ class Engines:
         self.episodes = (
             episode_settings(config, model_path) if config.rollout.environment is not None else None
         )
-        self.queue = RolloutQueue(config, self, data) if data is not None else None
+        self.queue = StaleRolloutQueue(config, self, data) if data is not None else None
         self.probe_sequences = probe or []
         self.restarts = 0
         self.hooks: EngineHooks | None = None

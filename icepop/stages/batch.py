@@ -73,7 +73,7 @@ def rescored_logprobs(
     prompts: list[Prompt], groups: list[list[Completion]], scores: list[list[list[float]]], pad_id: int
 ) -> Tensor:
     """The engines' rescored log-probs of the groups' response tokens (one list of rows per engine, each
-    row a whole sequence's after its first token: icepop.ray.ahead.rescore), laid out like the batch's
+    row a whole sequence's after its first token: icepop.ray.staleness.rescore), laid out like the batch's
     ℓ_inf."""
     flat = iter(row for share in scores for row in share)
     rescored = [

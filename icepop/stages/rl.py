@@ -72,7 +72,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         clock = now
 
     # 1. Generate: every sampled token carries ℓ_inf under the processed sampling distribution. With
-    # rollout.max_staleness = N the engines generate the batch of step + N meanwhile (icepop.ray.ahead).
+    # rollout.max_staleness = N the engines generate the batch of step + N meanwhile (icepop.ray.staleness).
     rollouts = run.engines.rollouts(step)
     prompts, groups = rollouts.prompts, rollouts.groups
     run.engines.sleep()  # colocated: the engines free the devices until the push
@@ -149,7 +149,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         **staleness_statistics(batch, rollouts.behind, config.rollout.max_staleness),
         **episode_statistics(completions),
     }
-    if not config.rollout.max_staleness:  # generated ahead, the batch took no time of this step
+    if not config.rollout.max_staleness:  # stale rollouts: the batch took no time of this step
         metrics["perf/rollout_tokens_per_second"] = float(lengths.sum()) / timings["timing/generate_seconds"]
     if rollouts.rescored is not None:  # the engines' log-probs at the trainer's weights: the split
         engine_now = rescored_logprobs(prompts, groups, gather(rollouts.rescored), run.pad_id)

@@ -1,4 +1,4 @@
-"""What generating ahead buys (rollout.max_staleness = N): step time and tokens/s at N = 0, 1, 2, and
+"""What stale rollouts buy (rollout.max_staleness = N): step time and tokens/s at N = 0, 1, 2, and
 the learning curve at N = 0 against N = 1, from whole `python -m icepop.train +recipe=rlvr` runs.
 
 Each N runs the same command (one engine and one trainer rank, so each has a core of its own on this
@@ -8,9 +8,9 @@ invocation, the end-to-end tokens/s (perf/tokens_per_second), the mean staleness
 fraction. With --seeds S, each N of --curve runs S seeds: per-step reward and the held-out greedy
 accuracy before/after (summary.json), N = 0 beside N = 1.
 
-    python bench/async_overlap.py                                   # tiny default, N = 0, 1, 2
-    python bench/async_overlap.py --steps 8 model=smollm2-135m data=gym-arithmetic
-    python bench/async_overlap.py --curve --seeds 2 --steps 20      # learning curves, N = 0 vs 1
+    python bench/staleness_overlap.py                                   # tiny default, N = 0, 1, 2
+    python bench/staleness_overlap.py --steps 8 model=smollm2-135m data=gym-arithmetic
+    python bench/staleness_overlap.py --curve --seeds 2 --steps 20      # learning curves, N = 0 vs 1
 """
 
 from __future__ import annotations

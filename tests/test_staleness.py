@@ -1,4 +1,4 @@
-"""Rollouts generated ahead of the trainer (rollout.max_staleness, docs/algorithm.md §8): the decoupled
+"""Stale rollouts (rollout.max_staleness, docs/algorithm.md §8): the decoupled
 objective from its definition, the staleness split and its alert on synthetic tensors; then real runs
 with N = 1 — one version behind from step 2 on, step 1 bit for bit the serial loop's, the same numbers
 twice, and a resume whose batch in flight is regenerated."""
@@ -102,7 +102,7 @@ def test_the_staleness_alert_fires_when_masking_is_staleness_not_mismatch() -> N
     assert step(6, 0.03, 0.02) == [] and step(7, 0.3, 0.02) == ["masking_driven_by_staleness"]
 
 
-def test_colocated_engines_cannot_generate_ahead() -> None:
+def test_colocated_engines_cannot_serve_stale_rollouts() -> None:
     overrides = [
         "+recipe=rlvr",
         "cluster.placement=colocated",

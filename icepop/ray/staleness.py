@@ -1,7 +1,7 @@
-"""Rollouts generated ahead of the trainer (rollout.max_staleness = N, docs/algorithm.md "Asynchronous
-rollouts"): the batch of step s is issued to the engines at the start of step s − N, when they hold the
-weights of step s − N − 1, so it is generated while steps s − N … s − 1 train and reaches the loss at
-most N weight versions behind the trainer. N = 0 is the serial loop: issued and collected in step s.
+"""Stale rollouts (rollout.max_staleness = N, docs/algorithm.md "Stale rollouts"), generated while the
+trainer trains: the batch of step s is issued to the engines at the start of step s − N, when they hold
+the weights of step s − N − 1, so it is generated while steps s − N … s − 1 train and reaches the loss
+at most N weight versions behind the trainer. N = 0 is the serial loop: issued and collected in step s.
 
 The engines run one call after another, so a weight push (queued behind the generations in flight)
 never changes the weights under a running generation: every generation finishes at the version it was
@@ -70,7 +70,7 @@ class Rollouts:
     """Refs to the engines' log-probs of it at the trainer's weights (`rescore`), when it is stale."""
 
 
-class RolloutQueue:
+class StaleRolloutQueue:
     """The batches issued and not yet trained on, oldest first, and the engines' weight version."""
 
     def __init__(self, config: Config, engines: Generating, data: Any) -> None:
