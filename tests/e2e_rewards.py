@@ -5,6 +5,7 @@ the barely trained policy answers."""
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 
@@ -35,3 +36,8 @@ def hangs_sometimes(prompt: Prompt, response_text: str) -> float:
 def broken(prompt: Prompt, response_text: str) -> float:
     """A reward function with a bug: it raises on every sample."""
     return float(prompt.meta["no_such_column"])
+
+
+def not_a_number(prompt: Prompt, response_text: str) -> float:
+    """A reward function with a bug that does not raise: it returns NaN."""
+    return math.nan

@@ -104,6 +104,9 @@ CASES = [
     (["reward.function=not_a_dotted_path"], "reward.function='not_a_dotted_path'"),
     (["reward.function=no_such_module:score"], "cannot import module 'no_such_module'"),
     (["reward.function=os:getcwd"], "it is called as fn(prompt, response_text)"),
+    (["reward.function=e2e_rewards:broken"], ', in broken\n    return float(prompt.meta["no_such_column"])'),
+    (["reward.function=e2e_rewards:broken"], "KeyError: 'no_such_column'"),
+    (["reward.function=e2e_rewards:not_a_number"], "ValueError: reward function returned nan"),
     (["reward.task=maths"], "reward.task='maths' has no built-in verifier"),
     (["reward.rule_weight=0"], "has no reward"),
     (["reward.model_path=/nonexistent/rm"], "reward.model_path='/nonexistent/rm'"),
@@ -124,6 +127,14 @@ CASES = [
     ),
     (["cluster.placement=together"], "cluster.placement='together' is not one of disaggregated, colocated"),
     (["rollout.top_k=-1"], "rollout.top_k must be >= 0"),
+    (["data.eval_size=100000"], "data.eval_size=100000 held-out problems of 'countdown' are more than"),
+    (["trainer.backend=fsdp"], "trainer.backend='fsdp' is not one of deepspeed"),
+    (["rollout.backend=sglang"], "rollout.backend='sglang' is not one of vllm"),
+    (["rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization is the fraction"),
+    (["algo.ratio_low=1.5"], "must hold 1 (trainer and engine agreeing)"),
+    (["logger.wandb_mode=onlin"], "logger.wandb_mode='onlin' is not one of offline, online, disabled"),
+    (["logger.alert_window=0"], "logger.alert_window must be > 0"),
+    (["trainer.eps=0"], "trainer.eps must be > 0"),
 ]
 
 

@@ -66,6 +66,11 @@ class AlgoConfig:
                 "(e.g. 8)"
             )
         self.loss_options()  # raises ValueError naming the field if the loss options are inconsistent
+        if not self.ratio_low <= 1.0 <= self.ratio_high:
+            raise ValueError(
+                f"the band [algo.ratio_low, algo.ratio_high] = [{self.ratio_low}, {self.ratio_high}] must "
+                "hold 1 (trainer and engine agreeing), or every token is masked; the paper's is [0.5, 5]"
+            )
 
     def loss_options(self, max_response_length: int | None = None) -> PolicyLossOptions:
         """The loss's options as the pure loss library takes them."""

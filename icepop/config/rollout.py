@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from icepop.config.checks import DTYPES, non_negative, one_of, positive, zero_or_one_gpu
 from icepop.types import SamplingSettings
 
+ROLLOUT_BACKENDS = ("vllm",)
+"""The implementations of icepop.rollout.base.engine_class."""
+
 
 @dataclass
 class RolloutConfig:
@@ -68,6 +71,7 @@ class RolloutConfig:
     its mean over the probe tokens (None: 0.1), since single bfloat16 tokens jump with MoE routing flips."""
 
     def __post_init__(self) -> None:
+        one_of("rollout.backend", self.backend, ROLLOUT_BACKENDS)
         one_of("rollout.dtype", self.dtype, DTYPES)
         one_of("rollout.weight_sync", self.weight_sync, ("broadcast", "file"))
         positive(
@@ -89,6 +93,11 @@ class RolloutConfig:
             )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"rollout.top_p must be in (0, 1]; got {self.top_p}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                "rollout.gpu_memory_utilization is the fraction of a GPU's memory vLLM may take, in (0, 1]; "
+                f"got {self.gpu_memory_utilization}"
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(
                 f"rollout.max_model_len must be >= 2 (or null: prompt + response); got {self.max_model_len}"

@@ -29,7 +29,7 @@ class LoggerConfig:
     project: str = "icepop"
     """wandb project name."""
     wandb_mode: str = "offline"
-    """wandb mode: "offline" (sync later with `wandb sync`) or "online"."""
+    """wandb mode: "offline" (sync later with `wandb sync`), "online" or "disabled"."""
     mismatch_alert: float = 0.05
     """Alert when the mean |k − 1| exceeds this (the IcePop paper saw GRPO fail beyond ≈5%)."""
     alert_window: int = 20
@@ -37,6 +37,8 @@ class LoggerConfig:
 
     def __post_init__(self) -> None:
         one_of("logger.backend", self.backend, ("console", "wandb"))
+        one_of("logger.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+        positive(**{"logger.mismatch_alert": self.mismatch_alert, "logger.alert_window": self.alert_window})
 
 
 @dataclass

@@ -9,6 +9,8 @@ from typing import Any
 from icepop.config.checks import non_negative, one_of, positive, zero_or_one_gpu
 
 LR_SCHEDULES = ("constant", "cosine")
+TRAINER_BACKENDS = ("deepspeed",)
+"""The implementations of icepop.trainer.base.backend_class."""
 
 
 @dataclass
@@ -88,6 +90,7 @@ class TrainerConfig:
     '+trainer.ds_config_overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}'."""
 
     def __post_init__(self) -> None:
+        one_of("trainer.backend", self.backend, TRAINER_BACKENDS)
         one_of("trainer.zero_stage", self.zero_stage, (1, 2, 3))
         one_of("trainer.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         positive(

@@ -64,6 +64,7 @@ def run_eval(config: Config, run_dir: Path) -> Summary:
     tokenizer = setup.load_tokenizer(setup.resolve_model(config), config.data)
     with input_errors(f"data.source={config.data.source!r}"):  # before any warm-up or engine starts
         _, prompts = setup.prompt_streams(config, tokenizer)
+    setup.check_held_out_row(config, tokenizer, prompts[0])
     model_path = warmup.policy_path(config, run_dir)
     k = 1 if config.eval.temperature == 0 else config.eval.samples_per_prompt
     sampling = SamplingSettings(

@@ -176,9 +176,7 @@ def run_rl(config: Config, run_dir: Path) -> Summary:
     tokenizer = setup.load_tokenizer(setup.resolve_model(config), config.data)
     with input_errors(f"data.source={config.data.source!r}"):
         data = setup.prompt_streams(config, tokenizer)
-    if config.rollout.environment is not None:  # what it makes of a data row, before anything starts
-        with input_errors(f"rollout.environment={config.rollout.environment!r}"):
-            setup.check_environment_start(config, tokenizer, data[1][0])
+    setup.check_held_out_row(config, tokenizer, data[1][0])
     start = checkpoint.prepare_resume(run_dir, config.train.steps)
     done = read_summary(run_dir)
     if start.complete and done is not None:

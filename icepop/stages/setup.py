@@ -112,9 +112,16 @@ def prompt_streams(config: Config, tokenizer: Any) -> tuple[Any, list[Any]]:
     data.eval_size rows of the training split (removed from training)."""
     from icepop.data.prompts import ShuffledBatches, load_prompts
     from icepop.data.tasks import is_generated
+    from icepop.errors import InputError
 
     data, seed = config.data, config.run.seed
     if is_generated(data.source):
+        if data.eval_size > data.size:
+            raise InputError(
+                f"data.eval_size={data.eval_size} held-out problems of {data.source!r} are more than its "
+                f"data.size={data.size} training problems; each one is answered at every evaluation "
+                "(train.eval_every): lower data.eval_size"
+            )
         options = {"max_prompt_tokens": data.max_prompt_tokens, **data.task_options}
         train = load_prompts(data.source, tokenizer, count=data.size, seed=seed, **options)
         held_out = load_prompts(
@@ -177,6 +184,51 @@ def _check_tasks(config: Config, prompts: list[Any]) -> None:
             f"data.task_field={config.data.task_field!r} names tasks with no built-in verifier: {unknown}; "
             f"built-in: {', '.join(VERIFIERS)} (or score with reward.function=package.module:function)"
         )
+
+
+def check_held_out_row(config: Config, tokenizer: Any, prompt: Any) -> None:
+    """What the run will make of a data row, tried on one held-out prompt before anything starts: the
+    environment's first conversation (rollout.environment), else the rule reward's score of it."""
+    from icepop.errors import input_errors
+
+    if config.rollout.environment is not None:
+        with input_errors(f"rollout.environment={config.rollout.environment!r}"):
+            check_environment_start(config, tokenizer, prompt)
+    elif config.reward.rule_weight:
+        check_reward_on_row(config, prompt)
+
+
+def check_reward_on_row(config: Config, prompt: Any) -> None:
+    """The rule reward (reward.function, or the built-in verifiers) scores one held-out row in a reward
+    worker under reward.timeout_seconds, its ground truth as the reply: a function that raises or returns
+    a non-number is refused now with its traceback, not found as reward/errors after Ray, the engines and
+    the first steps. (A timeout is only reported: a slow reply scores 0 in the run as well.)"""
+    from icepop.errors import InputError
+    from icepop.rewards.pool import RewardPool
+
+    reward = config.reward
+    reply = "" if prompt.answer is None else str(prompt.answer)
+    with RewardPool(reward.function, num_workers=1, timeout_s=reward.timeout_seconds) as pool:
+        scores = pool.score([prompt], [reply])
+    name = f"reward.function={reward.function!r}" if reward.function else "the built-in verifier"
+    if scores.first_error is not None:
+        raise InputError(
+            f"{name} failed on a held-out row of {config.data.source!r} with the reply {reply!r}; it is "
+            f"called as fn(prompt, response_text) and must return a finite number for any reply. "
+            f"Where it failed:\n{innermost_frame(scores.first_error)}"
+        )
+    if scores.stats["reward/timeouts"]:
+        print(
+            f"icepop: {name} took longer than reward.timeout_seconds={reward.timeout_seconds} on a held-out "
+            "row; replies that take as long score 0 (reward/timeouts)"
+        )
+
+
+def innermost_frame(traceback_text: str) -> str:
+    """The last frame and the exception of a formatted traceback: where a user's function failed."""
+    lines = traceback_text.rstrip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
+    return "\n".join(lines[frames[-1] :] if frames else lines[-1:])
 
 
 def check_environment_start(config: Config, tokenizer: Any, prompt: Any) -> None:
