@@ -93,6 +93,12 @@ def test_group_options_change_what_they_should() -> None:
         ("pipeline.stages=[sft,ppo]", "pipeline.stages[...]='ppo' is not one of"),
         ("pipeline.stages=[rlhf,rm]", "rm must come before rlhf"),
         ("pipeline.stages=[sft,sft]", "names a stage twice"),
+        ("run.seed=-1", "run.seed must be in [0, 2**32)"),
+        ("train.steps=0", "train.steps must be > 0"),
+        ("sft.lr=0", "sft.lr must be > 0"),
+        ("reward.workers=0", "reward.workers must be > 0"),
+        ("cluster.num_cpus=0", "cluster.num_cpus"),
+        ("model.dtype=float16", "model.dtype='float16' is not one of"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(override: str, message: str) -> None:
@@ -186,3 +192,30 @@ def test_the_backends_take_every_argument_from_the_config() -> None:
         if trainer_settings(changed, "m", "rl") == trainer_settings(config, "m", "rl"):
             ignored.append(field.name)
     assert not ignored, f"trainer.{ignored} never reach the trainer rank: pass them or drop them"
+
+
+def test_every_setting_is_read_outside_the_config() -> None:
+    """No setting is declared and then ignored: each field's name is read (as an attribute) by a module
+    outside icepop/config. trainer.lora's options reach peft whole (LoraConfig.adapter_options)."""
+    import ast
+    from dataclasses import asdict, fields, is_dataclass
+
+    read = {
+        node.attr
+        for path in (ROOT / "icepop").rglob("*.py")
+        if "config" not in path.relative_to(ROOT / "icepop").parts[:1]
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+    }
+    whole = set(asdict(LoraConfig()))  # handed over by adapter_options
+    unread = []
+    todo: list[tuple[str, Any]] = [("", Config(stage="rlvr"))]
+    while todo:
+        prefix, settings = todo.pop()
+        for field in fields(settings):
+            value, name = getattr(settings, field.name), f"{prefix}{field.name}"
+            if is_dataclass(value):
+                todo.append((f"{name}.", value))
+            elif field.name not in read and not (prefix == "trainer.lora." and field.name in whole):
+                unread.append(name)
+    assert "lr" in read and not unread, f"declared but never read: {unread}"

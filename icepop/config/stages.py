@@ -21,6 +21,10 @@ class RunConfig:
     """Check everything that can be checked without a cluster (settings, model, tokenizer, data, reward),
     print the plan (settings and their sources, batch sizes, placement, data) and exit."""
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:  # numpy's and vLLM's range
+            raise ValueError(f"run.seed must be in [0, 2**32); got {self.seed}")
+
 
 @dataclass
 class LoggerConfig:
