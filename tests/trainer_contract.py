@@ -73,6 +73,16 @@ def check_trainer_backend_contract(
     trainer.join_weight_group("127.0.0.1", weight_port, 2)
     sent = trainer.broadcast_weights()
     assert (sent > 0) == (rank == 0)
-    trainer.save(str(Path(out_dir) / "checkpoint"))
+    # A checkpoint rank 0 cannot write (its parent is a file) fails on every rank: none is left waiting.
+    blocked = Path(out_dir) / "a-file"
+    if rank == 0:
+        blocked.write_text("")
+    try:
+        trainer.save(str(blocked / "checkpoint"))
+    except (OSError, RuntimeError) as error:
+        assert isinstance(error, OSError) == (rank == 0), error  # rank 0's own error; the others are told
+    else:
+        raise AssertionError("a checkpoint rank 0 could not write was reported as saved")
+    trainer.save(str(Path(out_dir) / "checkpoint"))  # and the ranks go on together
     assert (Path(out_dir) / "checkpoint" / "config.json").is_file()
     assert load_file(Path(out_dir) / "checkpoint" / "model.safetensors").keys() == state.keys()

@@ -110,11 +110,22 @@ def _repack_cpu_kernels(model: torch.nn.Module) -> None:
 
 
 def _checkpoint_names(model_path: str) -> frozenset[str]:
-    """Tensor names in the model folder's safetensors files (empty if model_path is not a local folder)."""
+    """Tensor names in the model's safetensors files: a local folder's, or a hub id's in this node's
+    Hugging Face cache, where vLLM has just loaded them from (empty if they are not there)."""
     from safetensors import safe_open
 
+    folder = Path(model_path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            cached = snapshot_download(model_path, allow_patterns=["*.safetensors"], local_files_only=True)
+        except LocalEntryNotFoundError:
+            return frozenset()
+        folder = Path(cached)
     names: set[str] = set()
-    for file in sorted(Path(model_path).glob("*.safetensors")):
+    for file in sorted(folder.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
             names.update(f.keys())
     return frozenset(names)

@@ -361,9 +361,11 @@ class DeepSpeedTrainer:
 
     def save(self, directory: str) -> None:
         """A Hugging Face checkpoint folder (icepop.trainer.export.TrainerWeights.write_checkpoint: under
-        LoRA merged, with the peft adapter in its `adapter/`); collective, rank 0 writes."""
-        self.weights.write_checkpoint(self.model_path, directory)
-        dist.barrier()
+        LoRA merged, with the peft adapter in its `adapter/`); collective, rank 0 writes. Where rank 0
+        cannot, every rank raises (the others would otherwise wait for it at the next collective)."""
+        failure = self.weights.write_checkpoint(self.model_path, directory)
+        if self._all_reduce([float(failure is not None)], "max")[0]:
+            raise failure or RuntimeError(f"trainer rank 0 could not write the checkpoint {directory}")
 
     def save_state(self, directory: str) -> None:
         """What exact resumption needs — weights, optimizer and scheduler state — as DeepSpeed's own

@@ -25,7 +25,8 @@ from icepop.trainer.lora import Adapters, hf_name
 GATHER_BUCKET_BYTES = 256 * 2**20  # ZeRO-3 export: one all-gather per bucket, never the whole model
 ADAPTER_FOLDER = "adapter"  # under LoRA, the sub-folder of a checkpoint holding the peft adapter
 ONE_FILE = 2**62  # max_shard_size for save_pretrained: never shard the exported file
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")  # not copied from model_path
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".gguf", ".onnx", ".h5", ".ckpt")
+"""Weight files of `model_path` in any format: never copied into a checkpoint, nor downloaded for one."""
 
 
 def write_weights_file(module: Any, state: dict[str, Tensor], path: str) -> None:
@@ -37,13 +38,27 @@ def write_weights_file(module: Any, state: dict[str, Tensor], path: str) -> None
         os.replace(os.path.join(folder, "model.safetensors"), path)
 
 
+def model_files(model_path: str) -> Path:
+    """The folder holding `model_path`'s files besides its weights (tokenizer, chat template, …): the
+    folder itself, or for a hub id ("org/name") its snapshot in this node's Hugging Face cache — where
+    the hub is reachable its missing top-level files are downloaded first (never weights), offline
+    (HF_HUB_OFFLINE=1) it is what the cache holds."""
+    if Path(model_path).is_dir():
+        return Path(model_path)
+    from huggingface_hub import snapshot_download
+
+    ignored = ["*/*", *(f"*{suffix}" for suffix in WEIGHT_SUFFIXES)]  # top-level files, no weights
+    return Path(snapshot_download(model_path, ignore_patterns=ignored))
+
+
 def write_checkpoint(module: Any, state: dict[str, Tensor], model_path: str, directory: str) -> None:
-    """A Hugging Face folder: config and generation config, the tokenizer files of `model_path`, and
+    """A Hugging Face folder: config and generation config, every other top-level file of `model_path`
+    (a folder or a hub id: `model_files`) but its weights — the tokenizer, its chat template — and
     safetensors weights; AutoModelFor* and vLLM load it directly."""
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
-    for source in Path(model_path).iterdir():  # tokenizer files; config is written by save_pretrained
-        if source.is_file() and not source.name.endswith(WEIGHT_SUFFIXES):
+    for source in model_files(model_path).iterdir():  # config is written by save_pretrained
+        if source.is_file() and not source.name.endswith(WEIGHT_SUFFIXES):  # copy2 follows a cache's links
             shutil.copy2(source, target / source.name)
     module.save_pretrained(target, state_dict=state)
 
@@ -127,13 +142,23 @@ class TrainerWeights:
         if self.receiver:
             write_weights_file(self.hf_model, state, path)
 
-    def write_checkpoint(self, model_path: str, directory: str) -> None:
+    def write_checkpoint(self, model_path: str, directory: str) -> Exception | None:
         """`write_checkpoint` of the whole state; under LoRA also the adapter alone, in peft's format, in
-        its `adapter/` sub-folder (`PeftModel.from_pretrained(base, directory + "/adapter")`)."""
+        its `adapter/` sub-folder (`PeftModel.from_pretrained(base, directory + "/adapter")`). Collective:
+        the receiver's failure to write is returned, not raised, so that every rank still finishes the
+        gathers and the caller can tell them all (`DeepSpeedTrainer.save`)."""
         state = self.state()
-        if self.receiver:
-            write_checkpoint(self.hf_model, state, model_path, directory)
+        failure = None
+        try:
+            if self.receiver:
+                write_checkpoint(self.hf_model, state, model_path, directory)
+        except Exception as error:  # the disk's or the model folder's: rank 0 alone sees it
+            failure = error
         if self.adapters is not None:
             with self.gathered(self.adapters.adapter_parameters):
-                if self.receiver:
-                    self.module.save_pretrained(os.path.join(directory, ADAPTER_FOLDER))
+                if self.receiver and failure is None:
+                    try:
+                        self.module.save_pretrained(os.path.join(directory, ADAPTER_FOLDER))
+                    except Exception as error:
+                        failure = error
+        return failure
