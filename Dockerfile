@@ -8,8 +8,8 @@
 # `python -m icepop.train`, the default is the embedded tiny RLVR run on 3 GPUs:
 #   docker run --rm --gpus all --ipc=host -v "$PWD/runs:/workspace/runs" icepop:0.1.0 \
 #       +recipe=rlvr cluster=gpu model=qwen3-1.7b data=gsm8k
-# As a Ray node: `docker run ... --network=host --entrypoint ray icepop:0.1.0 start --head --block`
-# (docs/docker.md has the cluster recipe).
+# As a Ray node: `docker run ... --network=host -e RAY_AUTH_TOKEN --entrypoint ray icepop:0.1.0 start --head
+# --block` (docs/docker.md has the cluster recipe; docs/cluster.md, the token).
 #
 # tests/test_dockerfile.py lints this file with hadolint and replays its `pip install` / `uv pip install`
 # steps (--dry-run for the project's own) in a fresh virtual environment against PyPI: keep every Python
@@ -38,12 +38,15 @@ RUN (userdel --remove ubuntu 2>/dev/null || true) \
     && install --directory --owner=icepop --group=icepop /workspace /home/icepop/.cache
 
 # One virtual environment for everything, owned by root and read-only to the run's user.
-# RAY_AUTH_MODE=disabled matches what icepop sets in its own processes (Ray 2.60 needs every process and
-# CLI call to agree): `ray start` / `ray job submit` in this image then work with icepop out of the box.
+# RAY_AUTH_MODE=token: Ray token authentication on every Ray node, job submission and driver started from
+# this image. The token is never in the image: each container gets it at run time, as RAY_AUTH_TOKEN
+# (`docker run -e RAY_AUTH_TOKEN`, or KubeRay's Secret) or as a mounted file named by RAY_AUTH_TOKEN_PATH,
+# and `ray start` without one fails. A run on one machine (the default command) starts its own Ray on
+# 127.0.0.1 with a token of its own. `-e RAY_AUTH_MODE=disabled` turns authentication off (docs/cluster.md).
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    RAY_AUTH_MODE=disabled
+    RAY_AUTH_MODE=token
 RUN python3.11 -m venv "$VIRTUAL_ENV"
 
 ARG UV_VERSION=0.13.8

@@ -184,6 +184,14 @@ def test_environment_suits_a_gpu_cluster() -> None:
         assert "--no-cache" in ins.args, f"line {ins.line}"
 
 
+def test_ray_nodes_from_the_image_require_a_token_given_at_run_time() -> None:
+    # RAY_AUTH_MODE=token: `ray start`, `ray job submit` and a driver joining a cluster need the token, which
+    # the container gets at run time (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH); none is in the image.
+    env = dict(t.split("=", 1) for ins in only("ENV") for t in shlex.split(ins.args))
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert not [ins for ins in INSTRUCTIONS if "RAY_AUTH_TOKEN" in ins.args and ins.keyword in ("ENV", "ARG")]
+
+
 def replay(build: Path, venv: Path) -> dict[int, subprocess.CompletedProcess[str]]:
     """Mirror the COPY lines into build/ and run each Python install step; the project's with --dry-run.
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -154,10 +155,16 @@ def test_the_placement_report_names_each_bundles_node() -> None:
 # --- two Ray nodes on this machine ------------------------------------------------------------------
 
 
+CLUSTER_TOKEN = secrets.token_hex(32)
+"""This session's two-node clusters use token authentication, as the launchers set them up."""
+
+
 def ray_env() -> dict[str, str]:
-    """Environment for Ray's CLI and daemons here: 127.0.0.1 stays 127.0.0.1, no token auth."""
+    """Environment for Ray's CLI and daemons here: 127.0.0.1 stays 127.0.0.1, token auth on (the job
+    inherits the mode and the token, as under launch/)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    return {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": CLUSTER_TOKEN}
+    return {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **auth}
 
 
 def tree(root: psutil.Process) -> list[psutil.Process]:

@@ -44,7 +44,6 @@ def process_env(on_gpu: bool, local: bool) -> dict[str, str]:
     uses it only for a rendezvous of its own local workers (a file store on CPU).
     """
     env = {
-        "RAY_AUTH_MODE": "disabled",  # Ray 2.60's token auth must match across every process and CLI call
         "VLLM_HOST_IP": "127.0.0.1",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine in the actor's process: 2 s start, no /dev/shm leaks
         "TOKENIZERS_PARALLELISM": "false",
@@ -60,7 +59,9 @@ def process_env(on_gpu: bool, local: bool) -> dict[str, str]:
     if not on_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     if local:
-        env.update(GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo")
+        # Nothing beyond 127.0.0.1 can reach it: no token (Ray 2.60 would make one in ~/.ray). A cluster
+        # that is joined keeps its own mode: the launchers turn tokens on (docs/cluster.md).
+        env.update(GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo", RAY_AUTH_MODE="disabled")
     return {key: os.environ.get(key, value) for key, value in env.items()}
 
 
