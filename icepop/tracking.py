@@ -1,17 +1,43 @@
 """Per-step metrics: one JSON object per line in run.dir/metrics.jsonl (held-out measures in
-eval.jsonl), a console progress bar, and optionally wandb. Values are plain floats; a non-finite value
-is written as null, never dropped."""
+eval.jsonl), a progress bar in a terminal or one plain line per step elsewhere (a log file under SLURM,
+nohup or `| tee`), and optionally wandb. Values are plain floats; a non-finite value is written as null,
+never dropped."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from icepop.config import Config
+
+LINE_METRICS = (
+    ("reward/mean", "reward", "{:.3f}"),
+    ("mismatch/abs_logp_diff_mean", "mismatch", "{:.2e}"),
+    ("icepop/mask_frac", "masked", "{:.4f}"),
+    ("actor/kl", "kl", "{:.2e}"),
+    ("actor/grad_norm", "grad", "{:.3g}"),
+    ("sft/loss", "loss", "{:.4f}"),
+    ("rm/loss", "loss", "{:.4f}"),
+    ("rm/accuracy", "accuracy", "{:.3f}"),
+)
+"""(metric, label, format) of what a plain per-step line shows, where the stage logs it."""
+
+
+def step_line(
+    description: str, step: int, total: int, metrics: dict[str, float], seconds: float, done: int
+) -> str:
+    """One plain line for a log file: the step, the metrics of `LINE_METRICS` the stage has, the
+    seconds per step over the `done` steps of this process (`seconds` in all) and the time left."""
+    shown = [f"{label} {fmt.format(metrics[key])}" for key, label, fmt in LINE_METRICS if key in metrics]
+    per_step = seconds / max(1, done)
+    left = int(per_step * max(0, total - step))
+    eta = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+    return f"{description} step {step}/{total}  {'  '.join(shown)}  {per_step:.1f} s/step  ETA {eta}"
 
 
 class Tracker:
@@ -20,6 +46,8 @@ class Tracker:
     def __init__(self, config: Config, run_dir: Path, total_steps: int, description: str) -> None:
         self.path, self.eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
         self.file = self.path.open("a")
+        self.description, self.total = description, total_steps
+        self.started, self.logged = time.perf_counter(), 0
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -28,7 +56,9 @@ class Tracker:
             TimeRemainingColumn(),
         )
         self.task = self.progress.add_task(description, total=total_steps, status="")
-        self.progress.start()
+        self.terminal = self.progress.console.is_terminal  # else a file: no bar, a line per step
+        if self.terminal:
+            self.progress.start()
         self.wandb: Any = None
         if config.logger.backend == "wandb":
             import wandb
@@ -48,7 +78,12 @@ class Tracker:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        self.progress.update(self.task, completed=step, status=status)
+        self.logged += 1
+        if self.terminal:
+            self.progress.update(self.task, completed=step, status=status)
+        else:
+            seconds = time.perf_counter() - self.started
+            self.print(step_line(self.description, step, self.total, metrics, seconds, self.logged))
 
     def log_eval(self, step: int, measures: dict[str, float], message: str) -> None:
         """Append {"step": step, "eval/<name>": value, ...} to eval.jsonl; print "step N: message"."""
@@ -58,10 +93,15 @@ class Tracker:
         self.print(f"step {step}: {message}")
 
     def print(self, message: str) -> None:
-        self.progress.console.print(message)
+        """Above the bar in a terminal; elsewhere a plain line, unwrapped and without colour codes."""
+        if self.terminal:
+            self.progress.console.print(message)
+        else:
+            print(message, flush=True)
 
     def close(self) -> None:
-        self.progress.stop()
+        if self.terminal:
+            self.progress.stop()
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,8 +142,10 @@ def execute(config: Config, cfg: DictConfig) -> None:
     """Run the stage `prepare` checked (or, with run.dry_run=true, only load its data and print the
     plan); a bad input found while the stage loads its data stops it with one line."""
     from icepop.errors import RunStopped
+    from icepop.ray.hosts import WORKER_LOG_DIR
     from icepop.stages.checkpoint import resume_dir
     from icepop.stages.pipeline import run_stage
+    from icepop.stages.summary import closing_lines
 
     if config.run.dry_run:
         from icepop.plan import dry_run
@@ -159,11 +162,16 @@ def execute(config: Config, cfg: DictConfig) -> None:
     cfg.run.dir = str(run_dir)  # resolved once: `${now:...}` would give another time when saved
     run_dir.mkdir(parents=True, exist_ok=True)
     _save_config(cfg, run_dir / "config.yaml")
+    # The workers' own output (vLLM, DeepSpeed, torch, Ray) goes to files there, not the console; a
+    # stage started by this one (an SFT warm-up, a pipeline's stages) writes beside it.
+    logs = os.environ.setdefault(WORKER_LOG_DIR, str((run_dir / "logs").resolve()))
+    print(f"icepop: run directory {run_dir.resolve()} (metrics.jsonl, checkpoints/); workers' output: {logs}")
     with _input_errors_exit():
         try:
-            run_stage(config, run_dir, compose)
+            done = run_stage(config, run_dir, compose)
         except RunStopped as error:
             sys.exit(f"icepop: the run stopped: {error}")
+    print("\n".join(closing_lines(done if isinstance(done, list) else [done], run_dir, config.data.source)))
 
 
 @contextlib.contextmanager

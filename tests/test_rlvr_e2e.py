@@ -63,6 +63,24 @@ def test_sft_run_directory(runs: dict[str, Any]) -> None:
     assert yaml.safe_load((runs["sft"] / "config.yaml").read_text())["stage"] == "sft"
 
 
+def test_a_log_file_says_where_the_run_writes_and_shows_a_line_per_step(runs: dict[str, Any]) -> None:
+    """Outside a terminal (here: captured, as under SLURM or nohup): the run directory first, one plain
+    line per step, the final checkpoint last; the workers' own output goes to logs/ in the run."""
+    out, rl = runs["first"].stdout, runs["rl"].resolve()
+    assert f"icepop: run directory {rl} " in out and "\x1b[" not in out  # no colour codes in a file
+    steps = [line for line in out.splitlines() if line.startswith("rlvr step ")]
+    assert [line.split()[2] for line in steps] == ["1/3", "2/3", "3/3"]
+    assert all(f" {key} " in line for line in steps for key in ("reward", "mismatch", "masked", "kl", "grad"))
+    assert all(
+        line.endswith(("s/step  ETA 0:00:00", "s/step  ETA 0:00:01")) or "ETA 0:" in line for line in steps
+    )
+    assert f"final checkpoint: {rl}/checkpoints/step-3" in out
+    assert "EngineHost pid=" not in out and "TrainerHost pid=" not in out
+    engine_logs = list((rl / "logs").glob("EngineHost-*.log"))
+    assert engine_logs and len(list((rl / "logs").glob("TrainerHost-*.log"))) >= 2  # warm-up's ranks too
+    assert "vllm" in engine_logs[0].read_text().lower()  # vLLM's own warnings landed there
+
+
 def test_rl_metrics_present_and_finite_every_step(runs: dict[str, Any]) -> None:
     metrics = rows(runs["rl"] / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -32,6 +33,7 @@ from icepop.ray.bundles import (
     needed_resources,
     roles,
 )
+from icepop.ray.hosts import WORKER_LOG_DIR
 
 PLACEMENT_TIMEOUT_SECONDS = 120.0
 
@@ -62,6 +64,8 @@ def process_env(on_gpu: bool, local: bool) -> dict[str, str]:
         # Nothing beyond 127.0.0.1 can reach it: no token (Ray 2.60 would make one in ~/.ray). A cluster
         # that is joined keeps its own mode: the launchers turn tokens on (docs/cluster.md).
         env.update(GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo", RAY_AUTH_MODE="disabled")
+    if WORKER_LOG_DIR in os.environ:  # the run's logs/ (icepop.train): every actor writes its output there
+        env[WORKER_LOG_DIR] = os.environ[WORKER_LOG_DIR]
     return {key: os.environ.get(key, value) for key, value in env.items()}
 
 
@@ -75,6 +79,8 @@ def start(config: Config, need: dict[str, float] | None = None) -> None:
     need = need or needed_resources(config)
     env = process_env(on_gpu=need["GPU"] > 0, local=config.cluster.address is None)
     os.environ.update(env)
+    if not sys.stdout.isatty():  # a log file: Ray's "(Actor pid=…)" prefixes without colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if config.cluster.address is not None:
         # A submitted job's runtime env already carries its own variables to every worker, and ray.init
         # refuses a runtime_env that sets one of them again (even to the same value).
@@ -94,6 +100,7 @@ def start(config: Config, need: dict[str, float] | None = None) -> None:
         _node_ip_address="127.0.0.1",
         num_cpus=num_cpus,
         include_dashboard=False,
+        logging_level=logging.WARNING,  # not "Started a local Ray instance"
         # No runtime_env: the workers inherit `env` from the raylet this call starts (with one, three
         # actors took 5.0 s to start here instead of 2.2 s).
         log_to_driver=True,

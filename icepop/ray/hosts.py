@@ -40,11 +40,36 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+WORKER_LOG_DIR = "ICEPOP_WORKER_LOG_DIR"
+"""Environment variable naming the folder (the run directory's logs/, on storage every node shares) where
+each actor writes its process's output, `<role>-<pid>.log`; unset, the output goes where Ray sends it."""
+
+
+def output_to_log_file(role: str) -> None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2: Python's, vLLM's and DeepSpeed's
+    loggers, C++ warnings) to `<WORKER_LOG_DIR>/<role>-<pid>.log`, if the variable is set: third-party
+    warnings stay in the run directory instead of the console. Exceptions still reach the driver."""
+    import sys
+
+    folder = os.environ.get(WORKER_LOG_DIR)
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{role}-{os.getpid()}.log")
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+
+
 class _Host:
     """The Ray actor class: builds its object in `setup` (inside the actor's own process, so heavy
     imports happen there) and forwards `call(method, ...)` to it."""
 
     def __init__(self) -> None:
+        output_to_log_file(type(self).__name__)
         self.obj: Any = None
         self.episode_runner: EpisodeRunner | None = None  # an engine's, once it runs episodes
 

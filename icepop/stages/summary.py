@@ -47,3 +47,25 @@ def read_summary(run_dir: Path) -> Summary | None:
     """The stage's summary, or None when it has not completed."""
     path = run_dir / SUMMARY
     return Summary(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def closing_lines(summaries: list[Summary], run_dir: Path, data_source: str) -> list[str]:
+    """What a finished run prints last: where it wrote, each stage's measure and final checkpoint, and
+    how to use the last checkpoint (evaluate on `data_source`, serve, load; a LoRA run's adapter)."""
+    lines = [f"icepop: finished; run directory {run_dir.resolve()}"]
+    for s in summaries:
+        before = "" if s.before is None else f"{s.before:.3f} → "
+        steps = f" in {s.steps} steps" if s.steps else ""
+        lines.append(f"  {s.stage}: {s.measure} {before}{s.after:.3f}{steps} ({s.seconds:.0f} s)")
+    final = next((s.checkpoint for s in reversed(summaries) if s.checkpoint is not None), None)
+    if final is not None:
+        lines += [
+            f"  final checkpoint: {final}",
+            f"    evaluate: python -m icepop.train +recipe=eval model.path={final} model.sft_warmup=false "
+            f"data.source={data_source}",
+            f"    serve:    vllm serve {final}",
+            f"    load:     transformers.AutoModelForCausalLM.from_pretrained('{final}')",
+        ]
+        if (Path(final) / "adapter").is_dir():
+            lines.append(f"    adapter:  peft.AutoPeftModelForCausalLM.from_pretrained('{final}/adapter')")
+    return lines
