@@ -64,8 +64,55 @@ def to_config(cfg: DictConfig) -> Config:
     assert isinstance(config, Config)
     unknown = unknown_settings(config)
     if unknown:
-        sys.exit(f"icepop: invalid configuration: {unknown[0]}")
+        sys.exit(invalid(unknown))
     return config
+
+
+def invalid(problems: list[str]) -> str:
+    """One message for every problem found: on one line if there is one."""
+    if len(problems) == 1:
+        return f"icepop: invalid configuration: {problems[0]}"
+    return "icepop: invalid configuration:\n" + "\n".join(f"  {problem}" for problem in problems)
+
+
+def schema_paths(settings: Any, prefix: str = "") -> tuple[set[str], set[str]]:
+    """The dotted path of every setting, and those of the settings that are free-form dictionaries (any
+    key below them is the user's, e.g. trainer.ds_config_overrides.zero_optimization)."""
+    paths, free = set(), set()
+    for field in dataclasses.fields(settings):
+        value, path = getattr(settings, field.name), f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(value):
+            below, below_free = schema_paths(value, f"{path}.")
+            paths |= below
+            free |= below_free
+        else:
+            paths.add(path)
+            if isinstance(value, dict):
+                free.add(path)
+    return paths, free
+
+
+def unknown_override_keys(arguments: list[str]) -> list[str]:
+    """Every override on the command line that names neither a setting nor a config group, each with the
+    closest setting. Hydra would stop at the first one, advising `+key=...`, which only adds the typo."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(arguments)
+    except Exception:  # a syntax error: Hydra's own message says where
+        return []
+    paths, free = schema_paths(Config(stage="rlvr"))
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {"recipe"}
+    found = []
+    for override in overrides:
+        key = override.key_or_group
+        known = key in paths or key in groups or key.startswith("hydra.") or override.is_delete()
+        if known or any(key.startswith(f"{path}.") for path in free):
+            continue
+        guess = difflib.get_close_matches(key, sorted(paths), n=1)
+        hint = f"; did you mean {guess[0]}?" if guess else ""
+        found.append(f"{key}={override.get_value_element_as_str()} is not a setting icepop reads{hint}")
+    return found
 
 
 def unknown_settings(config: Any, prefix: str = "") -> list[str]:
@@ -204,4 +251,6 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    if unknown := unknown_override_keys(sys.argv[1:]):
+        sys.exit(invalid(unknown))
     main()

@@ -219,3 +219,20 @@ def test_every_setting_is_read_outside_the_config() -> None:
             elif field.name not in read and not (prefix == "trainer.lora." and field.name in whole):
                 unread.append(name)
     assert "lr" in read and not unread, f"declared but never read: {unread}"
+
+
+def test_every_unknown_key_on_the_command_line_gets_a_did_you_mean() -> None:
+    """Hydra stops at the first unknown key and advises `+key`; icepop names them all, each with the
+    closest setting, and lets through groups, settings, free-form dictionaries' keys and Hydra's own."""
+    from icepop.train import unknown_override_keys
+
+    given = ["+recipe=rlvr", "model=tiny-moe", "trainer.lrr=1e-5", "+algo.kl_coeff=0.1",
+             "trainr.zero_stage=3", "data.task_options.digits=2", "hydra.run.dir=x",
+             "trainer.ds_config_overrides.zero_optimization.stage=3", "~logger.project"]  # fmt: skip
+    found = unknown_override_keys(given)
+    assert found == [
+        "trainer.lrr=1e-05 is not a setting icepop reads; did you mean trainer.lr?",
+        "algo.kl_coeff=0.1 is not a setting icepop reads; did you mean algo.kl_coef?",
+        "trainr.zero_stage=3 is not a setting icepop reads; did you mean trainer.zero_stage?",
+    ]
+    assert unknown_override_keys(["+recipe=rlvr", "zzz=1"]) == ["zzz=1 is not a setting icepop reads"]

@@ -156,6 +156,7 @@ def test_an_rlhf_stage_without_a_reward_model_is_refused(tmp_path: Path) -> None
     [
         (["+recipe=rlvr", "data.source=countdwn"], "did you mean 'countdown'?"),
         (["+recipe=rlvr", "+trainer.lrr=1e-5"], "did you mean trainer.lr?"),
+        (["+recipe=rlvr", "trainer.lrr=1e-5"], "trainer.lrr=1e-05 is not a setting icepop reads; did you"),
         (["+recipe=sft", "data.source=/nonexistent/chats.jsonl"], "does not exist"),
         (["+recipe=rm", "rm.source=/nonexistent/pairs.jsonl"], "rm.source='/nonexistent/pairs.jsonl'"),
     ],
