@@ -85,8 +85,8 @@ def test_group_options_change_what_they_should() -> None:
         ("rollout.top_p=0", "rollout.top_p must be in"),
         ("rollout.dtype=fp8", "rollout.dtype='fp8' is not one of"),
         ("data.eval_size=0", "data.eval_size must be > 0"),
-        ("algo.prompts_per_step=3", "inconsistent batch sizes"),
-        ("trainer.micro_batch_size=7", "inconsistent batch sizes"),
+        ("trainer.ranks=3", "the nearest that do: algo.prompts_per_step=18, or algo.samples_per_prompt=9"),
+        ("sft.batch_size=9", "sft.batch_size=9 conversations (the SFT stage or the tiny model's SFT"),
         ("rollout.weight_sync=nccl", "rollout.weight_sync='nccl' is not one of broadcast, file"),
         ("rm.batch_size=0", "rm.batch_size must be > 0"),
         ("eval.temperature=-1", "eval.temperature must be >= 0"),
@@ -196,7 +196,8 @@ def test_the_backends_take_every_argument_from_the_config() -> None:
 
 def test_every_setting_is_read_outside_the_config() -> None:
     """No setting is declared and then ignored: each field's name is read (as an attribute) by a module
-    outside icepop/config. trainer.lora's options reach peft whole (LoraConfig.adapter_options)."""
+    outside icepop/config (or through a property of the config that is). trainer.lora's options reach
+    peft whole (LoraConfig.adapter_options)."""
     import ast
     from dataclasses import asdict, fields, is_dataclass
 
@@ -208,6 +209,7 @@ def test_every_setting_is_read_outside_the_config() -> None:
         if isinstance(node, ast.Attribute)
     }
     whole = set(asdict(LoraConfig()))  # handed over by adapter_options
+    read |= {"sft_warmup"} if "warms_up" in read else set()  # read through Config.warms_up
     unread = []
     todo: list[tuple[str, Any]] = [("", Config(stage="rlvr"))]
     while todo:
@@ -236,3 +238,17 @@ def test_every_unknown_key_on_the_command_line_gets_a_did_you_mean() -> None:
         "trainr.zero_stage=3 is not a setting icepop reads; did you mean trainer.zero_stage?",
     ]
     assert unknown_override_keys(["+recipe=rlvr", "zzz=1"]) == ["zzz=1 is not a setting icepop reads"]
+
+
+def test_small_batches_derive_their_micro_batches_and_refuse_only_what_cannot_split() -> None:
+    """trainer.micro_batch_size is the most rows of a forward (the last micro-batch may be shorter), so
+    `algo.prompts_per_step=4 algo.samples_per_prompt=2` just works; what must split evenly over the ranks
+    is checked only for the stages that run."""
+    small = compose_config("+recipe=rlvr", "algo.prompts_per_step=4", "algo.samples_per_prompt=2")
+    assert small.derived().micro_batches_per_update == 1 and small.derived().samples_per_rank == 4
+    uneven = compose_config("+recipe=rlvr", "trainer.micro_batch_size=3")  # 64 rows a rank: 21 × 3 + 1
+    assert uneven.derived().micro_batches_per_update == 22
+    without_warm_up = compose_config("+recipe=rlvr", "sft.batch_size=9", "model.sft_warmup=false")
+    assert without_warm_up.sft.batch_size == 9  # no SFT will run: its batch is not checked
+    sft_only = compose_config("+recipe=sft", "algo.prompts_per_step=3", "algo.samples_per_prompt=3")
+    assert sft_only.derived().samples_per_step == 9  # no RL will run: its batch is not checked

@@ -31,6 +31,10 @@ from icepop.config.stages import (
 from icepop.config.trainer import TrainerConfig
 
 STAGES = ("sft", "rm", "rlvr", "rlhf", "eval", "pipeline")
+WARMED_UP_STAGES = ("rm", "rlvr", "rlhf", "eval")
+"""The stages that start a built-in tiny model from its SFT warm-up (`model.sft_warmup`)."""
+TINY_PREFIX = "tiny:"
+"""model.path of the built-in offline models: "tiny:dense", "tiny:moe"."""
 
 __all__ = [
     "ADVANTAGES",
@@ -89,7 +93,15 @@ class Config:
 
     def derived(self) -> Derived:
         """Samples per step and rank, micro-batches, gradient accumulation (ValueError if inconsistent)."""
-        return derive(self.algo, self.trainer, self.sft)
+        stages = self.pipeline.stages if self.stage == "pipeline" else [self.stage]
+        rl = bool({"rlvr", "rlhf"} & set(stages))
+        return derive(self.algo, self.trainer, self.sft, rl=rl, sft_runs="sft" in stages or self.warms_up)
+
+    @property
+    def warms_up(self) -> bool:
+        """The stage starts from a built-in tiny model's SFT warm-up (icepop.stages.warmup.policy_path)."""
+        tiny = self.model.path.startswith(TINY_PREFIX)
+        return tiny and self.stage in WARMED_UP_STAGES and self.model.sft_warmup
 
     def describe_batches(self) -> str:
         """The derived quantities and the placement, in one line for the start-up log."""

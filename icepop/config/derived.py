@@ -28,7 +28,7 @@ class Derived:
         micro = (
             f"micro-batches of ≤ {trainer.micro_batch_tokens} tokens (padding included)"
             if self.micro_batches_per_update is None
-            else f"{self.micro_batches_per_update} micro-batch(es) × {trainer.micro_batch_size} sequences "
+            else f"{self.micro_batches_per_update} micro-batch(es) of ≤ {trainer.micro_batch_size} sequences "
             f"(gradient accumulation {self.micro_batches_per_update})"
         )
         engines = (
@@ -48,33 +48,41 @@ class Derived:
         )
 
 
-def derive(algo: AlgoConfig, trainer: TrainerConfig, sft: SFTConfig) -> Derived:
-    """Compute the derived batch quantities; ValueError with one clear message if they do not divide."""
-    samples = algo.prompts_per_step * algo.samples_per_prompt
-    per_update = samples // algo.updates_per_step
-    per_rank_update = per_update // trainer.ranks
-    sft_per_rank = sft.batch_size // trainer.ranks
-    rows = 1 if trainer.micro_batch_tokens else trainer.micro_batch_size  # a token budget takes any rows
-    if (
-        samples % algo.updates_per_step
-        or per_update % trainer.ranks
-        or per_rank_update % rows
-        or sft_per_rank * trainer.ranks != sft.batch_size
-        or sft_per_rank % rows
-    ):
+def _multiples(value: int, factor: int, count: int = 1) -> int:
+    """The smallest n ≥ value with n × count a multiple of `factor`."""
+    return next(n for n in range(value, value + factor + 1) if n * count % factor == 0)
+
+
+def derive(
+    algo: AlgoConfig, trainer: TrainerConfig, sft: SFTConfig, rl: bool = True, sft_runs: bool = True
+) -> Derived:
+    """Compute the derived batch quantities. trainer.micro_batch_size is the most rows of one forward: a
+    rank's share splits into as many micro-batches as it takes, the last one shorter (the loss's global
+    denominators make the gradient the same). What must divide is refused, naming the smallest changes
+    that work, for the stages that will run: `rl` (the RL batch) and `sft_runs` (an SFT stage or the
+    tiny model's SFT warm-up)."""
+    prompts, group = algo.prompts_per_step, algo.samples_per_prompt
+    samples, split = prompts * group, algo.updates_per_step * trainer.ranks
+    if rl and samples % split:
+        ranks = max(r for r in range(1, trainer.ranks + 1) if samples % (algo.updates_per_step * r) == 0)
         raise ValueError(
-            "inconsistent batch sizes: algo.prompts_per_step × algo.samples_per_prompt = "
-            f"{samples} samples per "
-            f"step must split into algo.updates_per_step={algo.updates_per_step} updates × trainer.ranks="
-            f"{trainer.ranks} ranks × whole micro-batches of "
-            f"trainer.micro_batch_size={rows}, "
-            f"and sft.batch_size={sft.batch_size} into {trainer.ranks} ranks × micro-batches of "
-            f"{rows}; e.g. make {samples} and {sft.batch_size} multiples of "
-            f"{algo.updates_per_step * trainer.ranks * rows}"
+            f"inconsistent batch sizes: algo.prompts_per_step × algo.samples_per_prompt = {samples} samples "
+            f"per step do not split evenly into algo.updates_per_step={algo.updates_per_step} update(s) × "
+            f"trainer.ranks={trainer.ranks} rank(s); the nearest that do: "
+            f"algo.prompts_per_step={_multiples(prompts, split, group)}, or "
+            f"algo.samples_per_prompt={_multiples(group, split, prompts)}, or "
+            f"trainer.ranks={ranks}"
         )
+    if sft_runs and sft.batch_size % trainer.ranks:
+        raise ValueError(
+            f"inconsistent batch sizes: sft.batch_size={sft.batch_size} conversations (the SFT stage or the "
+            f"tiny model's SFT warm-up) do not split evenly into trainer.ranks={trainer.ranks} rank(s); e.g. "
+            f"sft.batch_size={_multiples(sft.batch_size, trainer.ranks)}"
+        )
+    rows, by_tokens = trainer.micro_batch_size, bool(trainer.micro_batch_tokens)
     return Derived(
         samples_per_step=samples,
         samples_per_rank=samples // trainer.ranks,
-        micro_batches_per_update=None if trainer.micro_batch_tokens else per_rank_update // rows,
-        sft_micro_batches=None if trainer.micro_batch_tokens else sft_per_rank // rows,
+        micro_batches_per_update=None if by_tokens else -(-(samples // split) // rows),
+        sft_micro_batches=None if by_tokens else -(-(sft.batch_size // trainer.ranks) // rows),
     )

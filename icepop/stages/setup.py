@@ -17,9 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from icepop.config import Config, DataConfig
-
-TINY_PREFIX = "tiny:"
+from icepop.config import TINY_PREFIX, Config, DataConfig
 
 
 def cache_dir() -> Path:

@@ -18,10 +18,8 @@ from omegaconf import OmegaConf
 from icepop.config import Config
 from icepop.config.trainer import LoraConfig
 from icepop.envs import demonstration_for
-from icepop.stages.setup import TINY_PREFIX, cache_dir, cached, resolve_model
+from icepop.stages.setup import cache_dir, cached, resolve_model
 from icepop.stages.sft import run_sft
-
-WARMED_UP_STAGES = ("rm", "rlvr", "rlhf", "eval")
 
 
 def sft_warmup_key(config: Config) -> dict[str, Any]:
@@ -46,11 +44,7 @@ def policy_path(config: Config, run_dir: Path) -> str:
     (run now when missing)."""
     base = resolve_model(config)
     path = config.model.path
-    if (
-        not path.startswith(TINY_PREFIX)
-        or config.stage not in WARMED_UP_STAGES
-        or not config.model.sft_warmup
-    ):
+    if not config.warms_up:
         return base
     print(f"icepop: looking for the SFT warm-up of {path} on {config.data.source} in {cache_dir() / 'sft'}")
 
