@@ -10,6 +10,7 @@ exactly which file to edit; nothing here changes a value.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -28,7 +29,10 @@ KEY_SETTINGS = {
              "data.max_prompt_tokens", "rollout.max_new_tokens", "rollout.max_model_len"),
     "pipeline": ("model.path", "pipeline.stages"),
 }  # fmt: skip
-"""Per kind of stage, the settings the start-up summary shows with their sources."""
+"""Per kind of stage, the settings the start-up summary shows with their sources (and, beside them,
+every other setting the command line changed)."""
+OWN_KEYS = ("hydra.", "run.dir", "run.dry_run")
+"""Command-line keys the summary leaves out: Hydra's and where the run writes (printed on their own)."""
 
 
 def override_key(override: str) -> str:
@@ -100,6 +104,15 @@ def settings_summary(config: Config, overrides: list[str], conf_dir: Path, recip
         sources |= setting_sources(overrides, extra, conf_dir, recipes_dir)
         values |= {key: OmegaConf.select(OmegaConf.structured(config), key) for key in extra}
         values["rollout.max_episode_tokens"] = config.rollout.response_tokens()
+    # Every setting the command line changed, whatever the stage shows by default.
+    structured = OmegaConf.structured(config)
+    given = [override_key(o) for o in overrides if "=" in o]
+    extra = tuple(
+        k for k in dict.fromkeys(given) if k not in keys and "." in k and not k.startswith(OWN_KEYS)
+    )
+    keys = (*keys, *extra)
+    sources |= {key: "command line" for key in extra}
+    values |= {key: OmegaConf.select(structured, key, default=None) for key in extra}
     width = max(map(len, keys))
     lines = [f"icepop {config.stage} settings (value, and where it comes from):"]
     lines += [f"  {key:<{width}}  {_shown(values[key])}  ({sources[key]})" for key in keys]
@@ -126,7 +139,8 @@ def dry_run(config: Config) -> None:
         f"data.source={config.data.source!r}" if config.stage != "rm" else f"rm.source={config.rm.source!r}"
     ):
         if config.stage in ("rlvr", "rlhf", "eval"):
-            setup.prompt_streams(config, tokenizer)  # prints what it loaded
+            _, held_out = setup.prompt_streams(config, tokenizer)  # prints what it loaded
+            print(_first_prompt(config, tokenizer, held_out[0]))
         elif config.stage == "sft":
             from icepop.stages.sft import sft_examples
 
@@ -135,10 +149,29 @@ def dry_run(config: Config) -> None:
             from icepop.stages.rm import preference_pairs
 
             preference_pairs(config, tokenizer)
+    if config.stage in ("rlvr", "rlhf", "eval"):
+        setup.check_held_out_row(config, tokenizer, held_out[0])  # the environment's or the reward's
     with_engines = config.stage != "sft" and config.stage != "rm"
     wanted = roles(config, rollout=with_engines, trainer=config.stage != "eval")
     placement = "; ".join(f"{r.count} {r.name} {r.unit}(s) × {r.cpus} CPU/{r.gpus} GPU" for r in wanted)
     cpus, gpus = sum(r.count * r.cpus for r in wanted), sum(r.count * r.gpus for r in wanted)
-    print(f"icepop dry run: {config.describe_batches()}")
-    print(f"icepop dry run: placement {placement} ({cpus} CPUs, {gpus} GPUs in all)")
+    print(f"icepop dry run: {config.derived().describe_batches(config.algo, config.trainer)}")
+    print(f"icepop dry run: bundles {placement} ({cpus} CPUs, {gpus} GPUs in all)")
     print("icepop dry run: every check passed; nothing was started")
+
+
+def _first_prompt(config: Config, tokenizer: Any, prompt: Any) -> str:
+    """A held-out prompt as the engine will see it, its answer, and what will score the replies."""
+    if config.rollout.environment is not None:
+        scorer = f"the episodes of rollout.environment={config.rollout.environment!r}"
+    elif config.reward.function is not None and config.reward.rule_weight:
+        scorer = f"reward.function={config.reward.function!r}"
+    elif config.reward.rule_weight:
+        scorer = f"the built-in verifier for task {prompt.task!r} (icepop.rewards.verifiers.verify)"
+    else:
+        scorer = "the reward model alone"
+    if config.reward.model_path is not None:
+        scorer += f" and the reward model {config.reward.model_path} (weight {config.reward.model_weight:g})"
+    text = tokenizer.decode(prompt.prompt_ids)
+    answer = f"  answer: {prompt.answer!r}; scored by {scorer}"
+    return f"icepop dry run: a held-out prompt as the engine sees it:\n{text}\n{answer}"

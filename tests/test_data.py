@@ -95,6 +95,35 @@ def test_parquet_with_messages_prompts(tmp_path: Path, tokenizer: Any) -> None:
     assert prompt_set.prompts[0].meta["messages"] == ROWS[1]["question"]
 
 
+def test_the_layouts_people_have_load_with_one_setting_each(tmp_path: Path, tokenizer: Any) -> None:
+    """Chat rows (`messages`, their reply left out), verl's parquet (`prompt` messages, nested
+    `reward_model.ground_truth`) and TRL's (`prompt` messages, `solution`): what README's commands set."""
+    question = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+    expected = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_dict=False)
+    reply = {"role": "assistant", "content": "4"}
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [*question, reply], "answer": "4"}])
+    (row,) = load_prompts(chat, tokenizer, 64).prompts  # no data.prompt_field needed
+    assert row.prompt_ids == expected and row.answer == "4" and row.meta["messages"] == question
+
+    import datasets
+
+    verl = tmp_path / "verl.parquet"
+    datasets.Dataset.from_list([{
+        "data_source": "openai/gsm8k", "prompt": question, "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": "4"}, "extra_info": {"index": 0},
+    }]).to_parquet(str(verl))  # fmt: skip
+    (row,) = load_prompts(str(verl), tokenizer, 64, answer_field="reward_model.ground_truth").prompts
+    assert row.prompt_ids == expected and row.answer == "4" and row.task == "math"
+    assert row.meta["extra_info"] == {"index": 0}  # the other columns still reach a reward function
+    with pytest.raises(ValueError, match=r"'reward_model.truth': reward_model has no key 'truth'"):
+        load_prompts(str(verl), tokenizer, 64, answer_field="reward_model.truth")
+
+    trl = tmp_path / "trl.parquet"
+    datasets.Dataset.from_list([{"prompt": question, "solution": "4"}]).to_parquet(str(trl))
+    (row,) = load_prompts(str(trl), tokenizer, 64, answer_field="solution").prompts
+    assert row.prompt_ids == expected and row.answer == "4"
+
+
 def test_malformed_rows_name_the_row_or_are_skipped(tmp_path: Path, tokenizer: Any) -> None:
     rows = [ROWS[0], {**ROWS[2], "solution": ""}, {**ROWS[0], "question": "  "}, ROWS[2]]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)

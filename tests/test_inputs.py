@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,7 +98,7 @@ CASES = [
     (["data.source=countdwn"], "did you mean 'countdown'?"),
     (["data.source=/nonexistent/train.jsonl"], "does not exist"),
     (["data.source={questions}"], "no column 'prompt' (data.prompt_field)"),
-    ([*QUESTIONS, "data.eval_size=64"], "leaves 0 training"),
+    ([*QUESTIONS, "data.eval_source=/nonexistent/test.jsonl"], "does not exist"),
     (["data.source={few}", "data.eval_size=1"], "algo.prompts_per_step=16"),
     ([*QUESTIONS, "data.source={odd_tasks}", "data.eval_size=4"], "no built-in verifier: ['algebra']"),
     (["data.source={no_config}", "data.subset=main"], "could not be loaded"),
@@ -195,6 +196,20 @@ def gsm8k_folder(root: Path) -> Path:
     return root
 
 
+def test_a_small_file_keeps_nine_tenths_of_its_rows_for_training(
+    files: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """data.eval_size (64) would take all 40 rows of a small file: the held-out part is at most a tenth
+    of the rows, and the data line says so."""
+    config = compose_config(*(o.format(**files) for o in QUESTIONS), "algo.prompts_per_step=4")
+    tokenizer = setup.load_tokenizer(setup.resolve_model(config), config.data)
+    batches, held_out = setup.prompt_streams(config, tokenizer)
+    assert (len(held_out), len(batches.items)) == (4, 36)
+    assert "4 held out from the last rows of the train split; data.eval_size=64 capped at a tenth" in (
+        capsys.readouterr().out
+    )
+
+
 def test_a_multi_config_dataset_with_a_held_out_split_loads_like_gsm8k(tmp_path: Path) -> None:
     folder = gsm8k_folder(tmp_path / "gsm8k")
     preset = [f"data.source={folder}", "data=gsm8k", "data.eval_size=8", "algo.prompts_per_step=4",
@@ -210,7 +225,7 @@ def test_a_multi_config_dataset_with_a_held_out_split_loads_like_gsm8k(tmp_path:
     assert held_out[0].answer.endswith("#### " + str(2 * int(texts[0].split("main test ")[1].split(":")[0])))
     socratic = compose_config(*preset, "data.subset=socratic", "data.eval_split=null", "data.eval_size=2")
     stream, held_out = setup.prompt_streams(socratic, tokenizer)
-    assert (len(stream.items), len(held_out)) == (6, 2)  # no held-out split: the last rows of train
+    assert (len(stream.items), len(held_out)) == (7, 1)  # no held-out split: a tenth of train, at most
     with pytest.raises(ValueError, match=r"has several subsets; name one with data\.subset"):
         setup.prompt_streams(compose_config(*preset, "data.subset=null"), tokenizer)
 
@@ -290,4 +305,8 @@ def test_the_readme_commands_for_your_own_model_and_data_pass_a_dry_run(tmp_path
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         assert "every check passed; nothing was started" in result.stdout
         assert "trainer.lr              2e-06  (default)" in result.stdout  # the real-model defaults
+        # Every setting the command line changed is in the plan, and one prompt as the engine sees it.
+        assert re.search(r"\n  algo.prompts_per_step +4  \(command line\)\n", result.stdout), result.stdout
+        assert "a held-out prompt as the engine sees it:\n<|im_start|>" in result.stdout
+        assert "scored by the built-in verifier for task 'math'" in result.stdout
     assert "held out from openai/gsm8k (test split)" in result.stdout

@@ -22,15 +22,24 @@ class Derived:
     sft_micro_batches: int | None
     """SFT micro-batches per rank and step; None under trainer.micro_batch_tokens."""
 
-    def describe(
-        self, algo: AlgoConfig, trainer: TrainerConfig, rollout: RolloutConfig, cluster: ClusterConfig
-    ) -> str:
+    def describe_batches(self, algo: AlgoConfig, trainer: TrainerConfig) -> str:
+        """Samples per step and rank, updates and micro-batches, in one line."""
         micro = (
             f"micro-batches of ≤ {trainer.micro_batch_tokens} tokens (padding included)"
             if self.micro_batches_per_update is None
             else f"{self.micro_batches_per_update} micro-batch(es) of ≤ {trainer.micro_batch_size} sequences "
             f"(gradient accumulation {self.micro_batches_per_update})"
         )
+        return (
+            f"samples/step {self.samples_per_step} = {algo.prompts_per_step} prompts × "
+            f"{algo.samples_per_prompt}; per trainer rank {self.samples_per_rank}; "
+            f"{algo.updates_per_step} update(s)/step of {micro}"
+        )
+
+    def describe(
+        self, algo: AlgoConfig, trainer: TrainerConfig, rollout: RolloutConfig, cluster: ClusterConfig
+    ) -> str:
+        """`describe_batches`, and the placement: engines and trainer ranks with their devices."""
         engines = (
             ""
             if cluster.colocated
@@ -40,9 +49,7 @@ class Derived:
         )
         hosting = ", each hosting one engine" if cluster.colocated else ""
         return (
-            f"samples/step {self.samples_per_step} = {algo.prompts_per_step} prompts × "
-            f"{algo.samples_per_prompt}; per trainer rank {self.samples_per_rank}; "
-            f"{algo.updates_per_step} update(s)/step of {micro}; "
+            f"{self.describe_batches(algo, trainer)}; "
             f"placement {cluster.placement}: {engines}{trainer.ranks} trainer rank(s) × "
             f"{trainer.cpus_per_rank} CPU/{trainer.gpus_per_rank} GPU{hosting}"
         )

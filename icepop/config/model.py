@@ -64,7 +64,8 @@ class DataConfig:
     """RL prompts generated for a built-in task (the pool each step samples from)."""
     eval_size: int = 64
     """Held-out problems for evaluation and the weight-sync probe (at most this many; built-in tasks:
-    another seed's problems)."""
+    another seed's problems; a dataset without data.eval_split/eval_source: its last rows, at most a
+    tenth of them)."""
 
     def __post_init__(self) -> None:
         positive(

@@ -10,8 +10,8 @@ from icepop.data.prompts import (
     chat_ids,
     dataset_prompts,
     load_prompts,
-    load_rows,
 )
+from icepop.data.rows import load_rows
 from icepop.data.sft import (
     SFTExample,
     SFTSet,

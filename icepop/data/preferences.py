@@ -26,11 +26,11 @@ from icepop.data.prompts import (
     Skipped,
     chat_ids,
     describe_data,
-    load_rows,
     nothing_usable,
     parse_messages,
     skipped_stats,
 )
+from icepop.data.rows import load_rows
 from icepop.data.tasks import TASKS, generate_problems
 from icepop.types import PreferenceBatch
 

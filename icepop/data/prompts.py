@@ -13,19 +13,17 @@ Also the pieces every data loader shares: chat-message validation that names wha
 
 from __future__ import annotations
 
-import difflib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from icepop.data.tasks import TASKS, generate_problems, is_generated
+from icepop.data.rows import CHAT_FIELD, field_value, load_rows
+from icepop.data.tasks import generate_problems, is_generated
 from icepop.types import Prompt
 
 T = TypeVar("T")
 Messages = list[dict[str, str]]
-FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 ROLES = ("system", "user", "assistant")
 
 Skipped = dict[str, list[int]]
@@ -88,67 +86,6 @@ def chat_ids(tokenizer: Any, messages: Messages, add_generation_prompt: bool) ->
         messages, add_generation_prompt=add_generation_prompt, return_dict=False
     )
     return [int(i) for i in ids]
-
-
-def load_rows(source: str, split: str = "train", subset: str | None = None) -> Any:  # -> datasets.Dataset
-    """A `datasets.Dataset` from a local .jsonl/.json/.parquet file, a local dataset folder (its README's
-    `configs:` name the subsets), or a hub name "org/name" (online, or in the Hugging Face cache).
-    ValueError/FileNotFoundError say what is wrong and what would be right."""
-    import datasets
-
-    path = Path(source)
-    file_format = FILE_FORMATS.get(path.suffix)
-    if file_format is not None:
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset file {source!r} does not exist")
-        return datasets.load_dataset(file_format, data_files=str(path), split="train")
-    if path.is_file():
-        raise ValueError(f"dataset file {source!r} must end in one of {', '.join(FILE_FORMATS)}")
-    if not path.is_dir() and source.count("/") != 1:
-        guess = difflib.get_close_matches(source, TASKS, n=1)
-        hint = f"; did you mean {guess[0]!r}?" if guess else ""
-        raise ValueError(
-            f"{source!r} is neither a built-in task ({', '.join(TASKS)}), a local file or folder, nor a hub "
-            f"dataset named 'org/name'{hint}"
-        )
-    if not path.is_dir():
-        snapshot = _hub_snapshot(source)  # offline, a dataset downloaded into the hub cache still loads
-        path = Path(snapshot) if snapshot is not None else path
-    # A local folder is read again every time: datasets' cache keys it by its name alone and would
-    # serve the rows it saw first after the files changed.
-    fresh = {"download_mode": "force_redownload", "verification_mode": "no_checks"} if path.is_dir() else {}
-    try:
-        return datasets.load_dataset(str(path) if path.is_dir() else source, subset, split=split, **fresh)
-    except (ValueError, FileNotFoundError, OSError, ConnectionError) as error:
-        where = "local folder" if Path(source).is_dir() else "hub dataset"
-        if "Config name is missing" in str(error):  # a multi-config dataset
-            raise ValueError(
-                f"{where} {source!r} has several subsets; name one with data.subset: "
-                f"{_first_lines(str(error), 2)}"
-            ) from error
-        raise ValueError(
-            f"{where} {source!r} (subset {subset!r}, split {split!r}) could not be loaded: "
-            f"{_first_lines(str(error))}"
-        ) from error
-
-
-def _hub_snapshot(repo_id: str) -> str | None:
-    """The folder of a hub dataset in the local Hugging Face cache (`hf download --repo-type dataset`
-    puts it there) when the hub cannot be reached (HF_HUB_OFFLINE=1, an air-gapped cluster); None
-    otherwise, and then `datasets` fetches it (or uses its own cache) as usual."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    if not constants.HF_HUB_OFFLINE:
-        return None
-    try:
-        return snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
-    except LocalEntryNotFoundError:  # not in the cache: datasets' own error then says so
-        return None
-
-
-def _first_lines(text: str, lines: int = 3) -> str:
-    return " ".join(line.strip() for line in text.strip().splitlines()[:lines])
 
 
 def row_messages(value: Any, index: int, field: str) -> Messages | None:
@@ -278,23 +215,29 @@ def dataset_prompts(
     subset: str | None = None,
     skip_malformed: bool = False,
 ) -> PromptSet:
-    """Prompts from dataset rows. The prompt field holds a string or a messages list; answer_field=None
-    means rows carry no answer (a reward model scores them); the task comes from task_field or `task`.
-    Other columns are kept in `Prompt.meta` for custom reward functions."""
+    """Prompts from dataset rows. The prompt field holds a string or a messages list (chat rows: the
+    `CHAT_FIELD` column when there is no prompt column); fields may be dotted paths into nested columns;
+    answer_field=None means rows carry no answer (a reward model scores them); the task comes from
+    task_field or `task`. Other columns are kept in `Prompt.meta` for custom reward functions."""
     rows = load_rows(source, split, subset)
+    if prompt_field == "prompt" and "prompt" not in rows.column_names and CHAT_FIELD in rows.column_names:
+        prompt_field = CHAT_FIELD
     fields = {"prompt_field": prompt_field, "answer_field": answer_field, "task_field": task_field}
     for param, name in fields.items():
-        if name is not None and name not in rows.column_names:
+        column = None if name is None else name.split(".")[0]
+        if column is not None and column not in rows.column_names:
             raise ValueError(
-                f"{source!r} ({split} split) has no column {name!r} (data.{param}); its columns are "
+                f"{source!r} ({split} split) has no column {column!r} (data.{param}); its columns are "
                 f"{rows.column_names}"
             )
-    used = {prompt_field, answer_field, task_field}
+    used = {name.split(".")[0] for name in fields.values() if name is not None}
     prompts, overlong, malformed = [], 0, 0
     for index, row in enumerate(rows):
-        messages = row_messages(row[prompt_field], index, prompt_field)
-        answer = row[answer_field] if answer_field is not None else None
-        row_task = row[task_field] if task_field is not None else task
+        messages = row_messages(field_value(row, prompt_field, index), index, prompt_field)
+        if messages and len(messages) > 1 and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]  # a chat row's reply: the prompt is what comes before it
+        answer = field_value(row, answer_field, index) if answer_field is not None else None
+        row_task = field_value(row, task_field, index) if task_field is not None else task
         checks = (
             (prompt_field, messages is None),
             (answer_field, _is_empty(answer)),

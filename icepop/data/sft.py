@@ -33,11 +33,11 @@ from icepop.data.prompts import (
     chat_ids,
     describe_data,
     epoch_shuffle,
-    load_rows,
     nothing_usable,
     parse_messages,
     skipped_stats,
 )
+from icepop.data.rows import load_rows
 from icepop.data.tasks import generate_problems, is_generated
 from icepop.types import Problem, SFTBatch
 

@@ -134,9 +134,11 @@ def prompt_streams(config: Config, tokenizer: Any) -> tuple[Any, list[Any]]:
             chosen = random.Random(f"eval/{seed}").sample(range(len(held)), min(data.eval_size, len(held)))
             held_out = [held[i] for i in sorted(chosen)]
             where = f"{source} ({split} split)"
-        else:
-            held_out, train.prompts = train.prompts[-data.eval_size :], train.prompts[: -data.eval_size]
-            where = f"the last rows of the {data.split} split"
+        else:  # at most a tenth of a small file, not data.eval_size of its rows
+            count = min(data.eval_size, max(1, len(train.prompts) // 10))
+            held_out, train.prompts = train.prompts[-count:], train.prompts[:-count]
+            capped = f"; data.eval_size={data.eval_size} capped at a tenth" if count < data.eval_size else ""
+            where = f"the last rows of the {data.split} split{capped}"
         _check_tasks(config, train.prompts + held_out)
     if len(train.prompts) < config.algo.prompts_per_step or not held_out:
         raise ValueError(
