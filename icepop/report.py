@@ -31,6 +31,10 @@ PANELS = [
     ("icepop/mask_frac_low", "mask fraction, k < α"),
     ("icepop/mask_frac_high", "mask fraction, k > β"),
     ("response_length/mean", "response length (tokens)"),
+    ("response_length/truncated_frac", "replies cut at rollout.max_new_tokens"),
+    ("reward/zero_variance_group_frac", "groups with one reward for all (train nothing)"),
+    ("actor/entropy", "policy entropy (sampled tokens)"),
+    ("actor/kl", "KL to the reference policy (algo.kl_coef > 0)"),
     ("eval/accuracy_lenient", "held-out greedy accuracy"),
 ]
 
@@ -77,6 +81,13 @@ def pyplot() -> Any:
     return plt
 
 
+def integer_steps() -> Any:
+    """An axis locator with ticks at whole steps only (a 3-step run showed 0.5, 1.5, ...)."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def save_figure(fig: Any, title: str, path: Path) -> Path:
     """Title, lay out, save (110 dpi) and close a figure."""
     fig.suptitle(title)
@@ -87,7 +98,12 @@ def save_figure(fig: Any, title: str, path: Path) -> Path:
 
 
 def plot_metrics(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:
-    """One panel per metric of PANELS, a line per run; saved as metrics.png."""
+    """`metrics_figure`, saved as metrics.png."""
+    return save_figure(metrics_figure(runs), "icepop runs compared", out / "metrics.png")
+
+
+def metrics_figure(runs: dict[str, list[dict[str, Any]]]) -> Any:
+    """One panel per metric of PANELS, a line per run, whole steps on the x axes."""
     panel_rows = math.ceil(len(PANELS) / 2)
     fig, axes = pyplot().subplots(panel_rows, 2, figsize=(12, 3.2 * panel_rows))
     for ax, (key, title) in zip(axes.flat, PANELS, strict=False):
@@ -96,11 +112,12 @@ def plot_metrics(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:
             ax.plot(*series(rows, key), label=label, linewidth=1.4, linestyle=STYLES[i % len(STYLES)],
                     marker=marker)  # fmt: skip
         ax.set(title=title, xlabel="RL step", ylabel=key)
+        ax.xaxis.set_major_locator(integer_steps())
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(PANELS) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="best")
-    return save_figure(fig, "icepop runs compared", out / "metrics.png")
+    return fig
 
 
 def plot_histograms(run_dirs: list[Path], labels: list[str], out: Path) -> Path:
@@ -115,6 +132,7 @@ def plot_histograms(run_dirs: list[Path], labels: list[str], out: Path) -> Path:
         image = ax.imshow(np.log10(1 + counts), aspect="auto", origin="lower", cmap="viridis",
                           extent=(min(steps) - 0.5, max(steps) + 0.5, edges[0], edges[-1]))  # fmt: skip
         ax.set(title=label, xlabel="RL step", ylabel="log k = ℓ_old − ℓ_inf")
+        ax.xaxis.set_major_locator(integer_steps())
         fig.colorbar(image, ax=ax, label="log10(1 + tokens)")
     return save_figure(fig, "train/inference log-ratio per step", out / "histograms.png")
 

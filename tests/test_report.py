@@ -75,3 +75,23 @@ def test_report_refuses_a_directory_that_is_not_an_rl_run(tmp_path: Path) -> Non
     done = subprocess.run([sys.executable, "-m", "icepop.report", str(tmp_path)], capture_output=True,
                           text=True, timeout=120)  # fmt: skip
     assert done.returncode != 0 and "has no config.yaml" in done.stderr
+
+
+def test_the_metrics_figure_has_the_training_health_panels_on_whole_steps() -> None:
+    from icepop.report import metrics_figure, pyplot
+
+    rows = [{"step": step, "reward/mean": 0.1 * step, "actor/entropy": 1.0, "actor/kl": 1e-3 * step,
+             "reward/zero_variance_group_frac": 0.25, "response_length/truncated_frac": 0.5}
+            for step in (1, 2, 3)]  # fmt: skip
+    fig = metrics_figure({"run": rows})
+    titles = {ax.get_title(): ax for ax in fig.axes}
+    for title in (
+        "policy entropy (sampled tokens)",
+        "KL to the reference policy (algo.kl_coef > 0)",
+        "groups with one reward for all (train nothing)",
+        "replies cut at rollout.max_new_tokens",
+    ):
+        assert len(titles[title].lines[0].get_xdata()) == 3, title  # fmt: skip
+    ticks = titles["policy entropy (sampled tokens)"].get_xticks()
+    assert len(ticks) > 1 and all(float(t).is_integer() for t in ticks)
+    pyplot().close(fig)
