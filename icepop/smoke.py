@@ -5,18 +5,21 @@ ranks forming their process group, the weight group, a weight sync checked by th
 update. It ends with one table, a row per run: pass or fail (with the run's last error line), how long
 the workers took to start, how the weights moved, the probe's largest |Δ log p|, step time, tok/s.
 
-On a machine with GPUs (`--cpu`: the same runs on CPU, as the tests do):
+On a machine with GPUs (`--cpu`: the same runs on CPU, as the tests do, the GPUs hidden from them):
   1. "1 engine + 1 rank": cluster=gpu, a bfloat16 engine, weights broadcast over NCCL (2 GPUs);
-  2. "colocated": trainer rank and engine in one process on one GPU, vLLM sleep mode (1 GPU);
-  3. "ZeRO-3, 2 ranks": two ranks gathering parameters, one engine (3 GPUs).
+  2. "float32": the same with a float32 engine, held to the float32 probe limit (exact attention, 2 GPUs);
+  3. "colocated": trainer rank and engine in one process on one GPU, vLLM sleep mode (1 GPU);
+  4. "ZeRO-3, 2 ranks": two ranks gathering parameters, one engine (3 GPUs).
 A run that needs more GPUs than the machine has is listed as skipped. Exit status 0 when every run
-that ran passed. Each run's folder stays under `--dir` for a closer look.
+that ran passed. Each run's folder stays under `--dir` for a closer look. A host whose torch cannot use
+the GPUs its NVIDIA driver shows (a driver older than torch's CUDA) is refused before any run starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,7 +33,7 @@ COMMON = (
     "+recipe=rlvr", "model=tiny-dense", "model.sft_warmup=false", "reward.function=icepop.smoke:shorter",
     f"train.steps={STEPS}", "train.eval_every=0", "train.checkpoint_every=0", "data.size=64",
     "data.eval_size=8", "algo.prompts_per_step=4", "algo.samples_per_prompt=4", "rollout.max_new_tokens=16",
-    "rollout.dtype=bfloat16", "reward.workers=1",
+    "reward.workers=1",
 )  # fmt: skip
 """Overrides of every smoke run: `python -m icepop.train` with these and the case's own."""
 TIMEOUT_SECONDS = 600
@@ -50,10 +53,13 @@ class Case:
     gpus: int
     """GPUs the case needs on a GPU machine."""
     overrides: tuple[str, ...]
+    engine_dtype: str = "bfloat16"
+    """rollout.dtype; the trainer keeps the tiny model's float32."""
 
 
 CASES = (
     Case("disaggregated", "1 engine + 1 rank", 2, ("rollout.engines=1", "trainer.ranks=1")),
+    Case("float32", "float32 engine + 1 rank", 2, ("rollout.engines=1", "trainer.ranks=1"), "float32"),
     Case(
         "colocated",
         "colocated, 1 rank",
@@ -86,7 +92,15 @@ class Outcome:
 def command(case: Case, gpu: bool, run_dir: Path) -> list[str]:
     """The `python -m icepop.train` command line of one case."""
     cluster = ("cluster=gpu",) if gpu else ()
-    return [sys.executable, "-m", "icepop.train", *COMMON, *cluster, *case.overrides, f"run.dir={run_dir}"]
+    dtype = f"rollout.dtype={case.engine_dtype}"
+    head = [sys.executable, "-m", "icepop.train", *COMMON, dtype]
+    return [*head, *cluster, *case.overrides, f"run.dir={run_dir}"]
+
+
+def child_env(gpu: bool) -> dict[str, str]:
+    """The environment of a case's run: this one's, with every GPU hidden from a CPU run (`--cpu`): Ray
+    then counts none, so a CPU run on a GPU host is not refused for reserving none."""
+    return dict(os.environ) if gpu else {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def outcome(case: Case, returncode: int, output: str, run_dir: Path) -> Outcome:
@@ -114,7 +128,11 @@ def run_case(case: Case, gpu: bool, gpus: int, base: Path) -> Outcome:
     print(f"icepop smoke: {case.name} ...", flush=True)
     try:
         done = subprocess.run(
-            command(case, gpu, run_dir), capture_output=True, text=True, timeout=TIMEOUT_SECONDS
+            command(case, gpu, run_dir),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_SECONDS,
+            env=child_env(gpu),
         )
     except subprocess.TimeoutExpired as timeout:
         output = timeout.stdout.decode() if isinstance(timeout.stdout, bytes) else timeout.stdout or ""
@@ -146,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from icepop.preflight import check_driver
+
+    problem = None if args.cpu else check_driver()
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
     gpus = 0 if args.cpu else torch.cuda.device_count()
     base = args.dir or Path(tempfile.mkdtemp(prefix="icepop-smoke-"))
     cases = [case for case in CASES if not args.only or case.key in args.only]

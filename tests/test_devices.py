@@ -161,10 +161,11 @@ def test_smoke_runs_compose_on_gpus_and_on_cpu_and_skip_what_the_machine_lacks(t
             command = smoke.command(case, gpu, tmp_path / case.key)
             config = checked_config(*command[3:])
             assert (config.trainer.gpus_per_rank == 1) is gpu and config.train.steps == smoke.STEPS
-            assert config.rollout.dtype == "bfloat16" and not config.model.sft_warmup
-    skipped = smoke.run_case(smoke.CASES[2], gpu=True, gpus=2, base=tmp_path)
+            assert config.rollout.dtype == case.engine_dtype and not config.model.sft_warmup
+    zero3 = next(case for case in smoke.CASES if case.key == "zero3")
+    skipped = smoke.run_case(zero3, gpu=True, gpus=2, base=tmp_path)
     assert skipped.result == "skipped: needs 3 GPUs, 2 here"
-    assert not (tmp_path / smoke.CASES[2].key).exists()
+    assert not (tmp_path / zero3.key).exists()
 
 
 def test_a_failed_smoke_run_shows_its_error_line(tmp_path: Path) -> None:

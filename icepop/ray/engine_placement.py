@@ -3,10 +3,11 @@ rollout bundles; the weights come by broadcast or by file) or `Colocated` (one e
 trainer rank's process; the weights are handed over in-process, the engine sleeping while its rank
 trains). `engine_placement` is the only place that reads cluster.placement.
 
-Both answer the same questions — do the engines need bundles, which devices does an engine use, how
-are they started and called, how do new weights reach them, how do they sleep, which died and how is
-one restarted — so `icepop.ray.engines.Engines`, the bundles and the start-up never ask which one they
-have. A new placement is a third class with these methods and a branch in `engine_placement`.
+Both answer the same questions — do the engines need bundles, which devices does an engine use, what
+must the trainer ranks' DeepSpeed config hold for them, how are they started and called, how do new
+weights reach them, how do they sleep, which died and how is one restarted — so
+`icepop.ray.engines.Engines`, the bundles and the start-up never ask which one they have. A new
+placement is a third class with these methods and a branch in `engine_placement`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ class Disaggregated:
     def devices(config: Config) -> tuple[int, int]:
         """(CPUs, GPUs) of one engine: its own bundle's."""
         return config.rollout.cpus_per_engine, config.rollout.gpus_per_engine
+
+    @staticmethod
+    def deepspeed_overrides(config: Config) -> dict[str, Any]:
+        """What the trainer ranks' DeepSpeed config must hold for these engines: nothing, none shares a
+        rank's process."""
+        return {}
 
     def __init__(
         self, config: Config, model_path: str, bundles: Any, trainer: Any, weights_file: str
@@ -142,6 +149,18 @@ class Colocated:
     def devices(config: Config) -> tuple[int, int]:
         """(CPUs, GPUs) of one engine: its trainer rank's."""
         return config.trainer.cpus_per_rank, config.trainer.gpus_per_rank
+
+    @staticmethod
+    def deepspeed_overrides(config: Config) -> dict[str, Any]:
+        """Under ZeRO-3, memory_efficient_linear off: deepspeed.zero.Init otherwise replaces
+        torch.nn.functional.linear for the whole process and never puts it back
+        (`_enable_mem_efficient_linear`, deepspeed/runtime/zero/partition_parameters.py), and the engine
+        built after it in the rank's process would run its linear layers through ZeRO-3's autograd
+        function (vLLM calls torch.nn.functional.linear on GPUs, and keeps it as a layer's CPU kernel
+        where nothing better fits)."""
+        if config.trainer.zero_stage != 3:
+            return {}
+        return {"zero_optimization": {"memory_efficient_linear": False}}
 
     def __init__(
         self, config: Config, model_path: str, bundles: Any, trainer: Any, weights_file: str

@@ -20,10 +20,22 @@ from icepop.config import Config
 from icepop.ray.actors import make_actors
 from icepop.ray.bundles import gpu_requests
 from icepop.ray.cluster import Placement
+from icepop.ray.engine_placement import engine_placement
 from icepop.ray.hosts import ReferenceHost, RewardModelHost, TrainerHost
 from icepop.trainer.base import backend_class
+from icepop.trainer.inputs import deep_merge
 from icepop.trainer.settings import trainer_settings
 from icepop.types import PreferenceBatch, RLBatch, SFTBatch, blocks
+
+
+def rank_settings(config: Config, model_path: str, stage: str) -> dict[str, Any]:
+    """`trainer_settings` of a stage's ranks, with what the engine placement needs of an RL stage's
+    DeepSpeed config (`deepspeed_overrides`) merged under the user's own trainer.ds_config_overrides."""
+    settings = trainer_settings(config, model_path, stage)
+    if stage == "rl":
+        needed = engine_placement(config).deepspeed_overrides(config)
+        settings["ds_config_overrides"] = deep_merge(needed, settings["ds_config_overrides"])
+    return settings
 
 
 class TrainerGroup:
@@ -39,7 +51,7 @@ class TrainerGroup:
         self.actors = make_actors(TrainerHost, trainer.ranks, placement.trainer, cpus, gpus, "trainer")
         master_addr, master_port = ray.get(self.actors[0].node_address.remote())
         backend = backend_class(trainer.backend)
-        common = trainer_settings(config, model_path, stage)
+        common = rank_settings(config, model_path, stage)
         common |= {"master_addr": master_addr, "master_port": master_port}
         self.pending = [
             a.setup.remote(backend, {**common, "rank": rank}) for rank, a in enumerate(self.actors)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from icepop.rollout.noise import Noise, with_noise
+from icepop.rollout.precision import precision_env
 from icepop.types import Completion, SamplingSettings
 
 if TYPE_CHECKING:
@@ -195,6 +196,8 @@ class VllmEngine:
         from vllm.platforms import current_platform
 
         self._on_cpu = current_platform.is_cpu()
+        for name, value in precision_env(dtype, not self._on_cpu).items():
+            os.environ.setdefault(name, value)
         self._sleep_enabled = enable_sleep_mode and not self._on_cpu
         self._sleeping = False
         self._closed = False

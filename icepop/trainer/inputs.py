@@ -152,14 +152,15 @@ def deepspeed_config(
         # Keeps torch AdamW (DeepSpeedCPUAdam would need a compiled op) with state on the CPU.
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
         config["zero_force_ds_cpu_optimizer"] = False
-    return _deep_merge(config, overrides or {})
+    return deep_merge(config, overrides or {})
 
 
-def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` on top, nested dicts merged key by key (neither is modified)."""
     merged = dict(base)
     for key, value in overrides.items():
         nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _deep_merge(merged[key], value) if nested else value
+        merged[key] = deep_merge(merged[key], value) if nested else value
     return merged
 
 
