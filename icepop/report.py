@@ -48,6 +48,8 @@ def run_label(run_dir: Path) -> str:
         correction += f" [{algo['ratio_low']}, {algo['ratio_high']}]"
     elif correction in ("tis", "seq-tis"):
         correction += f" C={algo['ratio_high']}"
+    elif f"{correction.replace('-', '_')}_threshold" in algo:  # the trust-region corrections
+        correction += f" δ={algo[correction.replace('-', '_') + '_threshold']:g}, anchor {algo['anchor']}"
     return (
         f"{run_dir.name}: {correction}, noise {rollout.get('mismatch_noise', 0.0)}, {rollout['dtype']} engine"
     )

@@ -9,6 +9,7 @@ analytic one,
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,55 @@ def sequence_weights(correction: str, deltas: list[float], lo: float, hi: float)
     raise AssertionError(correction)
 
 
+TRUST_REGION = {"dppo-tv": 0.15, "dppo-kl": 0.05, "opsm": 0.1, "trm": math.log(5.0)}
+"""The trust-region corrections (docs/algorithm.md §10) and their default δ."""
+ONLINE = ("icepop-online", "dppo-tv", "dppo-kl")
+
+
+def dppo_weight(kind: str, lp: float, anchor: float, inf: float, adv: float | None, delta: float) -> float:
+    """DPPO's weight π_θ/π_inf of one valid token, or 0 where its trust region masks it."""
+    log_weight, drift = lp - inf, lp - anchor
+    if not (_finite(log_weight) and _finite(drift)) or log_weight > math.log(sys.float_info.max):
+        return 0.0
+    lp, anchor = min(lp, 0.0), min(anchor, 0.0)  # a probability is at most 1
+    p, pa = math.exp(lp), math.exp(anchor)
+    if kind == "tv":
+        up, down = p - pa > delta, p - pa < -delta
+    else:
+        kl = pa * (anchor - lp) + (1 - pa) * math.log((1 - pa + 1e-8) / (1 - p + 1e-8))
+        up, down = kl > delta and p > pa, kl > delta and p < pa
+    if adv is None:
+        masked = up or down
+    else:
+        masked = up if adv > 0 else down
+    return 0.0 if masked else math.exp(log_weight)
+
+
+def trust_region_weights(
+    correction: str,
+    lps: list[float],
+    anchors: list[float],
+    olds: list[float],
+    infs: list[float],
+    advs: list[float] | list[None],
+    delta: float,
+) -> list[float]:
+    """Weights of one sequence's valid tokens under "dppo-tv", "dppo-kl", "opsm" or "trm"."""
+    if correction.startswith("dppo-"):
+        kind = correction.removeprefix("dppo-")
+        return [dppo_weight(kind, *x, delta) for x in zip(lps, anchors, infs, advs, strict=True)]
+    n = len(lps)
+    if not all(
+        _finite(o - i) and _finite(lp - a) for lp, a, o, i in zip(lps, anchors, olds, infs, strict=True)
+    ):
+        return [0.0] * n
+    if correction == "opsm":
+        divergence = sum(a - lp for lp, a in zip(lps, anchors, strict=True)) / n
+        return [0.0 if (a is None or a < 0) and divergence > delta else 1.0 for a in advs]
+    largest = max(abs(lp - a) for lp, a in zip(lps, anchors, strict=True))
+    return [1.0 if largest <= delta else 0.0] * n
+
+
 def reference_loss(
     logprobs: Matrix,
     old: Matrix,
@@ -88,15 +138,23 @@ def reference_loss(
     clip_high: float = 0.28,
     agg: str = "token-mean",
     max_len: int | None = None,
+    anchor: str = "rollout",
+    threshold: float | None = None,
 ) -> Reference:
-    """PPO-clip objective (or the online form) with the named correction and aggregation."""
+    """PPO-clip objective (or the online form) with the named correction and aggregation; `anchor`
+    and `threshold` (None: the default δ) are those of the trust-region corrections."""
     rows, cols = len(logprobs), len(logprobs[0])
     weights = [[0.0] * cols for _ in range(rows)]
     for i in range(rows):
         valid = [t for t in range(cols) if mask[i][t]]
         numer = logprobs if correction == "icepop-online" else old
         deltas = [numer[i][t] - rollout[i][t] for t in valid]
-        if correction in ("seq-tis", "seq-mis", "geo-mask"):
+        if correction in TRUST_REGION:
+            delta = TRUST_REGION[correction] if threshold is None else threshold
+            anchors = rollout if anchor == "rollout" else old
+            cut = [[m[i][t] for t in valid] for m in (logprobs, anchors, old, rollout, adv)]
+            ws = trust_region_weights(correction, *cut, delta) if valid else []
+        elif correction in ("seq-tis", "seq-mis", "geo-mask"):
             ws = sequence_weights(correction, deltas, lo, hi) if valid else []
         else:
             ws = [
@@ -134,7 +192,7 @@ def reference_loss(
                 masked += 1
                 continue
             a = adv[i][t]
-            if correction == "icepop-online":
+            if correction in ONLINE:
                 value, dvalue = -a, -a  # l = −A·exp(ℓ_θ − sg ℓ_θ): value −A, derivative −A
             else:
                 r = math.exp(logprobs[i][t] - old[i][t])

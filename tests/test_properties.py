@@ -23,6 +23,10 @@ BOUNDS = {  # (ratio_low, ratio_high) that make each correction mask a fair shar
     "seq-mis": (0.5, 3.0),
     "geo-mask": (0.7, 1.4),
     "kpop": (0.5, 5.0),
+    "dppo-tv": (0.5, 5.0),  # the trust-region corrections mask by their own default δ, not by the band
+    "dppo-kl": (0.5, 5.0),
+    "opsm": (0.5, 5.0),
+    "trm": (0.5, 5.0),
 }
 
 

@@ -95,3 +95,12 @@ def test_the_metrics_figure_has_the_training_health_panels_on_whole_steps() -> N
     ticks = titles["policy entropy (sampled tokens)"].get_xticks()
     assert len(ticks) > 1 and all(float(t).is_integer() for t in ticks)
     pyplot().close(fig)
+
+
+def test_a_trust_region_run_is_labelled_with_its_threshold_and_anchor(tmp_path: Path) -> None:
+    from icepop.report import run_label
+
+    config = compose_config("+recipe=rlvr", "algo.correction=trm", "algo.anchor=old")
+    (tmp_path / "trm").mkdir()
+    OmegaConf.save(OmegaConf.structured(config), tmp_path / "trm" / "config.yaml")
+    assert run_label(tmp_path / "trm") == "trm: trm δ=1.60944, anchor old, noise 0.0, float32 engine"

@@ -33,10 +33,12 @@ from icepop.algo.metrics import (
 )
 from icepop.algo.preference import bradley_terry_loss, pairwise_accuracy, whiten
 from icepop.algo.surrogates import OBJECTIVES
+from icepop.algo.trust_region import ANCHORS
 
 __all__ = [
     "ADVANTAGES",
     "AGGREGATIONS",
+    "ANCHORS",
     "CORRECTIONS",
     "KL_ESTIMATORS",
     "KPOP_THRESHOLD",

@@ -11,15 +11,20 @@ tokens with ℓ = −inf, from ever producing 0·∞ = NaN in the loss or its gr
 
 A valid token whose Δ is not finite (either log-prob −inf or NaN) gets weight 0 under every
 correction, "none" included: no ratio can be formed for it, and the metrics count it separately.
+
+The trust-region corrections of 2025-26 ("dppo-tv", "dppo-kl", "opsm", "trm") look at the current policy
+against an anchor instead, under the same rules; they live in trust_region.py and are dispatched here.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from icepop.algo.correction_base import Correction, broadcast_sequence
+from icepop.algo.trust_region import THRESHOLDS, TRUST_REGION_CORRECTIONS, trust_region_weights
 
 CORRECTIONS = (
     "none",
@@ -31,26 +36,16 @@ CORRECTIONS = (
     "geo-mask",
     "kpop",
     "icepop-online",
+    *TRUST_REGION_CORRECTIONS,
 )
 """Names accepted by `correction_weights` (and by `policy_loss(correction=...)`)."""
 
+ONLINE_CORRECTIONS = ("icepop-online", "dppo-tv", "dppo-kl")
+"""Objectives of their own: the kept token's weight is the current ratio π_θ/π_inf, the gradient goes
+through it, and there is no PPO clip (pg_loss)."""
+
 KPOP_CLAMP = 1e-8
 """KPop clamps both probabilities to [1e-8, 1 − 1e-8] before the binary KL (docs/algorithm.md §3)."""
-
-
-class Correction(NamedTuple):
-    """Per-token result of a correction; every tensor is [B, T] and detached.
-
-    weight: the factor on each token's surrogate (0 where masked or padded).
-    keep:   valid tokens the update uses (weight may still be 0 only if k itself is 0).
-    low:    valid tokens masked because the ratio is too small (k < α, or Δ = −inf).
-    high:   valid tokens masked because the ratio is too large (k > β, or Δ = +inf).
-    """
-
-    weight: Tensor
-    keep: Tensor
-    low: Tensor
-    high: Tensor
 
 
 def log_ratio(old_logprobs: Tensor, rollout_logprobs: Tensor, response_mask: Tensor) -> Tensor:
@@ -119,16 +114,6 @@ def _sequence_log_ratio(delta: Tensor, response_mask: Tensor, mean: bool) -> tup
     return total, all_finite
 
 
-def _broadcast_sequence(
-    seq_weight: Tensor, seq_keep: Tensor, seq_low: Tensor, seq_high: Tensor, response_mask: Tensor
-) -> Correction:
-    def expand(x: Tensor) -> Tensor:
-        return x[:, None] & response_mask
-
-    weight = torch.where(expand(seq_keep), seq_weight[:, None].expand_as(response_mask), 0.0)
-    return Correction(weight.to(seq_weight.dtype), expand(seq_keep), expand(seq_low), expand(seq_high))
-
-
 def seq_tis(delta: Tensor, response_mask: Tensor, cap: float) -> Correction:
     """Sequence TIS: ρ = exp(Σ_t Δ_t), weight min(ρ, C) on every token of the sequence.
 
@@ -138,7 +123,7 @@ def seq_tis(delta: Tensor, response_mask: Tensor, cap: float) -> Correction:
     log_rho, ok = _sequence_log_ratio(delta, response_mask, mean=False)
     rho = torch.exp(torch.where(ok, log_rho.clamp(max=math.log(cap)), torch.zeros_like(log_rho)))
     # Sequence TIS never masks on the low side; only a sequence with a non-finite Δ is dropped.
-    return _broadcast_sequence(rho, ok, torch.zeros_like(ok), ~ok, response_mask)
+    return broadcast_sequence(rho, ok, torch.zeros_like(ok), ~ok, response_mask)
 
 
 def seq_mis(delta: Tensor, response_mask: Tensor, cap: float) -> Correction:
@@ -147,7 +132,7 @@ def seq_mis(delta: Tensor, response_mask: Tensor, cap: float) -> Correction:
     high = ~ok | (log_rho > math.log(cap))
     keep = ~high
     rho = torch.exp(torch.where(keep, log_rho, torch.zeros_like(log_rho)))
-    return _broadcast_sequence(rho, keep, torch.zeros_like(keep), high, response_mask)
+    return broadcast_sequence(rho, keep, torch.zeros_like(keep), high, response_mask)
 
 
 def geo_mask(delta: Tensor, response_mask: Tensor, ratio_low: float, ratio_high: float) -> Correction:
@@ -205,12 +190,26 @@ def correction_weights(
     ratio_low: float,
     ratio_high: float,
     kpop_threshold: float,
+    logprobs: Tensor | None = None,
+    advantages: Tensor | None = None,
+    anchor: str = "rollout",
+    threshold: float | None = None,
 ) -> Correction:
     """Apply the named correction to [B, T] log-probs. For "icepop-online" pass ℓ_θ as old_logprobs.
 
     ratio_low/ratio_high are α/β for "icepop", "icepop-online" and "geo-mask"; ratio_high is the cap C
     for the one-sided "tis", "token-mis", "seq-tis" and "seq-mis"; kpop_threshold is φ for "kpop".
+    The trust-region corrections ("dppo-tv", "dppo-kl", "opsm", "trm", trust_region.py) also take the
+    current ℓ_θ as `logprobs` (detached; None: θ = θ_old, ℓ_θ = ℓ_old), the advantages for the sign tests
+    of "dppo-*" and "opsm" (None: both sides masked, an upper bound), the `anchor` ("rollout": ℓ_inf, or
+    "old": ℓ_old) and their δ as `threshold` (None: that correction's default, trust_region.THRESHOLDS).
     """
+    if correction in TRUST_REGION_CORRECTIONS:
+        return trust_region_weights(
+            correction, old_logprobs if logprobs is None else logprobs, old_logprobs, rollout_logprobs,
+            response_mask, advantages=advantages, anchor=anchor,
+            threshold=THRESHOLDS[correction] if threshold is None else threshold,
+        )  # fmt: skip
     delta = log_ratio(old_logprobs, rollout_logprobs, response_mask)
     if correction == "none":
         return no_correction(delta, response_mask)

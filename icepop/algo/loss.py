@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from icepop.algo.aggregation import AGGREGATIONS, Count, aggregate
-from icepop.algo.corrections import CORRECTIONS, Correction, correction_weights, log_ratio
+from icepop.algo.corrections import CORRECTIONS, ONLINE_CORRECTIONS, Correction, correction_weights, log_ratio
 from icepop.algo.kl import KL_ESTIMATORS, kl_estimate
 from icepop.algo.metrics import (
     Metrics,
@@ -30,6 +30,7 @@ from icepop.algo.metrics import (
     staleness_metrics,
 )
 from icepop.algo.surrogates import OBJECTIVES, cispo, gspo_ratio, ppo_clip
+from icepop.algo.trust_region import ANCHORS, THRESHOLDS
 
 KPOP_THRESHOLD = 0.05
 """Default φ for "kpop". Our choice, not the KPop blog's: at q = 0.01 it accepts about the same
@@ -48,6 +49,17 @@ class PolicyLossOptions:
     """β for the band corrections; the cap C for "tis", "token-mis", "seq-tis", "seq-mis"."""
     kpop_threshold: float = KPOP_THRESHOLD
     """φ: largest symmetric binary KL a token may have under "kpop"."""
+    anchor: str = "rollout"
+    """What "dppo-tv", "dppo-kl", "opsm" and "trm" measure π_θ against: "rollout" (π_inf, where the
+    mismatch lives) or "old" (π_old, the update drift alone); docs/algorithm.md §10."""
+    dppo_tv_threshold: float = THRESHOLDS["dppo-tv"]
+    """δ of "dppo-tv": largest move π_θ − π_anchor of the sampled token's probability, on A's side."""
+    dppo_kl_threshold: float = THRESHOLDS["dppo-kl"]
+    """δ of "dppo-kl": largest binary KL(Bern(π_anchor) ‖ Bern(π_θ)) of the sampled token, A's side."""
+    opsm_threshold: float = THRESHOLDS["opsm"]
+    """δ of "opsm": largest mean log(π_anchor/π_θ) over a sequence with negative advantage."""
+    trm_threshold: float = THRESHOLDS["trm"]
+    """δ of "trm": largest |log(π_θ/π_anchor)| any token of a kept sequence may have (default ln 5)."""
     objective: str = "ppo"
     """"ppo" (clipped token ratio), "gspo" (clipped sequence ratio) or "cispo" (clipped IS weight)."""
     clip_low: float = 0.2
@@ -81,24 +93,50 @@ class PolicyLossOptions:
             raise ValueError(f"clip_high must be >= 0, e.g. 0.28; got {self.clip_high}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be > 1 (e.g. 3.0) or None; got {self.dual_clip}")
-        if self.kpop_threshold <= 0.0:
-            raise ValueError(f"kpop_threshold must be > 0, e.g. {KPOP_THRESHOLD}; got {self.kpop_threshold}")
-        if self.correction == "icepop-online" and self.objective != "ppo":
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor={self.anchor!r} is not one of {', '.join(ANCHORS)}")
+        given = {"kpop": self.kpop_threshold, **self.thresholds()}
+        for correction, value in given.items():
+            if value <= 0.0:
+                default = {"kpop": KPOP_THRESHOLD, **THRESHOLDS}[correction]
+                name = f"{correction.replace('-', '_')}_threshold"
+                raise ValueError(f"{name} must be > 0, e.g. {default:.4g}; got {value}")
+        if self.correction in ONLINE_CORRECTIONS and self.objective != "ppo":
             raise ValueError(
-                f"objective={self.objective!r} cannot combine with correction='icepop-online', "
+                f"objective={self.objective!r} cannot combine with correction={self.correction!r}, "
                 "which is an objective of its own (no clip); leave objective='ppo'"
             )
         if self.max_response_length is not None and self.max_response_length < 1:
             raise ValueError(f"max_response_length must be >= 1 or None; got {self.max_response_length}")
 
     def correction_weights(
-        self, numerator: Tensor, rollout_logprobs: Tensor, response_mask: Tensor
+        self,
+        numerator: Tensor,
+        rollout_logprobs: Tensor,
+        response_mask: Tensor,
+        *,
+        logprobs: Tensor | None = None,
+        advantages: Tensor | None = None,
     ) -> Correction:
-        """This correction's per-token weights and masks (numerator: ℓ_old, or ℓ_θ for "icepop-online")."""
+        """This correction's per-token weights and masks (numerator: ℓ_old, or ℓ_θ for "icepop-online").
+
+        The trust-region corrections also read the current ℓ_θ (`logprobs`, detached; None: θ = θ_old)
+        and the advantages' signs (None: masked on both sides, an upper bound on the masked share)."""
         return correction_weights(
             self.correction, numerator, rollout_logprobs, response_mask,
             ratio_low=self.ratio_low, ratio_high=self.ratio_high, kpop_threshold=self.kpop_threshold,
+            logprobs=logprobs, advantages=advantages, anchor=self.anchor,
+            threshold=self.thresholds().get(self.correction),
         )  # fmt: skip
+
+    def thresholds(self) -> dict[str, float]:
+        """δ of each trust-region correction, by correction name (trust_region.THRESHOLDS' keys)."""
+        return {
+            "dppo-tv": self.dppo_tv_threshold,
+            "dppo-kl": self.dppo_kl_threshold,
+            "opsm": self.opsm_threshold,
+            "trm": self.trm_threshold,
+        }
 
 
 class PolicyLoss(NamedTuple):
@@ -158,16 +196,21 @@ def pg_loss(
     the "seq-mean-*" aggregations.
 
     "icepop-online" is a whole objective (INTELLECT-3 form): k = exp(ℓ_θ − ℓ_inf), the mask on
-    sg(k), the gradient through k, no PPO clip. ref_logprobs are needed when options.kl_coef ≠ 0.
+    sg(k), the gradient through k, no PPO clip; so are "dppo-tv" and "dppo-kl" with DPPO's masks.
+    "opsm" and "trm" mask sequences on top of the chosen objective. ref_logprobs are needed when
+    options.kl_coef ≠ 0.
     """
     tensors = {"old_logprobs": old_logprobs, "rollout_logprobs": rollout_logprobs, "advantages": advantages}
     _check_tensors(logprobs, {**tensors, "ref_logprobs": ref_logprobs}, response_mask)
     if options.kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError(f"kl_coef={options.kl_coef} needs ref_logprobs (the reference policy's log-probs)")
-    online = options.correction == "icepop-online"
-    # The mask never depends on ℓ_θ, except in the online variant, where that is its definition.
-    numerator = logprobs.detach() if online else old_logprobs
-    corr = options.correction_weights(numerator, rollout_logprobs, response_mask)
+    online = options.correction in ONLINE_CORRECTIONS
+    # The mismatch corrections never look at ℓ_θ; the online variant and the trust-region corrections
+    # (trust_region.py) measure it by definition, detached.
+    numerator = logprobs.detach() if options.correction == "icepop-online" else old_logprobs
+    corr = options.correction_weights(
+        numerator, rollout_logprobs, response_mask, logprobs=logprobs.detach(), advantages=advantages
+    )
     active = corr.keep
     zero = torch.zeros_like(logprobs)
     lp = torch.where(active, logprobs, zero)
@@ -175,10 +218,11 @@ def pg_loss(
     adv = torch.where(active, advantages.detach().to(lp.dtype), zero)
     token_loss, clipped = _surrogate(options, lp, old, adv, active)
     token_loss = torch.where(active, corr.weight.to(token_loss.dtype) * token_loss, zero)
+    weighed = logprobs.detach() if online else old_logprobs  # the ratio k = exp(· − ℓ_inf) the metrics show
 
     metrics = {
         **mismatch_metrics(old_logprobs, rollout_logprobs, response_mask),
-        **correction_metrics(corr, log_ratio(numerator, rollout_logprobs, response_mask), response_mask),
+        **correction_metrics(corr, log_ratio(weighed, rollout_logprobs, response_mask), response_mask),
         "actor/pg_clipfrac": masked_mean(clipped.to(zero.dtype), active),
         "actor/ppo_kl": masked_mean(old - lp, active),
         "policy/logp_mean": masked_mean(lp, active),
@@ -204,7 +248,7 @@ def _surrogate(
     """Per-token loss before the correction weight, and where clipping set it; [B, T] each."""
     eps_low, eps_high = options.clip_low, options.clip_high
     ratio = torch.exp(lp - old)
-    if options.correction == "icepop-online":
+    if options.correction in ONLINE_CORRECTIONS:
         # Value −A (the weight k multiplies outside), gradient −A·∇ℓ_θ: with the weight, k·A·∇ℓ_θ.
         return -adv * torch.exp(lp - lp.detach()), torch.zeros_like(active)
     if options.objective == "ppo":

@@ -54,7 +54,9 @@ def mismatch_metrics(old_logprobs: Tensor, rollout_logprobs: Tensor, response_ma
 def correction_metrics(correction: Correction, delta: Tensor, response_mask: Tensor) -> Metrics:
     """Mask fractions (all, low side, high side) over valid tokens, and the ratio k's range.
 
-    `delta` is the log-ratio the correction looked at (Δ, or ℓ_θ − ℓ_inf for "icepop-online").
+    `delta` is the log-ratio the correction looked at (Δ, or ℓ_θ − ℓ_inf for "icepop-online" and
+    "dppo-*", whose weight it is). The sequence masks ("seq-mis", "geo-mask", "opsm", "trm") drop whole
+    sequences: mask_frac counts their tokens, icepop/masked_seq_frac (weight_metrics) the sequences.
     """
     valid = response_mask.sum().clamp(min=1).double()
     finite = response_mask & torch.isfinite(delta)

@@ -33,6 +33,17 @@ class AlgoConfig:
     """β, the upper bound (the cap C for "tis", "token-mis", "seq-tis", "seq-mis")."""
     kpop_threshold: float = LOSS.kpop_threshold
     """φ for "kpop"."""
+    anchor: str = LOSS.anchor
+    """What "dppo-tv", "dppo-kl", "opsm" and "trm" measure the current policy against: "rollout" (π_inf)
+    or "old" (π_old); docs/algorithm.md §10."""
+    dppo_tv_threshold: float = LOSS.dppo_tv_threshold
+    """δ for "dppo-tv" (a probability difference)."""
+    dppo_kl_threshold: float = LOSS.dppo_kl_threshold
+    """δ for "dppo-kl" (a binary KL)."""
+    opsm_threshold: float = LOSS.opsm_threshold
+    """δ for "opsm" (a sequence's mean log-ratio of anchor to current policy)."""
+    trm_threshold: float = LOSS.trm_threshold
+    """δ for "trm" (the largest |log-ratio| of current policy to anchor a kept sequence may have)."""
     objective: str = LOSS.objective
     """"ppo", "gspo" or "cispo"."""
     clip_low: float = LOSS.clip_low

@@ -23,7 +23,7 @@ def mismatch_statistics(
     `by_turn` (multi-turn episodes) also per model turn, as mismatch/turn_<n>/…"""
     old, rollout, mask = batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
     assert old is not None
-    corr = options.correction_weights(old, rollout, mask)
+    corr = options.correction_weights(old, rollout, mask, advantages=batch.advantages)  # sign tests exact
     delta = log_ratio(old, rollout, mask)
     stats = {**mismatch_metrics(old, rollout, mask), **correction_metrics(corr, delta, mask)}
     if by_turn:
