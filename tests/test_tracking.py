@@ -56,3 +56,30 @@ def test_the_closing_lines_name_the_final_checkpoint_and_how_to_use_it(tmp_path:
     assert f"vllm serve {checkpoint}" in lines[5] and lines[-1].endswith(
         f"from_pretrained('{checkpoint}/adapter')"
     )
+
+
+def test_tensorboard_and_mlflow_receive_every_step_and_the_config(tmp_path: Path) -> None:
+    """logger=tensorboard and logger=mlflow, read back with their own readers."""
+    from dataclasses import replace
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    base = Config(stage="rlvr")
+    base = replace(base, run=replace(base.run, dir=str(tmp_path)))  # resolved, as a run's is
+    for backend in ("tensorboard", "mlflow"):
+        config = replace(base, logger=replace(base.logger, backend=backend))
+        (tmp_path / backend).mkdir()
+        with Tracker(config, tmp_path / backend, 2, "rlvr") as tracker:
+            tracker.log(1, {"reward/mean": 0.25, "actor/kl": float("nan")})
+            tracker.log(2, {"reward/mean": 0.75, "actor/kl": 0.5})
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == [(1, 0.25), (2, 0.75)]
+    assert events.Tags()["tensors"] == ["config/text_summary"]  # the settings, as text
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'mlflow' / 'mlflow.db').resolve()}")
+    (run,) = client.search_runs([client.get_experiment_by_name("icepop").experiment_id])
+    assert run.info.run_name == "mlflow" and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "reward/mean")
+    assert [(m.step, m.value) for m in history] == [(1, 0.25), (2, 0.75)]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "actor/kl")] == [2]  # NaN left out
+    assert run.data.params["trainer.lr"] == "2e-06" and run.data.params["stage"] == "rlvr"

@@ -29,9 +29,13 @@ class RunConfig:
 @dataclass
 class LoggerConfig:
     backend: str = "console"
-    """"console" (progress bar + metrics.jsonl) or "wandb" (the same, also sent to wandb)."""
+    """"console" (progress bar or a line per step, and metrics.jsonl), or the same also sent to "wandb",
+    "tensorboard" (event files in run.dir/tensorboard) or "mlflow" (`logger.mlflow_tracking_uri`)."""
     project: str = "icepop"
-    """wandb project name."""
+    """wandb project name; MLflow experiment name."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow's tracking store: a server ("http://host:5000") or a database URI; None: the local database
+    run.dir/mlflow.db (`mlflow ui --backend-store-uri sqlite:///<run.dir>/mlflow.db` shows it)."""
     wandb_mode: str = "offline"
     """wandb mode: "offline" (sync later with `wandb sync`), "online" or "disabled"."""
     mismatch_alert: float = 0.05
@@ -40,7 +44,7 @@ class LoggerConfig:
     """Steps over which a falling mask fraction with a rising mismatch KL raises an alert."""
 
     def __post_init__(self) -> None:
-        one_of("logger.backend", self.backend, ("console", "wandb"))
+        one_of("logger.backend", self.backend, ("console", "wandb", "tensorboard", "mlflow"))
         one_of("logger.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
         positive(**{"logger.mismatch_alert": self.mismatch_alert, "logger.alert_window": self.alert_window})
 
