@@ -15,6 +15,9 @@ fires once per episode and re-arms when the pattern stops.
 masking: the correction masks more than twice — and 1 point more than — what it would mask for the
 engine mismatch alone (`staleness/mismatch_only_mask_frac`). Then lowering max_staleness is the fix, not
 the band. It fires when the condition starts.
+(d) Nothing trains: for `logger.alert_window` steps in a row every group got one reward for all its
+samples (`reward/zero_variance_group_frac` = 1) or the gradient norm was 0. It says what to change, fires
+once, and re-arms after a step with a learning signal.
 
 Pure Python and torch: the alerts are tested on synthetic metric streams.
 """
@@ -41,6 +44,12 @@ MIN_T = 3.0
 """Welch's t between the window's halves that a fall or rise must reach to count as a trend."""
 STALENESS_MARGIN = 0.01
 """Masked fraction that staleness must add beyond the mismatch's own before alert (c) fires."""
+NO_SIGNAL_HINT = (
+    "every group's samples got the same reward (or the gradient was 0), so the updates change nothing: "
+    "check the reward on a few replies (reward/mean near 0 or 1: the task is too hard or too easy for the "
+    "model), raise algo.samples_per_prompt, or turn on algo.dynamic_sampling"
+)
+"""What alert (d) tells the user."""
 
 
 class MismatchAlerts:
@@ -53,6 +62,7 @@ class MismatchAlerts:
         self._above = False
         self._trending = False
         self._stale = False
+        self._dead_steps = 0
         self._history: list[tuple[float, float]] = []
 
     def update(self, step: int, metrics: dict[str, float]) -> list[dict[str, Any]]:
@@ -78,6 +88,12 @@ class MismatchAlerts:
                            "versions_behind": metrics.get("staleness/versions_behind_max"),
                            "hint": "lower rollout.max_staleness; a wider band would hide it"})  # fmt: skip
         self._stale = stale
+        same = metrics.get("reward/zero_variance_group_frac", 0.0) >= 1.0
+        dead = same or metrics.get("actor/grad_norm") == 0
+        self._dead_steps = self._dead_steps + 1 if dead else 0
+        if self._dead_steps == self.window:
+            events.append({"step": step, "alert": "no_learning_signal", "steps": self.window,
+                           "reward_mean": metrics.get("reward/mean"), "hint": NO_SIGNAL_HINT})  # fmt: skip
         return events
 
     def _mask_falls_while_kl_rises(self) -> bool:

@@ -41,3 +41,11 @@ def broken(prompt: Prompt, response_text: str) -> float:
 def not_a_number(prompt: Prompt, response_text: str) -> float:
     """A reward function with a bug that does not raise: it returns NaN."""
     return math.nan
+
+
+def half_constant(prompt: Prompt, response_text: str) -> float:
+    """1 for every reply to about half the prompts (by a hash of their token ids: nothing to learn from
+    those groups), `longer` for the others: what dynamic sampling must filter (tests/test_dapo.py)."""
+    if zlib.crc32(str(prompt.prompt_ids).encode()) % 2 == 0:
+        return 1.0
+    return longer(prompt, response_text)

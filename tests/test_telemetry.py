@@ -118,3 +118,15 @@ def test_mismatch_by_position_counts_from_each_response_start() -> None:
     by_position, tokens = abs_log_ratio_by_position(delta, mask)
     assert by_position.tolist() == pytest.approx([0.15, 0.35, 0.5])  # (0.1+0.2)/2, (0.3+0.4)/2, 0.5
     assert tokens.tolist() == [2, 2, 1]
+
+
+def test_a_run_with_no_learning_signal_raises_one_alert_that_says_what_to_change() -> None:
+    base = {"icepop/mask_frac": 0.0, "mismatch/kl_k3": 0.0, "mismatch/rel_prob_diff_mean": 0.0}
+    dead = {**base, "reward/zero_variance_group_frac": 1.0, "actor/grad_norm": 0.5, "reward/mean": 0.0}
+    zero_grad = {**base, "reward/zero_variance_group_frac": 0.5, "actor/grad_norm": 0.0}
+    alive = {**base, "reward/zero_variance_group_frac": 0.5, "actor/grad_norm": 0.5}
+    stream = [dead, dead, zero_grad, alive, dead, dead, dead, dead, dead, dead]
+    events = alerts_of(stream, threshold=0.05, window=4)
+    assert [(e["step"], e["alert"]) for e in events] == [(8, "no_learning_signal")]  # once, after 4 in a row
+    assert "algo.dynamic_sampling" in events[0]["hint"] and events[0]["reward_mean"] == 0.0
+    assert not alerts_of([alive] * 10, threshold=0.05, window=4)

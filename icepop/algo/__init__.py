@@ -32,6 +32,7 @@ from icepop.algo.metrics import (
     weight_metrics,
 )
 from icepop.algo.preference import bradley_terry_loss, pairwise_accuracy, whiten
+from icepop.algo.shaping import informative_groups, overlong_penalty
 from icepop.algo.surrogates import OBJECTIVES
 from icepop.algo.trust_region import ANCHORS
 
@@ -55,6 +56,7 @@ __all__ = [
     "entropy_metrics",
     "group_mean_std",
     "grpo_advantages",
+    "informative_groups",
     "kl_estimate",
     "log_ratio",
     "log_ratio_histogram",
@@ -63,6 +65,7 @@ __all__ = [
     "masked_mean",
     "mismatch_by_turn",
     "mismatch_metrics",
+    "overlong_penalty",
     "pairwise_accuracy",
     "pg_loss",
     "policy_loss",

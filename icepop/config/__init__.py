@@ -89,6 +89,12 @@ class Config:
                 "trainer's log-probs a random draw, which IcePop's ratio to the engine's would read as "
                 "mismatch; set it to 0"
             )
+        limit = self.rollout.response_tokens()
+        if self.algo.overlong_buffer > limit:
+            raise ValueError(
+                f"algo.overlong_buffer={self.algo.overlong_buffer} is longer than the reply limit of {limit} "
+                "tokens (rollout.max_new_tokens, or the episode budget); DAPO uses a fifth of it"
+            )
         self.derived()  # refuses inconsistent batch sizes
 
     def derived(self) -> Derived:

@@ -58,6 +58,19 @@ class AlgoConfig:
     """γ, weight of KL(π_θ ‖ π_ref) (the paper uses 0); > 0 computes reference log-probs each step."""
     kl_estimator: str = LOSS.kl_estimator
     """"k1", "k2" or "k3"."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: groups whose samples all got the same rule reward (nothing to learn) are
+    dropped and more prompts generated until the step's prompts_per_step groups are full."""
+    max_sampling_rounds: int = 3
+    """Generation rounds a step may take to fill its batch (the first included); then it trains on the
+    informative groups it has, and says so."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: over the last this many tokens before the reply limit, a penalty
+    growing linearly to −algo.overlong_penalty is added to the reward (0: off); docs/algorithm.md §11."""
+    overlong_penalty: float = 1.0
+    """The penalty at the reply limit (DAPO: 1)."""
+    mask_truncated: bool = False
+    """Leave replies cut at the length limit out of the loss (DAPO's overlong filtering)."""
 
     def __post_init__(self) -> None:
         one_of("algo.advantage", self.advantage, ADVANTAGES)
@@ -69,7 +82,9 @@ class AlgoConfig:
                 "algo.updates_per_step": self.updates_per_step,
             }
         )
-        non_negative(**{"algo.kl_coef": self.kl_coef})
+        non_negative(**{"algo.kl_coef": self.kl_coef, "algo.overlong_buffer": self.overlong_buffer,
+                        "algo.overlong_penalty": self.overlong_penalty})  # fmt: skip
+        positive(**{"algo.max_sampling_rounds": self.max_sampling_rounds})
         if self.samples_per_prompt < 2:
             raise ValueError(
                 f"algo.samples_per_prompt={self.samples_per_prompt}: group-relative advantages compare the "

@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from icepop.algo import overlong_penalty
 from icepop.types import Batch, Completion, Prompt, RLBatch, select_rows
 
 
@@ -81,3 +82,12 @@ def rescored_logprobs(
         for group in groups
     ]
     return rl_batch(prompts, rescored, torch.zeros(sum(map(len, rescored))), pad_id).rollout_logprobs
+
+
+def overlong_shaping(buffer: int, penalty: float, completions: list[Completion], limit: int) -> Tensor:
+    """algo.overlong_buffer's DAPO penalty for each completion's tokens after its prompt (an episode's
+    observations included, like its budget `limit`); zeros when the buffer is 0. float32, [B]."""
+    if not buffer:
+        return torch.zeros(len(completions))
+    lengths = torch.tensor([len(c.token_ids) for c in completions])
+    return overlong_penalty(lengths, limit, buffer, penalty).float()

@@ -22,14 +22,16 @@ import torch
 from icepop import weights
 from icepop.algo import log_ratio, token_advantages
 from icepop.config import Config
+from icepop.data.prompts import ShuffledBatches
 from icepop.errors import RunStopped, input_errors
 from icepop.ray import cluster
 from icepop.ray.actors import dead_actor, gather, wait_ready
 from icepop.ray.engines import EngineHooks, Engines
 from icepop.ray.workers import ReferenceGroup, RewardModelGroup, TrainerGroup
-from icepop.stages import checkpoint, setup, warmup
+from icepop.stages import checkpoint, dynamic_sampling, setup, warmup
 from icepop.stages.batch import (
     concat_rows,
+    overlong_shaping,
     rescored_logprobs,
     rl_batch,
     select_rows,
@@ -83,13 +85,24 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     completions = [c for group in groups for c in group]
     scored = run.rewards.score_rollouts(flat_prompts, completions)  # multi-turn: the environment's reward
     count_reward_failures(run, step, scored, len(completions))
-    rewards = torch.tensor(scored.rewards, dtype=torch.float32)
+    rewards, sampled = torch.tensor(scored.rewards, dtype=torch.float32), {}
+    if algo.dynamic_sampling:  # only groups with something to learn, topped up with extra rounds
+        filled = dynamic_sampling.fill(run, step, prompts, groups, scored, rollouts.sampling)
+        prompts, groups, rewards, sampled = filled.prompts, filled.groups, filled.rewards, filled.stats
+        completions = [c for group in groups for c in group]
+        rollouts.rescored = None if filled.changed else rollouts.rescored  # rescored the batch as issued
     lap("reward")
 
-    # 3. The padded, label-aligned batch; the advantages, group-relative, on its model tokens.
+    # 3. The padded, label-aligned batch; the advantages, group-relative, on its model tokens (after
+    # DAPO's overlong shaping: a penalty near the length limit, truncated replies out of the loss).
     group_ids = torch.arange(len(prompts)).repeat_interleave(algo.samples_per_prompt)
     batch = rl_batch(prompts, groups, torch.zeros(len(completions)), run.pad_id)
-    batch.advantages = token_advantages(algo.advantage, rewards, group_ids, batch.response_mask)
+    limit = config.rollout.response_tokens()
+    shaped = rewards + overlong_shaping(algo.overlong_buffer, algo.overlong_penalty, completions, limit)
+    batch.advantages = token_advantages(algo.advantage, shaped, group_ids, batch.response_mask)
+    if algo.mask_truncated:
+        cut = torch.tensor([c.finish_reason == "length" for c in completions])
+        batch.response_mask &= ~cut[:, None]
 
     # 4. ℓ_old: the trainer's log-probs at the rollout weights θ_old, before any update. With one update
     # per step the trainer's θ is θ_old, so the training forward's own detached ℓ_θ is ℓ_old (fetched
@@ -111,9 +124,9 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     train_metrics = []
     for update in range(algo.updates_per_step):
         mini = select_rows(batch, slice(update * rows, (update + 1) * rows))
-        counts = {
-            "global_token_count": int(mini.response_mask.sum()),
-            "global_seq_count": sequence_count(mini.response_mask),
+        counts = {  # at least 1: algo.mask_truncated may leave an update no token (then its loss is 0)
+            "global_token_count": max(1, int(mini.response_mask.sum())),
+            "global_seq_count": max(1, sequence_count(mini.response_mask)),
         }
         shards = split_rows(mini, run.trainer.ranks)
         train_metrics += gather(run.trainer.async_train_rl(shards, options=options, **counts))
@@ -136,6 +149,8 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
         **mean_over_ranks(train_metrics),
         **mismatch_statistics(batch, options, by_turn=completions[0].model_mask is not None),
         **reward_metrics(rewards, group_ids, scored.stats),
+        **sampled,
+        **({"reward/shaped_mean": float(shaped.mean())} if algo.overlong_buffer else {}),
         "response_length/mean": float(lengths.mean()),
         "response_length/truncated_frac": sum(c.finish_reason == "length" for c in completions)
         / len(completions),
@@ -263,6 +278,9 @@ def _set_up(
     engines.hooks = EngineHooks(tracker.print, telemetry.event, lambda: checkpoint.resume_hint(run_dir))
     rewards = Rewards(config.reward, pool, reward_model)
     run = RLRun(config, run_dir, engines, trainer, reference, prompts, rewards, pad_id, tracker, telemetry)
+    if config.algo.dynamic_sampling:
+        seed = config.run.seed + dynamic_sampling.EXTRA_SEED_OFFSET
+        run.extras = ShuffledBatches(prompts.items, config.algo.prompts_per_step, seed)
     if config.rollout.mismatch_noise:
         print(
             "icepop: mismatch injection on: every sync gives the engines noise of "

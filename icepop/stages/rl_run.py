@@ -46,6 +46,8 @@ class RLRun:
     """Steps in a row whose update was skipped for a non-finite loss or gradient."""
     reward_error_streak: int = 0
     """Steps in a row in which the rule reward failed (raised or timed out) on every sample."""
+    extras: Any = None
+    """With algo.dynamic_sampling, the stream of extra prompts (icepop.stages.dynamic_sampling)."""
 
 
 def evaluate_exact(run: RLRun, prompts: list[Prompt], step: int) -> dict[str, float]:
@@ -106,6 +108,7 @@ def save_checkpoint(run: RLRun, step: int) -> Path:
         "before": run.before,
         "nonfinite_streak": run.nonfinite_streak,
         "reward_error_streak": run.reward_error_streak,
+        **({"extras": run.extras.state_dict()} if run.extras is not None else {}),
     }
     return checkpoint.save(run.run_dir, step, run.trainer, state, run.config.train.keep_last)
 
@@ -118,6 +121,8 @@ def resume(run: RLRun, step: int, path: Path) -> None:
     run.data.load_state_dict(state["data"])
     run.before, run.nonfinite_streak = state["before"], state["nonfinite_streak"]
     run.reward_error_streak = state.get("reward_error_streak", 0)  # absent from older checkpoints
+    if run.extras is not None and "extras" in state:
+        run.extras.load_state_dict(state["extras"])
     run.telemetry.replay(read_metrics(run.run_dir))
     run.engines.push(step)
     print(f"icepop: resumed from {path.resolve()} (step {step} of {run.config.train.steps})")
