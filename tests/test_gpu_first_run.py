@@ -15,31 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 from dist_helpers import free_port
-from hydra import compose, initialize_config_dir
+from test_devices import checked_config, rlvr
 
 from icepop import smoke
-from icepop.config import Config
 from icepop.preflight import GpuFacts, check_driver, check_install, driver_problem, host_gpu_facts, nvml_gpus
 from icepop.ray.engine_placement import Colocated, Disaggregated, engine_placement
 from icepop.ray.workers import rank_settings
 from icepop.rollout.precision import precision_env
-from icepop.train import CONF_DIR, prepare
 from icepop.trainer.reference import release_cached_memory
 from icepop.weights import TOLERANCE, probe_precision
 
 OLD_DRIVER = GpuFacts("2.13.0+cu130", "13.0", 8, "570.133.20", torch_can_use_them=False)
 """A host with the CUDA 13.0 wheels and an R570 driver: NVML (and Ray) count 8 GPUs, CUDA refuses them."""
-
-
-def checked_config(*overrides: str) -> Config:
-    """The config of `python -m icepop.train *overrides`, its inputs checked."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        config, _ = prepare(compose(config_name="config", overrides=list(overrides)), list(overrides))
-    return config
-
-
-def rlvr(*overrides: str) -> Config:
-    return checked_config("+recipe=rlvr", *overrides)
 
 
 # ---- the driver ------------------------------------------------------------------------------------
