@@ -145,7 +145,7 @@ class PolicyLoss(NamedTuple):
     loss: Tensor
     """The scalar loss L = −J (with the global denominators: micro-batch losses sum to the batch's)."""
     metrics: Metrics
-    """0-dim tensors: mismatch, mask fractions, clip fraction, … (README lists them)."""
+    """0-dim tensors: mismatch, mask fractions, clip fraction, … (docs/telemetry.md lists them)."""
     keep: Tensor
     """[B, T] bool: the valid tokens the correction kept (False for masked tokens and padding)."""
 

@@ -5,7 +5,7 @@ base model's own names with W + ΔW, where ΔW is peft's `get_delta_weight` — 
 bit for bit, what `merge_and_unload` gives — computed per bucket of base weights beside the ZeRO-3
 gather of that bucket, never for the whole model at once. The base weights themselves are never
 written to: they stay bit-identical to the checkpoint they came from. (Why not vLLM's own LoRA: the
-bench/lora_sync.py numbers in README.)
+bench/lora_sync.py numbers in docs/measurements.md.)
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def fewer_heap_holes() -> None:
     """On a CPU rank with adapters, allocate blocks of ≥ 4 MiB with mmap, returned to the system when
     freed. peft's per-layer temporaries (B·A·x, then its sum with W·x) otherwise leave holes in glibc's
     heap between the activations kept for backward, which count as resident memory: on SmolLM2-135M one
-    rank's peak fell from 8.5 to 5.9 GB (8.2 → 7.5 GB without LoRA), the step 8% slower (README).
+    rank's peak fell from 8.5 to 5.9 GB (8.2 → 7.5 GB without LoRA), the step 8% slower (docs/measurements.md).
     Nothing to do outside glibc (the call is skipped)."""
     import ctypes
     import ctypes.util
