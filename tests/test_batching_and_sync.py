@@ -193,7 +193,7 @@ def test_the_engines_get_the_configured_context_and_eager_mode() -> None:
         ]
         == 300
     )
-    gpu = compose_config("+recipe=rlvr", "cluster=gpu", "rollout.enforce_eager=false")
+    gpu = compose_config("+recipe=rlvr", "cluster=gpu")  # CUDA graphs on where there are GPUs
     assert engine_settings(gpu, "/model")["enforce_eager"] is False
 
 
