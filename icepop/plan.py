@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from icepop.config import Config
 from icepop.errors import input_errors
+from icepop.rollout.precision import precision_label
 
 KEY_SETTINGS = {
     "rl": ("model.path", "model.dtype", "rollout.dtype", "trainer.lr", "trainer.lr_schedule",
@@ -113,6 +114,10 @@ def settings_summary(config: Config, overrides: list[str], conf_dir: Path, recip
     keys = (*keys, *extra)
     sources |= {key: "command line" for key in extra}
     values |= {key: OmegaConf.select(structured, key, default=None) for key in extra}
+    if config.rollout.quantization is not None and "rollout.quantization" in values:
+        rollout = config.rollout  # on CPU: "fp8 (FP8 weight rounding, simulated: …)"
+        label = precision_label(rollout.dtype, rollout.quantization, rollout.gpus_per_engine == 0)
+        values["rollout.quantization"] = label
     width = max(map(len, keys))
     lines = [f"icepop {config.stage} settings (value, and where it comes from):"]
     lines += [f"  {key:<{width}}  {_shown(values[key])}  ({sources[key]})" for key in keys]

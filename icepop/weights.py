@@ -20,16 +20,23 @@ import torch
 from icepop.config import RolloutConfig
 from icepop.types import Prompt
 
-PROBES = {"float32": 2, "bfloat16": 8}
-"""Probe sequences scored after every sync, by the less precise of the two dtypes: in float32 stale
-weights move every probe token far past the tolerance, so two sequences (each a held-out prompt plus up
-to 24 tokens) tell; the bfloat16 check is a mean over tokens, so it takes more of them."""
-TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
-"""Default limit by the less precise of the engine's and trainer's dtypes, on the largest |Δ log p| of a
-probe token when both are float32 (exact up to 5e-7 here) and on the mean |Δ log p| over all probe
-tokens when either is bfloat16: there a single token's difference is no evidence — a routing flip of
-an MoE moved one probe token by 2.2 at exactly synced weights — while the mean stays at 0.01-0.05
-synced and reaches 2.4 with stale weights."""
+PRECISIONS = ("fp8", "bfloat16", "float16", "float32")
+"""The probe's precisions, least precise first (`probe_precision` takes the first one either side has)."""
+PROBES = {"float32": 2, "float16": 8, "bfloat16": 8, "fp8": 8}
+"""Probe sequences scored after every sync, by the least precise side: in float32 stale weights move
+every probe token far past the tolerance, so two sequences (each a held-out prompt plus up to 24 tokens)
+tell; the other checks are a mean over tokens, so they take more of them."""
+TOLERANCE = {"float32": 1e-3, "float16": 0.03, "bfloat16": 0.1, "fp8": 0.2}
+"""Default limit by the least precise side, on the largest |Δ log p| of a probe token when both are
+float32 (exact up to 5e-7 here) and on the mean |Δ log p| over all probe tokens otherwise: there a
+single token's difference is no evidence — a routing flip of an MoE moved one probe token by 2.2 at
+exactly synced weights in bfloat16 — while the mean stays at 0.01-0.05 synced and reaches 2.4 with
+stale weights. Synced means measured on the SFT-warmed tiny dense model against its float32 trainer
+(`+recipe=rlvr`, CPU): float16 1e-3, bfloat16 9e-3, fp8 (FP8 weight rounding, simulated, in a bfloat16
+engine) 2.2e-2 — and on the random tiny models with perturbed weights (tests/test_rollout_precision.py)
+float16 7e-4, fp8 4.6e-2, stale 0.52. Each limit leaves about 10× headroom for larger models and MoE
+routing, with stale weights above it. FP8 on a GPU quantizes activations too (W8A8): its mismatch is not
+measured here; raise rollout.probe_tolerance if a synced run trips it."""
 
 
 class WeightSyncError(RuntimeError):
@@ -47,7 +54,7 @@ class ProbeDifference:
 def probe_sequences(prompts: list[Prompt], rollout: RolloutConfig, trainer_dtype: str) -> list[list[int]]:
     """Fixed token sequences to score, as many as `PROBES` gives the dtypes: held-out prompt i followed by
     the last tokens of prompt i + 1 (at most 24, and no more than a reply's length)."""
-    count = PROBES[probe_precision(rollout.dtype, trainer_dtype)]
+    count = PROBES[probe_precision(rollout.dtype, trainer_dtype, rollout.quantization)]
     length, n = min(24, rollout.max_new_tokens), len(prompts)
     return [prompts[i % n].prompt_ids + prompts[(i + 1) % n].prompt_ids[-length:] for i in range(count)]
 
@@ -84,22 +91,25 @@ def probe_difference(
     return ProbeDifference(float(every.max()), float(every.mean()))
 
 
-def probe_precision(engine_dtype: str, trainer_dtype: str) -> str:
-    """The dtype whose noise the probe must allow: the less precise of the engine's and the trainer's."""
-    return "bfloat16" if "bfloat16" in (engine_dtype, trainer_dtype) else "float32"
+def probe_precision(engine_dtype: str, trainer_dtype: str, quantization: str | None = None) -> str:
+    """The precision whose noise the probe must allow: the least precise of the engine's dtype, the
+    trainer's and the engine's quantization ("fp8": its weights are FP8 whatever the dtypes)."""
+    sides = (engine_dtype, trainer_dtype, quantization)
+    return next(precision for precision in PRECISIONS if precision in sides)
 
 
 def check_probe(difference: ProbeDifference, rollout: RolloutConfig, trainer_dtype: str, step: int) -> None:
     """Raise WeightSyncError when the probe difference is beyond the tolerance (see TOLERANCE) of the
     less precise side: a float32 engine against a bfloat16 trainer is as noisy as a bfloat16 engine."""
-    precision = probe_precision(rollout.dtype, trainer_dtype)
+    precision = probe_precision(rollout.dtype, trainer_dtype, rollout.quantization)
     tolerance = rollout.probe_tolerance if rollout.probe_tolerance is not None else TOLERANCE[precision]
     statistic, value = ("max", difference.max) if precision == "float32" else ("mean", difference.mean)
     if not value <= tolerance:  # also catches NaN
+        engine = f"an FP8 ({rollout.dtype})" if rollout.quantization else f"a {rollout.dtype}"
         raise WeightSyncError(
             f"after the weight sync of step {step}, engine and trainer disagree on the probe sequences: "
             f"{statistic} |Δ log p| = {value:.3g} > {tolerance:g} (rollout.probe_tolerance; the numerical "
-            f"noise of a {rollout.dtype} engine against a {trainer_dtype} trainer is below it). The engine "
+            f"noise of {engine} engine against a {trainer_dtype} trainer is below it). The engine "
             "holds stale or corrupted weights."
         )
 

@@ -85,6 +85,8 @@ def test_group_options_change_what_they_should() -> None:
         ("algo.ratio_low=6.0", "ratio_low must satisfy"),
         ("rollout.top_p=0", "rollout.top_p must be in"),
         ("rollout.dtype=fp8", "rollout.dtype='fp8' is not one of"),
+        ("rollout.quantization=int8", "rollout.quantization='int8' is not one of None, fp8"),
+        ("rollout.quantization=fp8", "rollout.quantization=fp8 needs a 16-bit engine"),  # the tiny's float32
         ("data.eval_size=0", "data.eval_size must be > 0"),
         ("trainer.ranks=3", "the nearest that do: algo.prompts_per_step=18, or algo.samples_per_prompt=9"),
         ("sft.batch_size=9", "sft.batch_size=9 conversations (the SFT stage or the tiny model's SFT"),

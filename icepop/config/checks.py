@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 DTYPES = ("float32", "bfloat16")
+"""The trainer's dtypes (model.dtype), and the rollout engines' but for float16."""
+ROLLOUT_DTYPES = (*DTYPES, "float16")
+"""The engines' dtypes (rollout.dtype): vLLM's CPU and GPU backends both serve float16 (the trainer does
+not train in it: DeepSpeed's fp16 needs loss scaling, which icepop.trainer does not set up)."""
 
 
 def one_of(name: str, value: object, allowed: tuple) -> None:

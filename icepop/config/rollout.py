@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icepop.config.checks import DTYPES, non_negative, one_of, positive, zero_or_one_gpu
+from icepop.config.checks import ROLLOUT_DTYPES, non_negative, one_of, positive, zero_or_one_gpu
 from icepop.types import SamplingSettings
 
 ROLLOUT_BACKENDS = ("vllm",)
@@ -32,7 +32,13 @@ class RolloutConfig:
     against the model's max_position_embeddings."""
     dtype: str = "bfloat16"
     """Engine weight dtype; "bfloat16" against a float32 trainer gives the real, small mismatch IcePop
-    corrects, "float32" an exact one (to ~1e-6)."""
+    corrects, "float16" a smaller one (3 more mantissa bits), "float32" an exact one (to ~1e-6)."""
+    quantization: str | None = None
+    """"fp8": the engines' linear layers hold FP8 E4M3 weights, one scale per tensor, re-quantized from the
+    trainer's at every sync (icepop.rollout.fp8); needs a 16-bit rollout.dtype, the engine's otherwise.
+    On GPUs vLLM's own online FP8; on CPU engines "FP8 weight rounding, simulated": the weights are
+    rounded exactly so and served by the 16-bit engine (weight-only; a Hopper GPU quantizes activations
+    too). None: weights in rollout.dtype."""
     enforce_eager: bool = True
     """Run the engine's model eagerly; false lets vLLM capture CUDA graphs (GPU only, faster decoding)."""
     kv_cache_gib: float = 1.0
@@ -68,11 +74,18 @@ class RolloutConfig:
     """Longest an environment's step may take; past it (or when it raises) the episode ends with reward 0."""
     probe_tolerance: float | None = None
     """Sync probe limit on |Δ log p|: its max when engine and trainer are both float32 (None: 1e-3), else
-    its mean over the probe tokens (None: 0.1), since single bfloat16 tokens jump with MoE routing flips."""
+    its mean over the probe tokens (None: by the least precise side, icepop.weights.TOLERANCE: float16
+    0.03, bfloat16 0.1, fp8 0.2), since single 16-bit tokens jump with MoE routing flips."""
 
     def __post_init__(self) -> None:
         one_of("rollout.backend", self.backend, ROLLOUT_BACKENDS)
-        one_of("rollout.dtype", self.dtype, DTYPES)
+        one_of("rollout.dtype", self.dtype, ROLLOUT_DTYPES)
+        one_of("rollout.quantization", self.quantization, (None, "fp8"))
+        if self.quantization is not None and self.dtype == "float32":
+            raise ValueError(
+                f"rollout.quantization={self.quantization} needs a 16-bit engine: vLLM's FP8 layers take "
+                "bfloat16 or float16 activations; set rollout.dtype=bfloat16 (or float16)"
+            )
         one_of("rollout.weight_sync", self.weight_sync, ("broadcast", "file"))
         positive(
             **{

@@ -30,6 +30,7 @@ def engine_settings(config: Config, model_path: str, with_trainer: bool = True) 
     return {
         "model_path": model_path,
         "dtype": rollout.dtype,
+        "quantization": rollout.quantization,
         "seed": config.run.seed,
         "max_model_len": rollout.context_length(config.data.max_prompt_tokens),
         "enforce_eager": rollout.enforce_eager,

@@ -19,11 +19,12 @@ import logging
 import os
 import weakref
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from icepop.rollout.checkpoint import checkpoint_names, checkpoint_quantization, checkpoint_tensors
+from icepop.rollout.fp8 import fp8_engine_kwargs, with_fp8_rounding
 from icepop.rollout.noise import Noise, with_noise
-from icepop.rollout.precision import precision_env
+from icepop.rollout.precision import precision_env, precision_label
 from icepop.types import Completion, SamplingSettings
 
 if TYPE_CHECKING:
@@ -110,28 +111,6 @@ def _repack_cpu_kernels(model: torch.nn.Module) -> None:
                     bias.copy_(bias.to(weight.dtype).float())
 
 
-def _checkpoint_names(model_path: str) -> frozenset[str]:
-    """Tensor names in the model's safetensors files: a local folder's, or a hub id's in this node's
-    Hugging Face cache, where vLLM has just loaded them from (empty if they are not there)."""
-    from safetensors import safe_open
-
-    folder = Path(model_path)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:
-            cached = snapshot_download(model_path, allow_patterns=["*.safetensors"], local_files_only=True)
-        except LocalEntryNotFoundError:
-            return frozenset()
-        folder = Path(cached)
-    names: set[str] = set()
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            names.update(f.keys())
-    return frozenset(names)
-
-
 def _rendezvous_file(worker: Any) -> str | None:
     """The file behind the worker's torch.distributed FileStore (None for a TCP rendezvous)."""
     init_method = worker.distributed_init_method
@@ -159,7 +138,9 @@ class VllmEngine:
     """A `RolloutEngine` backed by an in-process vLLM `LLM` holding one copy of the policy's weights.
 
     model_path: a Hugging Face folder (config, tokenizer, safetensors). dtype: "float32" makes ℓ_inf
-    match the trainer to ~1e-6; "bfloat16" gives the real, small mismatch IcePop corrects.
+    match the trainer to ~1e-6; "bfloat16" (or "float16") gives the real, small mismatch IcePop corrects.
+    quantization="fp8": per-tensor FP8 weights (icepop.rollout.fp8) — vLLM's own on GPUs; on CPU "FP8
+    weight rounding, simulated", applied at start-up and at every reload.
     max_model_len is the context (prompt + reply); a reply is cut where the context ends.
     enforce_eager=False lets vLLM capture CUDA graphs (GPU only; ignored on CPU). kv_cache_bytes
     sizes the KV cache on CPU; gpu_memory_utilization is the fraction of GPU memory vLLM may take on
@@ -173,6 +154,7 @@ class VllmEngine:
         *,
         model_path: str,
         dtype: str,
+        quantization: str | None,
         seed: int,
         max_model_len: int,
         enforce_eager: bool,
@@ -196,6 +178,13 @@ class VllmEngine:
         from vllm.platforms import current_platform
 
         self._on_cpu = current_platform.is_cpu()
+        if quantization is not None and (quantized := checkpoint_quantization(model_path)) is not None:
+            raise ValueError(
+                f"rollout.quantization={quantization} quantizes the trainer's full-precision weights at "
+                f"each sync, but {model_path} is {quantized}-quantized: give a full-precision checkpoint"
+            )
+        # On CPU the FP8 rounding is simulated: the engine's dtype, weights rounded on their way in.
+        self._fp8_dtype = getattr(torch, dtype) if quantization is not None and self._on_cpu else None
         for name, value in precision_env(dtype, not self._on_cpu).items():
             os.environ.setdefault(name, value)
         self._sleep_enabled = enable_sleep_mode and not self._on_cpu
@@ -222,12 +211,17 @@ class VllmEngine:
             # top_k shipped in generation_config.json (its extra EOS ids are still honoured).
             generation_config="vllm",
             **_engine_kwargs(self._on_cpu, kv_cache_bytes, gpu_memory_utilization, enable_sleep_mode),
+            **fp8_engine_kwargs(quantization, self._on_cpu),
         )
-        self._checkpoint_names = _checkpoint_names(model_path)
+        self._checkpoint_names = checkpoint_names(model_path)
         self.max_model_len = max_model_len
         (rendezvous_file,) = self._llm.collective_rpc(_rendezvous_file)
         self._finalizer = weakref.finalize(self, _shutdown, self._llm, *saved_threads, rendezvous_file)
         _live_engine = weakref.ref(self)
+        if self._fp8_dtype is not None:  # vLLM loaded the checkpoint unrounded
+            label = precision_label(dtype, quantization, on_cpu=True)
+            logging.getLogger(__name__).warning("icepop engine precision: %s", label)
+            self._reload(checkpoint_tensors(model_path))
 
     def generate(
         self, prompt_ids: list[list[int]], samples_per_prompt: int, sampling: SamplingSettings
@@ -361,6 +355,8 @@ class VllmEngine:
         # the sync checks the result.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         logging.getLogger("vllm.model_executor.models.utils").setLevel(logging.ERROR)
+        if self._fp8_dtype is not None:
+            tensors = with_fp8_rounding(tensors, self._fp8_dtype)
         self._llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": tensors, "is_checkpoint_format": True}
         )
