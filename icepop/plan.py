@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from icepop.config import Config
+from icepop.config.checks import cpu_flags, engine_dtype
 from icepop.errors import input_errors
 from icepop.rollout.precision import precision_label
 
@@ -114,6 +115,9 @@ def settings_summary(config: Config, overrides: list[str], conf_dir: Path, recip
     keys = (*keys, *extra)
     sources |= {key: "command line" for key in extra}
     values |= {key: OmegaConf.select(structured, key, default=None) for key in extra}
+    if sources.get("rollout.dtype") == "default":  # rollout.dtype=auto: what this machine decided
+        _, why = engine_dtype(config.rollout.gpus_per_engine, cpu_flags())
+        sources["rollout.dtype"] = f"auto: {why}"
     if config.rollout.quantization is not None and "rollout.quantization" in values:
         rollout = config.rollout  # on CPU: "fp8 (FP8 weight rounding, simulated: …)"
         label = precision_label(rollout.dtype, rollout.quantization, rollout.gpus_per_engine == 0)

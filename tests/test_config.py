@@ -255,3 +255,21 @@ def test_small_batches_derive_their_micro_batches_and_refuse_only_what_cannot_sp
     assert without_warm_up.sft.batch_size == 9  # no SFT will run: its batch is not checked
     sft_only = compose_config("+recipe=sft", "algo.prompts_per_step=3", "algo.samples_per_prompt=3")
     assert sft_only.derived().samples_per_step == 9  # no RL will run: its batch is not checked
+
+
+def test_the_engine_dtype_follows_the_hardware_unless_set() -> None:
+    """rollout.dtype=auto (the default of a model of your own): bfloat16 only where the engine has
+    bfloat16 arithmetic; a preset's or the user's value stands."""
+    from icepop.config.checks import cpu_flags, engine_dtype
+
+    assert engine_dtype(0, {"avx2", "fma"}) == (
+        "float32", "this CPU has no bfloat16 instructions (AVX512-BF16/AMX): bfloat16 would be emulated"
+    )  # fmt: skip
+    assert engine_dtype(0, {"avx512f", "avx512_bf16"}) == ("bfloat16", "this CPU has avx512_bf16")
+    assert engine_dtype(0, {"amx_bf16", "avx512_bf16"})[0] == "bfloat16"
+    assert engine_dtype(1, set()) == ("bfloat16", "a GPU engine")
+    here, _ = engine_dtype(0, cpu_flags())
+    assert compose_config("+recipe=rlvr", "model=custom").rollout.dtype == here
+    assert compose_config("+recipe=rlvr", "model=custom", "cluster=gpu").rollout.dtype == "bfloat16"
+    assert compose_config("+recipe=rlvr", "model=custom", "rollout.dtype=float16").rollout.dtype == "float16"
+    assert compose_config("+recipe=rlvr").rollout.dtype == "float32"  # the tiny model's preset

@@ -23,6 +23,7 @@ from data_helpers import write_jsonl
 from hydra import compose, initialize_config_dir
 
 from icepop.config import Config
+from icepop.config.checks import cpu_flags, engine_dtype
 from icepop.stages import setup
 from icepop.train import CONF_DIR, execute, prepare
 
@@ -257,11 +258,14 @@ def test_a_users_own_model_gets_the_real_model_defaults_and_says_where_each_come
 ) -> None:
     folder = setup.tiny_base_model("dense", seed=0)
     config = compose_config(f"model.path={folder}")
-    # Not the tiny preset's lr 1e-4, float32 engine and 32 tokens: model=custom was chosen for it.
-    assert config.trainer.lr == 2e-6 and config.rollout.dtype == "bfloat16"
+    # Not the tiny preset's lr 1e-4 and 32 tokens: model=custom was chosen for it; its engine dtype
+    # follows this machine (rollout.dtype=auto) and the plan says why.
+    dtype, why = engine_dtype(0, cpu_flags())
+    assert config.trainer.lr == 2e-6 and config.rollout.dtype == dtype
     assert config.rollout.max_new_tokens == 512 and config.model.sft_warmup is False
     printed = capsys.readouterr().out
     assert "trainer.lr              2e-06  (default)" in printed
+    assert f"rollout.dtype           {dtype}  (auto: {why})" in printed
     assert f"model.path              {folder}  (command line)" in printed
     assert "rollout.max_model_len   1024  (data.max_prompt_tokens + rollout.max_new_tokens)" in printed
     tiny = compose_config("model=tiny-moe")

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icepop.config.checks import ROLLOUT_DTYPES, non_negative, one_of, positive, zero_or_one_gpu
+from icepop.config.checks import (
+    ROLLOUT_DTYPES,
+    cpu_flags,
+    engine_dtype,
+    non_negative,
+    one_of,
+    positive,
+    zero_or_one_gpu,
+)
 from icepop.types import SamplingSettings
 
 ROLLOUT_BACKENDS = ("vllm",)
@@ -30,9 +38,11 @@ class RolloutConfig:
     max_model_len: int | None = None
     """The engine's context length; None: data.max_prompt_tokens + rollout.max_new_tokens. Checked
     against the model's max_position_embeddings."""
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     """Engine weight dtype; "bfloat16" against a float32 trainer gives the real, small mismatch IcePop
-    corrects, "float16" a smaller one (3 more mantissa bits), "float32" an exact one (to ~1e-6)."""
+    corrects, "float16" a smaller one (3 more mantissa bits), "float32" an exact one (to ~1e-6). "auto":
+    bfloat16 where the engine has bfloat16 arithmetic (a GPU, or a CPU with AVX512-BF16/AMX), float32
+    otherwise (icepop.config.checks.engine_dtype; the plan says which and why)."""
     quantization: str | None = None
     """"fp8": the engines' linear layers hold FP8 E4M3 weights, one scale per tensor, re-quantized from the
     trainer's at every sync (icepop.rollout.fp8); needs a 16-bit rollout.dtype, the engine's otherwise.
@@ -79,6 +89,8 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         one_of("rollout.backend", self.backend, ROLLOUT_BACKENDS)
+        if self.dtype == "auto":  # decided here, by the hardware the run starts on
+            self.dtype, _ = engine_dtype(self.gpus_per_engine, cpu_flags())
         one_of("rollout.dtype", self.dtype, ROLLOUT_DTYPES)
         one_of("rollout.quantization", self.quantization, (None, "fp8"))
         if self.quantization is not None and self.dtype == "float32":
