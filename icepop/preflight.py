@@ -154,6 +154,10 @@ def check_inputs(config: Config) -> None:
     _check_model(config)
     if config.trainer.lora.enabled and config.stage in ("sft", "rm", "rlvr", "rlhf"):
         _check_lora(config)
+    if config.trainer.packing and config.stage in ("sft", "rm", "rlvr", "rlhf"):
+        from icepop.trainer.packing import check_packing  # imports torch: only when packing
+
+        check_packing(config)
     if is_gym(config.data.source):
         with input_errors(f"data.source={config.data.source!r}"):
             check_source(config.data.source, config.data.task_options)

@@ -25,7 +25,8 @@ class Derived:
     def describe_batches(self, algo: AlgoConfig, trainer: TrainerConfig) -> str:
         """Samples per step and rank, updates and micro-batches, in one line."""
         micro = (
-            f"micro-batches of ≤ {trainer.micro_batch_tokens} tokens (padding included)"
+            f"micro-batches of ≤ {trainer.micro_batch_tokens} tokens "
+            + ("(packed, no padding)" if trainer.packing else "(padding included)")
             if self.micro_batches_per_update is None
             else f"{self.micro_batches_per_update} micro-batch(es) of ≤ {trainer.micro_batch_size} sequences "
             f"(gradient accumulation {self.micro_batches_per_update})"

@@ -78,7 +78,16 @@ class TrainerConfig:
     """> 0: form micro-batches by this token budget instead of micro_batch_size rows — a rank's rows
     sorted longest first, packed while rows × longest row ≤ the budget (padding included), each
     micro-batch trimmed to its longest row. The gradient is the same (losses carry global
-    denominators); fewer, fuller forwards with little padding. SFT, RL and reward-model stages."""
+    denominators); fewer, fuller forwards with little padding. SFT, RL and reward-model stages.
+    Under trainer.packing the budget counts real tokens: Σ row lengths ≤ the budget."""
+    packing: bool = False
+    """Padding-free micro-batches: a micro-batch's rows are concatenated into one sequence, position ids
+    restarting at 0 per row, attention kept within each row (transformers does it from the position
+    ids: a block-diagonal causal mask for sdpa/eager/flex, varlen kernels for flash attention), so the
+    forwards compute real tokens only; log-probs, losses and gradients are those of padded rows. With
+    micro_batch_tokens the rows' real lengths (no padding) fill the budget; without, micro_batch_size
+    rows are packed. Needs an attention implementation that keeps rows apart (checked before start).
+    On CPU sdpa works on the packed N×N mask: it pays only where padding dominates (bench/packing.py)."""
     cpus_per_rank: int = 1
     """CPUs reserved per trainer rank; on CPU also its torch threads."""
     gpus_per_rank: int = 0

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from icepop import comm
-from icepop.algo import PolicyLossOptions, bradley_terry_loss, logprobs_and_entropy, pg_loss
+from icepop.algo import PolicyLossOptions, bradley_terry_loss, pg_loss
 from icepop.trainer.export import TrainerWeights
 from icepop.trainer.inputs import (
     RLStepRecord,
@@ -37,12 +37,12 @@ from icepop.trainer.inputs import (
     decay_groups,
     deepspeed_config,
     lr_factor,
-    micro_batch_rows,
     place_rows,
     rows_of,
 )
 from icepop.trainer.lora import Adapters, check_same_adapters, fewer_heap_holes
 from icepop.trainer.models import load_model
+from icepop.trainer.packing import micro_batch_items, refuse_unpackable, row_scores, token_logprobs
 from icepop.types import PreferenceBatch, RLBatch, SFTBatch
 
 STATE_TAG = "trainer"  # the DeepSpeed checkpoint tag (sub-folder) of `save_state`
@@ -73,6 +73,7 @@ class DeepSpeedTrainer:
         grad_clip: float,
         micro_batch_size: int,
         micro_batch_tokens: int,
+        packing: bool,
         temperature: float,
         gradient_checkpointing: bool,
         seed: int,
@@ -86,14 +87,16 @@ class DeepSpeedTrainer:
         last into the generated DeepSpeed config (e.g. ZeRO-3 bucket sizes). `model_kind` "reward"
         builds a sequence-classification model with one output (a reward model, `train_rm`/`scores`)
         on top of the checkpoint instead of the causal LM policy. `micro_batch_tokens` > 0 forms
-        micro-batches by a token budget instead of `micro_batch_size` rows (inputs.micro_batch_rows).
-        `cpu_threads`: torch threads of a CPU rank (None keeps the process's). `lora`: the keyword
-        arguments of `lora.add_adapters` (trainer.lora) to train LoRA adapters instead of every weight."""
+        micro-batches by a token budget instead of `micro_batch_size` rows (inputs.micro_batch_rows);
+        `packing` concatenates a micro-batch's rows into one padding-free sequence (trainer.packing,
+        icepop.trainer.packing). `cpu_threads`: torch threads of a CPU rank (None keeps the process's).
+        `lora`: the keyword arguments of `lora.add_adapters` (trainer.lora) to train LoRA adapters
+        instead of every weight."""
         check_args(zero_stage, dtype, micro_batch_size, lr_schedule, total_steps, model_kind)
         self.model_kind, self.model_path = model_kind, model_path
         self.rank, self.world_size = rank, world_size
         self.zero_stage, self.micro_batch_size, self.temperature = zero_stage, micro_batch_size, temperature
-        self.micro_batch_tokens, self.lora = micro_batch_tokens, lora
+        self.micro_batch_tokens, self.packing, self.lora = micro_batch_tokens, packing, lora
         torch.manual_seed(seed)
         self.device = self._init_distributed(master_addr, master_port)
         if self.device.type == "cpu" and cpu_threads is not None:
@@ -107,6 +110,8 @@ class DeepSpeedTrainer:
         )
         zero3_config = config if zero_stage == 3 else None
         model = load_model(model_path, model_kind, dtype, zero3_config, gradient_checkpointing, lora)
+        if packing:
+            refuse_unpackable(model)
         self.adapters = Adapters(model) if lora else None
         self.engine = self._build_engine(model, config, weight_decay, warmup_steps, lr_schedule, total_steps)
         self.weights = TrainerWeights(self.engine.module, self._gathered, self.rank == 0, self.adapters)
@@ -158,24 +163,21 @@ class DeepSpeedTrainer:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return tensor.tolist()
 
-    def _micro_batches(self, lengths: Tensor, rows_per_item: int = 1) -> list[Tensor | None]:
-        """This rank's micro-batches (indices into `lengths`, the token length of each row or pair of
-        `rows_per_item` rows), padded with None (dummy) to the largest count of any rank, so every rank
-        runs the same number of forwards and backwards (their collectives)."""
-        budget = self.micro_batch_tokens // rows_per_item
-        groups: list[Tensor | None] = [*micro_batch_rows(lengths.tolist(), self.micro_batch_size, budget)]
+    def _micro_batches(self, lengths: Tensor) -> list[Tensor | None]:
+        """This rank's micro-batches (indices into `lengths`: [rows] token lengths, or [2, pairs]), padded
+        with None (dummy) to the largest count of any rank, so every rank runs the same number of
+        forwards and backwards (their collectives)."""
+        sizes = (self.micro_batch_size, self.micro_batch_tokens, self.packing)
+        groups: list[Tensor | None] = [*micro_batch_items(lengths, *sizes)]
         count = int(self._all_reduce([len(groups)], "max")[0])
         return groups + [None] * (count - len(groups))
 
     def _forward(
         self, input_ids: Tensor, attention_mask: Tensor, temperature: float, inplace_backward: bool
     ) -> tuple[Tensor, Tensor]:
-        """(ℓ, entropy) of the labels input_ids[:, 1:], [b, L-1]. Feeding input_ids[:, :-1] gives exactly
-        logits[:, :-1] (causal: logits at j see tokens ≤ j), contiguous and without a [b, L-1, V]
-        slice copy, so the in-place backward really writes into the logits' own storage."""
-        out = self.engine(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=False)
-        return logprobs_and_entropy(
-            out.logits, input_ids[:, 1:], temperature=temperature, inplace_backward=inplace_backward
+        """(ℓ, entropy) of the labels input_ids[:, 1:], [b, L-1], padded or packed (token_logprobs)."""
+        return token_logprobs(
+            self.engine, input_ids, attention_mask, temperature, inplace_backward, self.packing
         )
 
     def _backward(self, loss: Tensor, is_last: bool) -> None:
@@ -294,7 +296,7 @@ class DeepSpeedTrainer:
         rm/loss and rm/accuracy are over the whole batch of all ranks."""
         pairs = check_pairs(batch)
         self.engine.train()
-        slices = self._micro_batches(batch.attention_mask.sum(-1).view(2, pairs).amax(0), rows_per_item=2)
+        slices = self._micro_batches(batch.attention_mask.sum(-1).view(2, pairs))
         local_loss, correct = 0.0, 0.0
         for i, rows in enumerate(slices):
             both = None if rows is None else torch.cat([rows, rows + pairs])  # chosen, rejected
@@ -309,16 +311,8 @@ class DeepSpeedTrainer:
         return {**self._step({"loss": local_loss}, "rm"), "rm/accuracy": accuracy}
 
     def _score_rows(self, input_ids: Tensor, attention_mask: Tensor, rows: Any) -> Tensor:
-        """Scores of the selected rows (an index tensor), trimmed to their longest; rows None
-        scores two one-token dummy rows (the padding micro-batch still runs ZeRO-3's gathers)."""
-        if rows is None:
-            ids, mask = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long)
-        else:
-            ids, mask = input_ids[rows], attention_mask[rows]
-            width = int(mask.sum(-1).max())
-            ids, mask = ids[:, :width], mask[:, :width]
-        out = self.engine(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-        return out.logits[:, 0]
+        """Scores of the selected rows (None: the padding micro-batch's dummies; packing.row_scores)."""
+        return row_scores(self.engine, input_ids, attention_mask, rows, self.device, self.packing)
 
     def _gathered(self, params: list[Tensor]) -> Any:
         """A context in which `params` are whole on every rank (ZeRO-3 all-gathers them; ZeRO-1/2 keep

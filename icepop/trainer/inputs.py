@@ -49,18 +49,29 @@ def check_args(
         raise ValueError(f"lr_schedule='cosine' needs total_steps >= 1; got {total}")
 
 
-def micro_batch_rows(lengths: list[int], size: int, token_budget: int = 0) -> list[Tensor]:
+def micro_batch_rows(
+    lengths: list[int], size: int, token_budget: int = 0, packed: bool = False
+) -> list[Tensor]:
     """Row indices of each micro-batch of rows with these token lengths. token_budget 0: `size`
     consecutive rows each. Otherwise the rows sorted longest first and packed greedily while rows ×
     longest ≤ token_budget — a micro-batch is trimmed to its longest row, so that product is what its
-    forward computes, padding included; a row longer than the budget gets a micro-batch of its own."""
+    forward computes, padding included; a row longer than the budget gets a micro-batch of its own.
+    `packed` (padding-free micro-batches, icepop.trainer.packing): the budget bounds Σ lengths instead,
+    each row going to the first micro-batch it fits in (first-fit decreasing)."""
     if token_budget <= 0:
         return [torch.arange(i, min(len(lengths), i + size)) for i in range(0, len(lengths), size)]
     groups: list[list[int]] = []
     for row in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
-        if not groups or (len(groups[-1]) + 1) * lengths[groups[-1][0]] > token_budget:
-            groups.append([])
-        groups[-1].append(row)
+        if packed:
+            fits = (g for g in groups if sum(lengths[r] for r in g) + lengths[row] <= token_budget)
+            group = next(fits, None)
+        else:
+            last = groups[-1] if groups else None
+            group = last if last and (len(last) + 1) * lengths[last[0]] <= token_budget else None
+        if group is None:
+            group = []
+            groups.append(group)
+        group.append(row)
     return [torch.tensor(group) for group in groups]
 
 

@@ -101,8 +101,8 @@ def fewer_heap_holes() -> None:
     """On a CPU rank with adapters, allocate blocks of ≥ 4 MiB with mmap, returned to the system when
     freed. peft's per-layer temporaries (B·A·x, then its sum with W·x) otherwise leave holes in glibc's
     heap between the activations kept for backward, which count as resident memory: on SmolLM2-135M one
-    rank's peak fell from 8.5 to 5.9 GB (8.2 → 7.5 GB without LoRA), the step 8% slower (docs/measurements.md).
-    Nothing to do outside glibc (the call is skipped)."""
+    rank's peak fell from 8.5 to 5.9 GB (8.2 → 7.5 GB without LoRA), the step 8% slower
+    (docs/measurements.md). Nothing to do outside glibc (the call is skipped)."""
     import ctypes
     import ctypes.util
 

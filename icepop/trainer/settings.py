@@ -41,6 +41,7 @@ def trainer_settings(config: Config, model_path: str, stage: str) -> dict[str, A
         "grad_clip": trainer.grad_clip,
         "micro_batch_size": trainer.micro_batch_size,
         "micro_batch_tokens": trainer.micro_batch_tokens,
+        "packing": trainer.packing,
         # the sampling temperature: RL's ℓ is taken under the distribution the engine sampled from
         "temperature": config.rollout.temperature if stage == "rl" else 1.0,
         "gradient_checkpointing": config.model.gradient_checkpointing,
