@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from e2e_helpers import DETERMINISTIC, REFERENCE, icepop_train
+from e2e_helpers import DETERMINISTIC, REFERENCE, Run, icepop_train
 from test_config import compose_config
 
 from icepop.algo import informative_groups, overlong_penalty
@@ -64,7 +64,7 @@ class Scripted:
 
 
 @dataclass
-class Run:
+class ScriptedRun:
     config: Config
     extras: Any
     engines: Any
@@ -91,7 +91,7 @@ def test_a_step_is_filled_with_informative_groups_from_the_extra_stream() -> Non
                             "algo.dynamic_sampling=true", "algo.max_sampling_rounds=3")  # fmt: skip
     scripted = Scripted()
     extras = ShuffledBatches([Prompt([i]) for i in range(100, 140)], 4, seed=0)
-    run = Run(config, extras, scripted, scripted)
+    run = ScriptedRun(config, extras, scripted, scripted)
     prompts, groups, scored = batch_of([1, 2, 4, 5], 2)  # two informative, two not
     filled = dynamic_sampling.fill(run, 1, prompts, groups, scored, SamplingSettings(seed=5))
     ids = [p.prompt_ids[0] for p in filled.prompts]
@@ -110,13 +110,13 @@ def test_a_step_is_filled_with_informative_groups_from_the_extra_stream() -> Non
 def test_a_step_that_cannot_be_filled_trains_on_what_splits_evenly_and_says_so() -> None:
     config = compose_config("+recipe=rlvr", "algo.prompts_per_step=4", "algo.samples_per_prompt=2",
                             "algo.dynamic_sampling=true", "algo.max_sampling_rounds=1")  # fmt: skip
-    run = Run(config, ShuffledBatches([Prompt([0])], 1, seed=0), Scripted(), Scripted())
+    run = ScriptedRun(config, ShuffledBatches([Prompt([0])], 1, seed=0), Scripted(), Scripted())
     prompts, groups, scored = batch_of([1, 2, 4, 6], 2)  # one informative group: 2 samples over 2 ranks
     filled = dynamic_sampling.fill(run, 3, prompts, groups, scored, SamplingSettings())
     assert [p.prompt_ids[0] for p in filled.prompts] == [1] and filled.changed
     assert "training on 1 of algo.prompts_per_step=4" in run.printed[0]
     three = replace(config, trainer=replace(config.trainer, ranks=4))  # 2 samples cannot split over 4 ranks
-    run = Run(three, None, Scripted(), Scripted())
+    run = ScriptedRun(three, None, Scripted(), Scripted())
     filled = dynamic_sampling.fill(run, 3, prompts, groups, scored, SamplingSettings())
     assert filled.prompts == prompts and not filled.changed and "the batch as it was" in run.printed[0]
 
@@ -138,13 +138,14 @@ def test_settings_that_cannot_work_are_refused(overrides: list[str], message: st
 DAPO = [*REFERENCE, "train.steps=4", "algo.dynamic_sampling=true",
         "reward.function=e2e_rewards:half_constant", "algo.overlong_buffer=4"]  # fmt: skip
 """The reference run with dynamic sampling and overlong shaping, on a reward that leaves about half the
-groups with nothing to learn."""
+groups with nothing to learn. Its tests take `tiny_default_run` only to come after it: that run must be
+the one that builds the shared SFT warm-up (tests/test_rlvr_e2e.py checks it did)."""
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 def test_dynamic_sampling_fills_every_step_and_a_resumed_run_draws_the_same_extras(
-    tmp_path: Path, shared_cache: Path
+    tmp_path: Path, shared_cache: Path, tiny_default_run: Run
 ) -> None:
     run_dir = tmp_path / "run"
     result = icepop_train(tmp_path, *DAPO, f"run.dir={run_dir}", cache=shared_cache)
@@ -168,7 +169,7 @@ def test_dynamic_sampling_fills_every_step_and_a_resumed_run_draws_the_same_extr
 @pytest.mark.slow
 @pytest.mark.ray
 def test_dynamic_sampling_with_stale_rollouts_and_truncated_replies_left_out(
-    tmp_path: Path, shared_cache: Path
+    tmp_path: Path, shared_cache: Path, tiny_default_run: Run
 ) -> None:
     """Extra rounds generated while the next batch is in flight, and DAPO's overlong filtering."""
     given = [*DAPO, "train.steps=2", "rollout.max_staleness=1", "algo.mask_truncated=true", "run.dir=run"]
