@@ -105,10 +105,10 @@ def test_a_checkpoint_of_a_hub_model_takes_its_tokenizer_from_the_hub_cache(
     # The engine's check that a weight sync sends every tensor knows the hub model's tensors too.
     from safetensors import safe_open
 
-    from icepop.rollout.vllm import _checkpoint_names
+    from icepop.rollout.checkpoint import checkpoint_names
 
     with safe_open(hub.source / "model.safetensors", framework="pt") as weights:
-        assert _checkpoint_names(REPO_ID) == _checkpoint_names(str(hub.source)) == set(weights.keys())
+        assert checkpoint_names(REPO_ID) == checkpoint_names(str(hub.source)) == set(weights.keys())
 
 
 @pytest.fixture(scope="module")
