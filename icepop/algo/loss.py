@@ -197,9 +197,7 @@ def pg_loss(
 
     "icepop-online" is a whole objective (INTELLECT-3 form): k = exp(ℓ_θ − ℓ_inf), the mask on
     sg(k), the gradient through k, no PPO clip; so are "dppo-tv" and "dppo-kl" with DPPO's masks.
-    "opsm" and "trm" mask sequences on top of the chosen objective. ref_logprobs are needed when
-    options.kl_coef ≠ 0.
-    """
+    "opsm" and "trm" mask sequences on top of the chosen objective. ref_logprobs: when kl_coef ≠ 0."""
     tensors = {"old_logprobs": old_logprobs, "rollout_logprobs": rollout_logprobs, "advantages": advantages}
     _check_tensors(logprobs, {**tensors, "ref_logprobs": ref_logprobs}, response_mask)
     if options.kl_coef != 0.0 and ref_logprobs is None:

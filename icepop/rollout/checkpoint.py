@@ -66,3 +66,12 @@ def checkpoint_quantization(model_path: str) -> str | None:
     if not quantization:
         return None
     return str(quantization.get("quant_method", "unknown")) if isinstance(quantization, dict) else "unknown"
+
+
+def check_full_precision(quantization: str | None, model_path: str) -> None:
+    """rollout.quantization re-quantizes the trainer's pushes: the checkpoint must be full precision."""
+    if quantization is not None and (quantized := checkpoint_quantization(model_path)) is not None:
+        raise ValueError(
+            f"rollout.quantization={quantization} quantizes the trainer's full-precision weights at "
+            f"each sync, but {model_path} is {quantized}-quantized: give a full-precision checkpoint"
+        )

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from icepop.rollout.checkpoint import checkpoint_names, checkpoint_quantization, checkpoint_tensors
+from icepop.rollout.checkpoint import check_full_precision, checkpoint_names, checkpoint_tensors
 from icepop.rollout.fp8 import fp8_engine_kwargs, with_fp8_rounding
 from icepop.rollout.noise import Noise, with_noise
 from icepop.rollout.precision import precision_env, precision_label
@@ -36,6 +36,13 @@ ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.
 
 # The live engine of this process, if any (a second one would clash with vLLM's global process groups).
 _live_engine: weakref.ref[VllmEngine] | None = None
+
+
+SAMPLED_LOGPROBS = {"logprobs_mode": "processed_logprobs", "generation_config": "vllm"}
+"""ℓ_inf is the log-prob under the distribution actually sampled from (temperature, top-k/top-p
+applied), the one the trainer recomputes (docs/algorithm.md §1); and SamplingSettings alone decide how
+to sample, never a penalty or top_k shipped in generation_config.json (its extra EOS ids still count).
+(CUDA graphs, where enforce_eager is off, replay the weight tensors the in-place reload overwrites.)"""
 
 
 def _engine_kwargs(
@@ -134,6 +141,16 @@ def _shutdown(llm: Any, set_num_threads: Any, num_threads: int, rendezvous_file:
         os.remove(rendezvous_file)
 
 
+def _in_process_environment() -> None:
+    """ENV_DEFAULTS where unset; vLLM must run in this process (its engine core in-process)."""
+    for name, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+        raise ValueError(
+            "VllmEngine runs vLLM in-process: set VLLM_ENABLE_V1_MULTIPROCESSING=0 (or leave it unset)"
+        )
+
+
 class VllmEngine:
     """A `RolloutEngine` backed by an in-process vLLM `LLM` holding one copy of the policy's weights.
 
@@ -167,22 +184,13 @@ class VllmEngine:
         live = _live_engine() if _live_engine is not None else None
         if live is not None and not live._closed:
             raise RuntimeError("a VllmEngine is already live in this process; close() it first")
-        for name, value in ENV_DEFAULTS.items():
-            os.environ.setdefault(name, value)
-        if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
-            raise ValueError(
-                "VllmEngine runs vLLM in-process: set VLLM_ENABLE_V1_MULTIPROCESSING=0 (or leave it unset)"
-            )
+        _in_process_environment()
         import torch
         from vllm import LLM
         from vllm.platforms import current_platform
 
         self._on_cpu = current_platform.is_cpu()
-        if quantization is not None and (quantized := checkpoint_quantization(model_path)) is not None:
-            raise ValueError(
-                f"rollout.quantization={quantization} quantizes the trainer's full-precision weights at "
-                f"each sync, but {model_path} is {quantized}-quantized: give a full-precision checkpoint"
-            )
+        check_full_precision(quantization, model_path)
         # On CPU the FP8 rounding is simulated: the engine's dtype, weights rounded on their way in.
         self._fp8_dtype = getattr(torch, dtype) if quantization is not None and self._on_cpu else None
         for name, value in precision_env(dtype, not self._on_cpu).items():
@@ -201,15 +209,8 @@ class VllmEngine:
             dtype=dtype,
             seed=seed,
             max_model_len=max_model_len,
-            # Eager: no graph capture or compilation, start-up in seconds (vLLM's CPU backend needs it). On
-            # GPUs, CUDA graphs replay the same weight tensors, which the in-place reload overwrites.
-            enforce_eager=enforce_eager or self._on_cpu,
-            # ℓ_inf must be the log-prob under the distribution actually sampled from (temperature,
-            # top-k/top-p applied), the same one the trainer recomputes: docs/algorithm.md §1.
-            logprobs_mode="processed_logprobs",
-            # Neutral sampling defaults: SamplingSettings alone decide how we sample, never a penalty or
-            # top_k shipped in generation_config.json (its extra EOS ids are still honoured).
-            generation_config="vllm",
+            enforce_eager=enforce_eager or self._on_cpu,  # vLLM's CPU backend runs eagerly
+            **SAMPLED_LOGPROBS,
             **_engine_kwargs(self._on_cpu, kv_cache_bytes, gpu_memory_utilization, enable_sleep_mode),
             **fp8_engine_kwargs(quantization, self._on_cpu),
         )

@@ -101,8 +101,7 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     shaped = rewards + overlong_shaping(algo.overlong_buffer, algo.overlong_penalty, completions, limit)
     batch.advantages = token_advantages(algo.advantage, shaped, group_ids, batch.response_mask)
     if algo.mask_truncated:
-        cut = torch.tensor([c.finish_reason == "length" for c in completions])
-        batch.response_mask &= ~cut[:, None]
+        batch.response_mask &= ~torch.tensor([c.finish_reason == "length" for c in completions])[:, None]
 
     # 4. ℓ_old: the trainer's log-probs at the rollout weights θ_old, before any update. With one update
     # per step the trainer's θ is θ_old, so the training forward's own detached ℓ_θ is ℓ_old (fetched

@@ -49,7 +49,19 @@ STATE_TAG = "trainer"  # the DeepSpeed checkpoint tag (sub-folder) of `save_stat
 
 
 class DeepSpeedTrainer:
-    """One rank of a ZeRO-1/2/3 data-parallel trainer (see the module docstring)."""
+    """One rank of a ZeRO-1/2/3 data-parallel trainer (see the module docstring).
+
+    Every argument is required: a run's come from its config (icepop.trainer.settings.trainer_settings).
+    `temperature` is the rollout's sampling temperature, applied by `train_rl` (docs/algorithm.md §1);
+    `ds_config_overrides` is merged last into the generated DeepSpeed config (e.g. ZeRO-3 bucket sizes).
+    `model_kind` "reward" builds a sequence-classification model with one output (a reward model,
+    `train_rm`/`scores`) on top of the checkpoint instead of the causal LM policy. `micro_batch_tokens`
+    > 0 forms micro-batches by a token budget instead of `micro_batch_size` rows
+    (inputs.micro_batch_rows); `packing` concatenates a micro-batch's rows into one padding-free sequence
+    (trainer.packing, icepop.trainer.packing). `cpu_threads`: torch threads of a CPU rank (None keeps the
+    process's). `lora`: the keyword arguments of `lora.add_adapters` (trainer.lora) to train LoRA
+    adapters instead of every weight.
+    """
 
     def __init__(
         self,
@@ -81,17 +93,7 @@ class DeepSpeedTrainer:
         ds_config_overrides: dict[str, Any] | None,
         lora: dict[str, Any] | None,
     ) -> None:
-        """Join the process group and build the ZeRO engine. Every argument is required: a run's come from
-        its config (icepop.trainer.settings.trainer_settings). `temperature` is the rollout's sampling
-        temperature, applied by `train_rl` (docs/algorithm.md §1); `ds_config_overrides` is merged
-        last into the generated DeepSpeed config (e.g. ZeRO-3 bucket sizes). `model_kind` "reward"
-        builds a sequence-classification model with one output (a reward model, `train_rm`/`scores`)
-        on top of the checkpoint instead of the causal LM policy. `micro_batch_tokens` > 0 forms
-        micro-batches by a token budget instead of `micro_batch_size` rows (inputs.micro_batch_rows);
-        `packing` concatenates a micro-batch's rows into one padding-free sequence (trainer.packing,
-        icepop.trainer.packing). `cpu_threads`: torch threads of a CPU rank (None keeps the process's).
-        `lora`: the keyword arguments of `lora.add_adapters` (trainer.lora) to train LoRA adapters
-        instead of every weight."""
+        """Join the process group and build the ZeRO engine (the arguments: the class docstring)."""
         check_args(zero_stage, dtype, micro_batch_size, lr_schedule, total_steps, model_kind)
         self.model_kind, self.model_path = model_kind, model_path
         self.rank, self.world_size = rank, world_size
