@@ -1,5 +1,6 @@
 """`python -m icepop.report RUN_DIR [RUN_DIR ...]`: plots that compare RL runs side by side, and a short
-Markdown summary next to them.
+Markdown summary next to them. `python -m icepop.report --map studies/map` draws the mismatch map
+(icepop.study_map) instead.
 
 Key design choice: everything comes from what a run already wrote — config.yaml (the run's correction
 and mismatch-injection level name it in every legend), metrics.jsonl, histograms.jsonl, events.jsonl —
@@ -199,12 +200,23 @@ def report(run_dirs: list[Path], out: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m icepop.report", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "runs", nargs="+", type=Path, help="run directories (each with config.yaml, metrics.jsonl)"
+        "runs", nargs="*", type=Path, help="run directories (each with config.yaml, metrics.jsonl)"
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="where to write (default: the first run's report/)"
     )
+    parser.add_argument(
+        "--map", type=Path, default=None,
+        help="draw the mismatch map from a folder of arms (studies/map; default out: docs/study/map)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.map is not None:
+        from icepop.study_map import draw  # the map's protocol and figures
+
+        print(f"icepop report: {draw(args.map, args.out or Path('docs/study/map'))} and its figures")
+        return
+    if not args.runs:
+        parser.error("pass one or more run directories, or --map DIR")
     for run in args.runs:
         for name in ("config.yaml", "metrics.jsonl", "histograms.jsonl"):
             if not (run / name).is_file():

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from icepop.report import read_evals
+from icepop.report import pyplot, read_evals, save_figure, series
 from icepop.stages.summary import read_summary
 from icepop.tracking import read_metrics
 
@@ -152,3 +152,139 @@ def separates(source: str, correction: str, arms: dict[tuple[str, str, int], Arm
     if all(b - a >= MARGIN for a, b in pairs):
         return "worse"
     return "not separated"
+
+
+def _fifths(arm: Arm, key: str) -> tuple[float, float]:
+    """A metric's mean over the first and over the last fifth of an arm's steps."""
+    _, values = series(arm.metrics, key)
+    fifth = max(1, len(values) // 5)
+    return statistics.fmean(values[:fifth]), statistics.fmean(values[-fifth:])
+
+
+def _peak(group: list[Arm], key: str) -> float:
+    return max(max(series(a.metrics, key)[1]) for a in group)
+
+
+def table(arms: dict[tuple[str, str, int], Arm]) -> str:
+    """One row per (source, correction): each seed's start → outcome and verdict, the difference from
+    the reference and the separation from no correction, then the telemetry over training."""
+    lines = [
+        "| source | correction | seeds | held-out start → end (each seed) | Δ vs reference | verdicts "
+        "| vs none | reward, first → last fifth | mean \\|log k\\|, first → last fifth | max \\|log k\\| "
+        "| masked | entropy, last fifth | max grad norm |",
+        "|---|---|---:|---|---:|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for source, correction in _cells(arms):
+        group = [arms[key] for key in sorted(arms) if key[:2] == (source, correction)]
+        references = [arms.get((SOURCES[source].reference, "none", a.seed)) for a in group]
+        deltas = [a.outcome - r.outcome for a, r in zip(group, references, strict=True) if r is not None]
+        mismatch = [_fifths(a, "mismatch/abs_logp_diff_mean") for a in group]
+        entropy = [_fifths(a, "actor/entropy")[1] for a in group]
+        masked = statistics.fmean(statistics.fmean(series(a.metrics, "icepop/mask_frac")[1]) for a in group)
+        lines.append(
+            f"| {SOURCES[source].label} | {correction} | {len(group)} "
+            f"| {', '.join(f'{a.start:.3f} → {a.outcome:.3f}' for a in group)} "
+            f"| {f'{statistics.fmean(deltas):+.3f}' if deltas else '—'} "
+            f"| {', '.join(verdict(a, arms) for a in group)} "
+            f"| {'—' if correction == 'none' else separates(source, correction, arms)} "
+            f"| {statistics.fmean(a.reward_first for a in group):.3f} → "
+            f"{statistics.fmean(a.reward_last for a in group):.3f} "
+            f"| {statistics.fmean(m[0] for m in mismatch):.2g} → "
+            f"{statistics.fmean(m[1] for m in mismatch):.2g} "
+            f"| {_peak(group, 'mismatch/abs_logp_diff_max'):.3g} | {masked:.2%} "
+            f"| {statistics.fmean(entropy):.3f} "
+            f"| {_peak(group, 'actor/grad_norm'):.3g} |"
+        )
+    return "\n".join(lines)
+
+
+def _cells(arms: dict[tuple[str, str, int], Arm]) -> list[tuple[str, str]]:
+    """The (source, correction) pairs that have arms, in the map's order."""
+    present = {key[:2] for key in arms}
+    return [(s, c) for s in SOURCES for c in CORRECTIONS if (s, c) in present]
+
+
+def draw_map(arms: dict[tuple[str, str, int], Arm], path: Path) -> Path:
+    """The map: a row per source and level, a column per correction; each cell the mean outcome's
+    difference from the reference (blue better, red worse), with the seeds run and the protocol's marks
+    (C collapsed, D degraded on some seed; + / − a correction that separates from none on every seed)."""
+    plt = pyplot()
+    rows = [s for s in SOURCES if any(key[0] == s for key in arms)]
+    columns = [c for c in CORRECTIONS if any(key[1] == c for key in arms)]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(columns) + 4), 0.6 * len(rows) + 1.8))
+    grid = [[float("nan")] * len(columns) for _ in rows]
+    for (i, source), (j, correction) in ((r, c) for r in enumerate(rows) for c in enumerate(columns)):
+        group = [a for key, a in arms.items() if key[:2] == (source, correction)]
+        references = [arms.get((SOURCES[source].reference, "none", a.seed)) for a in group]
+        deltas = [a.outcome - r.outcome for a, r in zip(group, references, strict=True) if r is not None]
+        if not deltas:
+            continue
+        grid[i][j] = statistics.fmean(deltas)
+        verdicts = {verdict(a, arms) for a in group}
+        marks = "C" if "collapsed" in verdicts else "D" if "degraded" in verdicts else ""
+        marks += {"better": " +", "worse": " −"}.get(separates(source, correction, arms), "")
+        ax.text(j, i, f"{grid[i][j]:+.2f}{marks}\n{len(group)} seed{'s' * (len(group) > 1)}",
+                ha="center", va="center", fontsize=7)  # fmt: skip
+    image = ax.imshow(grid, cmap="RdBu", vmin=-0.15, vmax=0.15, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(rows)), [SOURCES[s].label for s in rows])
+    fig.colorbar(image, ax=ax, label="Δ held-out accuracy vs reference")
+    return save_figure(fig, "The mismatch map: tiny models, countdown, 150 RL steps", path)
+
+
+CURVES = [
+    ("eval/accuracy_lenient", "held-out greedy accuracy"),
+    ("reward/mean", "training reward"),
+    ("mismatch/abs_logp_diff_mean", "mean |log k|"),
+    ("mismatch/abs_logp_diff_max", "max |log k|"),
+    ("icepop/mask_frac", "fraction of tokens masked"),
+    ("actor/entropy", "policy entropy"),
+    ("actor/grad_norm", "gradient norm"),
+]
+
+
+def draw_curves(arms: dict[tuple[str, str, int], Arm], source: str, path: Path) -> Path:
+    """Every correction's curves at one source and level (thin: each seed) and its reference's (grey)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
+    reference = SOURCES[source].reference
+    lines = [
+        (key, a) for key, a in sorted(arms.items()) if key[0] == source or key[:2] == (reference, "none")
+    ]
+    for ax, (key, title) in zip(axes.flat, CURVES, strict=False):
+        for (src, correction, seed), arm in lines:
+            colour = "black" if src != source else f"C{list(CORRECTIONS).index(correction)}"
+            label = f"{correction}{' (reference)' if src != source else ''}" if seed == 0 else None
+            if key.startswith("eval/"):
+                steps, values = series(arm.evals, key)
+            else:  # per-step metrics: a 10-step moving average
+                steps, values = series(arm.metrics, key)
+                values = [statistics.fmean(values[max(0, i - 9) : i + 1]) for i in range(len(values))]
+            ax.plot(steps, values, color=colour, linewidth=1.0, alpha=0.8, label=label,
+                    linestyle="-" if seed == 0 else "--")  # fmt: skip
+        ax.set(title=title if key.startswith("eval/") else f"{title} (10-step mean)", xlabel="RL step")
+        ax.grid(alpha=0.3)
+    axes.flat[-1].axis("off")
+    axes.flat[-1].legend(
+        *axes.flat[0].get_legend_handles_labels(), loc="center", title="seed 0 solid, 1 dashed"
+    )
+    return save_figure(fig, f"{SOURCES[source].label}: every correction", path)
+
+
+def draw(directory: Path, out: Path) -> Path:
+    """map.png, one curves-<source>.png per source with corrections beyond IcePop, and map.md."""
+    arms = read_map(directory)
+    if not arms:
+        raise SystemExit(f"{directory} holds no arms (arm.json): run studies/mismatch_map.py first")
+    out.mkdir(parents=True, exist_ok=True)
+    figures = [draw_map(arms, out / "map.png")]
+    for source in SOURCES:
+        if len({c for s, c, _ in arms if s == source}) > 2:
+            figures.append(draw_curves(arms, source, out / f"curves-{source}.png"))
+    commits = sorted({json.loads((d / "arm.json").read_text())["commit"][:10]
+                      for d in directory.iterdir() if (d / "arm.json").is_file()})  # fmt: skip
+    text = [f"# The mismatch map ({len(arms)} arms; commits {', '.join(commits)})", "", table(arms), ""]
+    text += [f"![{f.stem}]({f.name})" for f in figures]
+    path = out / "map.md"
+    path.write_text("\n".join(text) + "\n")
+    return path
