@@ -101,7 +101,7 @@ def test_group_options_change_what_they_should() -> None:
         ("sft.lr=0", "sft.lr must be > 0"),
         ("reward.workers=0", "reward.workers must be > 0"),
         ("cluster.num_cpus=0", "cluster.num_cpus"),
-        ("model.dtype=float16", "model.dtype='float16' is not one of"),
+        ("model.dtype=half", "model.dtype='half' is not one of"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(override: str, message: str) -> None:

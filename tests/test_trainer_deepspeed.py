@@ -445,7 +445,7 @@ def test_bad_arguments_fail_early_and_importing_the_module_does_not_import_deeps
 import sys
 from backend_args import trainer_args
 from icepop.trainer.deepspeed import DeepSpeedTrainer
-bad = ({"zero_stage": 4}, {"dtype": "float16"}, {"micro_batch_size": 0},
+bad = ({"zero_stage": 4}, {"dtype": "float64"}, {"micro_batch_size": 0},
        {"lr_schedule": "cosine", "total_steps": None})
 for kwargs in bad:
     try:

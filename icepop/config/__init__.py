@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from icepop.config.algo import ADVANTAGES, AlgoConfig, RewardConfig
-from icepop.config.checks import DTYPES, one_of
+from icepop.config.checks import DTYPES, check_trainer_dtype, one_of
 from icepop.config.derived import Derived, derive
 from icepop.config.model import DataConfig, ModelConfig
 from icepop.config.rollout import ClusterConfig, RolloutConfig, check_placement
@@ -83,6 +83,8 @@ class Config:
         one_of("stage", self.stage, STAGES)
         check_placement(self.cluster, self.rollout, self.trainer.ranks, self.trainer.gpus_per_rank)
         stages = self.pipeline.stages if self.stage == "pipeline" else [self.stage]
+        if set(stages) - {"eval"} or self.warms_up:  # a trainer rank will run: DeepSpeed takes the dtype
+            check_trainer_dtype(self.model.dtype, on_gpu=self.trainer.gpus_per_rank > 0)
         if self.trainer.lora.dropout and {"rlvr", "rlhf"} & set(stages):
             raise ValueError(
                 f"trainer.lora.dropout={self.trainer.lora.dropout} in an RL stage: dropout makes the "

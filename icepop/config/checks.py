@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16")
-"""The trainer's dtypes (model.dtype), and the rollout engines' but for float16."""
-ROLLOUT_DTYPES = (*DTYPES, "float16")
-"""The engines' dtypes (rollout.dtype): vLLM's CPU and GPU backends both serve float16 (the trainer does
-not train in it: DeepSpeed's fp16 needs loss scaling, which icepop.trainer does not set up)."""
+DTYPES = ("float32", "bfloat16", "float16")
+"""The trainer's dtypes (model.dtype): float16 trains with DeepSpeed's dynamic loss scaling
+(icepop.trainer.inputs.FP16_LOSS_SCALING), on CPU ranks only where DeepSpeed can (`check_trainer_dtype`)."""
+ROLLOUT_DTYPES = DTYPES
+"""The engines' dtypes (rollout.dtype): vLLM's CPU and GPU backends serve all three."""
 
 
 def one_of(name: str, value: object, allowed: tuple) -> None:
@@ -58,3 +58,27 @@ def engine_dtype(gpus_per_engine: int, flags: set[str]) -> tuple[str, str]:
     if found:
         return "bfloat16", f"this CPU has {', '.join(found)}"
     return "float32", "this CPU has no bfloat16 instructions (AVX512-BF16/AMX): bfloat16 would be emulated"
+
+
+def cpu_trains_float16() -> bool:
+    """Whether DeepSpeed trains in float16 on this CPU: its CPU accelerator's own test
+    (deepspeed/accelerator/cpu_accelerator.py, `is_fp16_supported`: oneDNN's float16 kernels, an error
+    meaning no); where it fails, `deepspeed.initialize` refuses fp16 ("Type fp16 is not supported on your
+    device"). Imports torch: called only for model.dtype=float16 on CPU ranks."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:
+        return False
+
+
+def check_trainer_dtype(dtype: str, on_gpu: bool) -> None:
+    """Refuse model.dtype=float16 for CPU trainer ranks on a CPU DeepSpeed cannot train float16 on
+    (`cpu_trains_float16`), before anything starts; on_gpu: the ranks have a GPU (cluster=gpu)."""
+    if dtype == "float16" and not on_gpu and not cpu_trains_float16():
+        raise ValueError(
+            "model.dtype=float16 cannot train on this CPU: DeepSpeed's CPU accelerator has no float16 here "
+            "(torch.ops.mkldnn._is_mkldnn_fp16_supported() is False); use model.dtype=bfloat16 or float32 "
+            "on this CPU, or float16 on GPUs (cluster=gpu)"
+        )

@@ -19,7 +19,8 @@ class ModelConfig:
     sft_warmup: bool = True
     """RLVR on a built-in tiny model: start from its cached SFT checkpoint, running SFT first if missing."""
     dtype: str = "float32"
-    """Trainer parameter dtype: "float32" or "bfloat16" (DeepSpeed keeps float32 master weights)."""
+    """Trainer parameter dtype: "float32", "bfloat16" or "float16" (DeepSpeed keeps float32 master weights;
+    float16 with dynamic loss scaling, on GPUs, or CPUs where DeepSpeed has float16: checks.py)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (large models)."""
 

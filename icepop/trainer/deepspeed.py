@@ -39,6 +39,7 @@ from icepop.trainer.inputs import (
     lr_factor,
     place_rows,
     rows_of,
+    skipped_step,
 )
 from icepop.trainer.lora import Adapters, check_same_adapters, fewer_heap_holes
 from icepop.trainer.models import load_model
@@ -192,17 +193,20 @@ class DeepSpeedTrainer:
         self.engine.backward(loss * (self.world_size * poison), scale_wrt_gas=False)
 
     def _step(self, local_sums: dict[str, float], prefix: str) -> dict[str, float]:
-        """Apply the accumulated gradient (or skip it if non-finite) and return the step metrics;
-        local_sums ("loss" and other additive parts) are summed over the ranks: full-batch values."""
+        """Apply the accumulated gradient (or skip it: inputs.skipped_step says why) and return the step
+        metrics, local_sums ("loss", other additive parts) summed over the ranks: full-batch values."""
         lr, skipped_before = float(self.engine.get_lr()[0]), self.engine.skipped_steps
+        scale = float(getattr(self.engine.optimizer, "cur_scale", 1.0))  # the backward's; 1 but in float16
         self.engine.step()
         norm = self.engine.get_global_grad_norm()  # before clipping; inf when the step was skipped
         totals = self._all_reduce(list(local_sums.values()), "sum")  # each loss carries the global count
-        values = {
-            **dict(zip(local_sums, totals, strict=True)),
+        values = dict(zip(local_sums, totals, strict=True))
+        skipped = self.engine.skipped_steps > skipped_before
+        values |= {
             "grad_norm": math.inf if norm is None else float(norm),
             "lr": lr,
-            "nonfinite_skipped": float(self.engine.skipped_steps > skipped_before),
+            **skipped_step(skipped, self.engine.fp16_enabled(), values["loss"]),
+            "loss_scale": scale,
         }
         return {f"{prefix}/{key}": value for key, value in values.items()}
 

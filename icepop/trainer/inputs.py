@@ -13,12 +13,25 @@ from torch import Tensor
 
 from icepop.algo import PolicyLossOptions
 from icepop.config.checks import DTYPES as DTYPE_NAMES
+from icepop.config.checks import check_trainer_dtype
 from icepop.config.trainer import LR_SCHEDULES
 from icepop.types import PreferenceBatch, RLBatch, SFTBatch, select_rows
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 """The torch dtype of each of the config's dtype names (icepop.config.checks.DTYPES, their one home)."""
 MODEL_KINDS = ("policy", "reward")
+FP16_LOSS_SCALING = {
+    "loss_scale": 0,
+    "initial_scale_power": 16,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+}
+"""DeepSpeed's fp16 block for dtype float16 (but "enabled"): dynamic loss scaling (loss_scale 0) with
+DeepSpeed's documented defaults (deepspeed/runtime/precision_config.py DeepSpeedFP16Config, constants.py
+FP16_*_DEFAULT). The scale starts at 2^16; an overflowing gradient skips the step, the first one only
+spending the hysteresis of 2, each later one halving the scale; 1000 steps without one double it. At
+min_loss_scale an overflow raises (DynamicLossScaler.update_scale): the scale can fall no further."""
 
 
 def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int | None) -> float:
@@ -41,6 +54,7 @@ def check_args(
         raise ValueError(f"zero_stage must be 1, 2 or 3; got {zero_stage}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    check_trainer_dtype(dtype, on_gpu=torch.cuda.is_available())  # the rank's device (_init_distributed)
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1 (sequences per forward); got {micro_batch_size}")
     if lr_schedule not in LR_SCHEDULES:
@@ -157,6 +171,7 @@ def deepspeed_config(
         },
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": True, **FP16_LOSS_SCALING} if dtype == "float16" else {"enabled": False},
         "steps_per_print": 2**31 - 1,
     }
     if offload:
@@ -164,6 +179,17 @@ def deepspeed_config(
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
         config["zero_force_ds_cpu_optimizer"] = False
     return deep_merge(config, overrides or {})
+
+
+def skipped_step(skipped: bool, loss_scaling: bool, loss: float) -> dict[str, float]:
+    """Why DeepSpeed skipped a step (`skipped`: its skipped_steps grew), as the step's metrics:
+    overflow_skipped where fp16 dynamic loss scaling (`loss_scaling`) skipped it at a finite loss (the
+    full-batch sum over ranks, NaN if any rank's was) — a gradient that overflowed at the current scale,
+    which DeepSpeed lowers for the next step: no failure — nonfinite_skipped for any other skip (a NaN/inf
+    loss, or without loss scaling a NaN/inf gradient), which the RL stage counts against
+    train.max_nonfinite_steps."""
+    overflow = skipped and loss_scaling and math.isfinite(loss)
+    return {"nonfinite_skipped": float(skipped and not overflow), "overflow_skipped": float(overflow)}
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -23,8 +23,8 @@ def load_model(
     gradient_checkpointing: bool = False,
     lora: dict[str, Any] | None = None,
 ) -> Any:
-    """The model of `kind` ("policy" or "reward") from `model_path` in `dtype` ("float32" or
-    "bfloat16"), without a KV cache; zero3_config: the DeepSpeed config when ZeRO-3 partitions it.
+    """The model of `kind` ("policy" or "reward") from `model_path` in `dtype` ("float32", "bfloat16"
+    or "float16"), without a KV cache; zero3_config: the DeepSpeed config when ZeRO-3 partitions it.
     With `lora` (the keyword arguments of `add_adapters`) the model is peft's, adapters trainable."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
