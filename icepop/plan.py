@@ -30,6 +30,7 @@ KEY_SETTINGS = {
     "eval": ("model.path", "rollout.dtype", "data.source", "eval.samples_per_prompt", "eval.temperature",
              "data.max_prompt_tokens", "rollout.max_new_tokens", "rollout.max_model_len"),
     "pipeline": ("model.path", "pipeline.stages"),
+    "compare": ("model.path", "compare.recipe", "compare.overrides", "compare.arms"),
 }  # fmt: skip
 """Per kind of stage, the settings the start-up summary shows with their sources (and, beside them,
 every other setting the command line changed)."""
@@ -142,6 +143,9 @@ def dry_run(config: Config) -> None:
         print(
             f"icepop dry run: the pipeline's stages {config.pipeline.stages} are each checked when they start"
         )
+        return
+    if config.stage == "compare":
+        print(f"icepop dry run: arms {', '.join(config.compare.arms)}, each checked as it would be run alone")
         return
     tokenizer = setup.load_tokenizer(setup.resolve_model(config), config.data)
     with input_errors(

@@ -149,8 +149,8 @@ def check_inputs(config: Config) -> None:
     """Everything about a stage's inputs that can be checked without a cluster, in the order a user
     would fix them: the model folder and tokenizer, the context length, the reward. InputError names
     the setting. (The data is loaded, and so checked, by each stage before anything starts.)"""
-    if config.stage == "pipeline":
-        return  # each stage is checked when it starts (later stages start from earlier ones' output)
+    if config.stage in ("pipeline", "compare"):
+        return  # each stage or arm is checked when composed (later stages start from earlier ones' output)
     _check_model(config)
     if config.trainer.lora.enabled and config.stage in ("sft", "rm", "rlvr", "rlhf"):
         _check_lora(config)

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from icepop.plots import integer_steps, pyplot, read_evals, save_figure, series
 from icepop.telemetry import read_histograms
 from icepop.tracking import read_metrics
 
@@ -54,50 +55,6 @@ def run_label(run_dir: Path) -> str:
     return (
         f"{run_dir.name}: {correction}, noise {rollout.get('mismatch_noise', 0.0)}, {rollout['dtype']} engine"
     )
-
-
-def read_evals(run_dir: Path) -> list[dict[str, Any]]:
-    """eval.jsonl's rows; `eval/accuracy_lenient` falls back to `eval/accuracy` where a task has no
-    lenient reading (the plotted and tabled held-out measure)."""
-    path = run_dir / "eval.jsonl"
-    rows = (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    )
-    return [
-        {**r, "eval/accuracy_lenient": r.get("eval/accuracy_lenient", r.get("eval/accuracy"))} for r in rows
-    ]
-
-
-def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one metric over a run's rows, skipping steps where it is missing or not finite."""
-    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and math.isfinite(r[key])]
-    return [s for s, _ in points], [v for _, v in points]
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend (no display on a cluster node)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def integer_steps() -> Any:
-    """An axis locator with ticks at whole steps only (a 3-step run showed 0.5, 1.5, ...)."""
-    from matplotlib.ticker import MaxNLocator
-
-    return MaxNLocator(integer=True)
-
-
-def save_figure(fig: Any, title: str, path: Path) -> Path:
-    """Title, lay out, save (110 dpi) and close a figure."""
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-    return path
 
 
 def plot_metrics(runs: dict[str, list[dict[str, Any]]], out: Path) -> Path:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from icepop.report import pyplot, read_evals, save_figure, series
+from icepop.plots import pyplot, read_evals, save_figure, series
 from icepop.stages.summary import read_summary
 from icepop.tracking import read_metrics
 

@@ -170,7 +170,7 @@ def compose(overrides: list[str], check: bool = True) -> Config:
 
     from icepop.preflight import check_inputs
 
-    own = ("+recipe=", "run.dir=", "pipeline.")  # the pipeline's own, not its stages'
+    own = ("+recipe=", "run.dir=", "pipeline.", "compare.")  # the pipeline's own, not its stages'
     given = with_model_preset([o for o in HydraConfig.get().overrides.task if not o.startswith(own)])
     config = to_config(hydra.compose(config_name="config", overrides=[overrides[0], *given, *overrides[1:]]))
     if check:
@@ -196,9 +196,13 @@ def execute(config: Config, cfg: DictConfig) -> None:
 
     if config.run.dry_run:
         from icepop.plan import dry_run
+        from icepop.stages.pipeline import arm_configs
 
         with _input_errors_exit():
             dry_run(config)
+            for name, arm in arm_configs(config, Path(config.run.dir), compose).items():
+                print(f"icepop dry run: arm {name}")
+                dry_run(arm)
         return
     run_dir = Path(config.run.dir)
     if config.stage in ("rlvr", "rlhf"):  # continue a run from its last complete checkpoint

@@ -20,6 +20,7 @@ from icepop.config.derived import Derived, derive
 from icepop.config.model import DataConfig, ModelConfig
 from icepop.config.rollout import ClusterConfig, RolloutConfig, check_placement
 from icepop.config.stages import (
+    CompareConfig,
     EvalConfig,
     LoggerConfig,
     PipelineConfig,
@@ -30,7 +31,7 @@ from icepop.config.stages import (
 )
 from icepop.config.trainer import TrainerConfig
 
-STAGES = ("sft", "rm", "rlvr", "rlhf", "eval", "pipeline")
+STAGES = ("sft", "rm", "rlvr", "rlhf", "eval", "pipeline", "compare")
 WARMED_UP_STAGES = ("rm", "rlvr", "rlhf", "eval")
 """The stages that start a built-in tiny model from its SFT warm-up (`model.sft_warmup`)."""
 TINY_PREFIX = "tiny:"
@@ -42,6 +43,7 @@ __all__ = [
     "STAGES",
     "AlgoConfig",
     "ClusterConfig",
+    "CompareConfig",
     "Config",
     "DataConfig",
     "Derived",
@@ -63,7 +65,7 @@ __all__ = [
 @dataclass
 class Config:
     stage: str = MISSING
-    """What to run: sft, rm, rlvr, rlhf, eval or pipeline (set by the recipe: `+recipe=rlvr`)."""
+    """What to run: sft, rm, rlvr, rlhf, eval, pipeline or compare (set by the recipe: `+recipe=rlvr`)."""
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -78,11 +80,16 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def __post_init__(self) -> None:
         one_of("stage", self.stage, STAGES)
         check_placement(self.cluster, self.rollout, self.trainer.ranks, self.trainer.gpus_per_rank)
-        stages = self.pipeline.stages if self.stage == "pipeline" else [self.stage]
+        stages = self.stages()
+        if self.stage == "compare" and len(self.compare.arms) < 2:
+            raise ValueError(
+                f"compare.arms names {len(self.compare.arms)} arm(s): a comparison needs two or more"
+            )
         if set(stages) - {"eval"} or self.warms_up:  # a trainer rank will run: DeepSpeed takes the dtype
             check_trainer_dtype(self.model.dtype, on_gpu=self.trainer.gpus_per_rank > 0)
         if self.trainer.lora.dropout and {"rlvr", "rlhf"} & set(stages):
@@ -101,9 +108,15 @@ class Config:
 
     def derived(self) -> Derived:
         """Samples per step and rank, micro-batches, gradient accumulation (ValueError if inconsistent)."""
-        stages = self.pipeline.stages if self.stage == "pipeline" else [self.stage]
+        stages = self.stages()
         rl = bool({"rlvr", "rlhf"} & set(stages))
         return derive(self.algo, self.trainer, self.sft, rl=rl, sft_runs="sft" in stages or self.warms_up)
+
+    def stages(self) -> list[str]:
+        """The stages this command runs: a pipeline's, a comparison's (its arms' recipe) or its own."""
+        if self.stage == "pipeline":
+            return list(self.pipeline.stages)
+        return [self.compare.recipe] if self.stage == "compare" else [self.stage]
 
     @property
     def warms_up(self) -> bool:

@@ -163,3 +163,21 @@ class PipelineConfig:
             and self.stages.index("rm") > self.stages.index("rlhf")
         ):
             raise ValueError("pipeline.stages: rm must come before rlhf, which uses its reward model")
+
+
+@dataclass
+class CompareConfig:
+    recipe: str = "rlvr"
+    """The stage every arm runs (rlvr or rlhf), composed as if run alone with its recipe."""
+    overrides: list[str] = field(default_factory=list)
+    """Overrides every arm gets after its recipe and the command's own, e.g. [rollout.mismatch_noise=0.3]."""
+    arms: dict[str, list[str]] = field(default_factory=dict)
+    """Arm name → its own overrides, applied last, e.g. {none: [algo.correction=none]}."""
+
+    def __post_init__(self) -> None:
+        one_of("compare.recipe", self.recipe, ("rlvr", "rlhf"))
+        for name in self.arms:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(
+                    f"compare.arms: the name {name!r} is a folder name: use letters, digits, - and _"
+                )
