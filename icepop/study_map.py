@@ -63,6 +63,7 @@ SOURCES: dict[str, Source] = dict([
             reference="fp32-moe"),
     _source("noise-0.1", "injected noise 0.1", "rollout.mismatch_noise=0.1"),
     _source("noise-0.3", "injected noise 0.3", "rollout.mismatch_noise=0.3"),
+    _source("noise-0.6", "injected noise 0.6", "rollout.mismatch_noise=0.6"),
     _source("noise-1.0", "injected noise 1.0", "rollout.mismatch_noise=1.0"),
     _source("stale-1", "stale rollouts, max_staleness 1", "rollout.max_staleness=1"),
     _source("stale-4", "stale rollouts, max_staleness 4", "rollout.max_staleness=4"),

@@ -33,6 +33,7 @@ KEPT = ("config.yaml", "metrics.jsonl", "eval.jsonl", "events.jsonl", "summary.j
 STEPS = 150
 COARSE_ORDER = [
     "noise-1.0",
+    "noise-0.6",
     "noise-0.3",
     "fp8",
     "bf16-moe",
