@@ -107,16 +107,15 @@ def read_arm(arm_dir: Path) -> Arm:
     metrics, evals = read_metrics(arm_dir), read_evals(arm_dir)
     accuracy = [r["eval/accuracy_lenient"] for r in evals]
     summary = read_summary(arm_dir)
-    fifth = max(1, len(metrics) // 5)
-    reward = [m["reward/mean"] for m in metrics]
+    reward_first, reward_last = _fifths(metrics, "reward/mean")
     return Arm(
         source=meta["source"],
         correction=meta["correction"],
         seed=meta["seed"],
         start=accuracy[0],
         outcome=statistics.fmean(accuracy[-2:]),
-        reward_first=statistics.fmean(reward[:fifth]),
-        reward_last=statistics.fmean(reward[-fifth:]),
+        reward_first=reward_first,
+        reward_last=reward_last,
         stopped_nonfinite=summary is None or len(metrics) < summary.steps,
         metrics=metrics,
         evals=evals,
@@ -131,7 +130,8 @@ def read_map(directory: Path) -> dict[tuple[str, str, int], Arm]:
 
 
 def verdict(arm: Arm, arms: dict[tuple[str, str, int], Arm]) -> str:
-    """Collapsed", "degraded", "held" (neither), or "no reference" (its seed's reference not run)."""
+    """The arm's verdict: "collapsed", "degraded", "held" (neither), or "no reference" (its seed's
+    reference arm has not run)."""
     if (arm.outcome <= arm.start - MARGIN or arm.reward_last < arm.reward_first / 2
             or arm.stopped_nonfinite):  # fmt: skip
         return "collapsed"
@@ -142,7 +142,8 @@ def verdict(arm: Arm, arms: dict[tuple[str, str, int], Arm]) -> str:
 
 
 def separates(source: str, correction: str, arms: dict[tuple[str, str, int], Arm]) -> str:
-    """Better", "worse", "not separated" (seeds disagree or differ by < MARGIN), or "one seed"."""
+    """How a correction's arms compare with no correction's, seed by seed: "better", "worse", "not
+    separated" (seeds disagree, or differ by less than MARGIN), or "one seed" (fewer than two pairs)."""
     seeds = sorted(s for (src, c, s) in arms if src == source and c == correction)
     pairs = [(arms[source, correction, s].outcome, arms[source, "none", s].outcome)
              for s in seeds if (source, "none", s) in arms]  # fmt: skip
@@ -155,9 +156,9 @@ def separates(source: str, correction: str, arms: dict[tuple[str, str, int], Arm
     return "not separated"
 
 
-def _fifths(arm: Arm, key: str) -> tuple[float, float]:
-    """A metric's mean over the first and over the last fifth of an arm's steps."""
-    _, values = series(arm.metrics, key)
+def _fifths(metrics: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    """A metric's mean over the first and over the last fifth of a run's steps."""
+    _, values = series(metrics, key)
     fifth = max(1, len(values) // 5)
     return statistics.fmean(values[:fifth]), statistics.fmean(values[-fifth:])
 
@@ -179,8 +180,8 @@ def table(arms: dict[tuple[str, str, int], Arm]) -> str:
         group = [arms[key] for key in sorted(arms) if key[:2] == (source, correction)]
         references = [arms.get((SOURCES[source].reference, "none", a.seed)) for a in group]
         deltas = [a.outcome - r.outcome for a, r in zip(group, references, strict=True) if r is not None]
-        mismatch = [_fifths(a, "mismatch/abs_logp_diff_mean") for a in group]
-        entropy = [_fifths(a, "actor/entropy")[1] for a in group]
+        mismatch = [_fifths(a.metrics, "mismatch/abs_logp_diff_mean") for a in group]
+        entropy = [_fifths(a.metrics, "actor/entropy")[1] for a in group]
         masked = statistics.fmean(statistics.fmean(series(a.metrics, "icepop/mask_frac")[1]) for a in group)
         lines.append(
             f"| {SOURCES[source].label} | {correction} | {len(group)} "
