@@ -163,6 +163,12 @@ def _fifths(metrics: list[dict[str, Any]], key: str) -> tuple[float, float]:
     return statistics.fmean(values[:fifth]), statistics.fmean(values[-fifth:])
 
 
+def _mean_fifths(group: list[Arm], key: str) -> tuple[float, float]:
+    """`_fifths` averaged over a group's arms (seeds)."""
+    fifths = [_fifths(a.metrics, key) for a in group]
+    return statistics.fmean(f[0] for f in fifths), statistics.fmean(f[1] for f in fifths)
+
+
 def _peak(group: list[Arm], key: str) -> float:
     return max(max(series(a.metrics, key)[1]) for a in group)
 
@@ -172,16 +178,18 @@ def table(arms: dict[tuple[str, str, int], Arm]) -> str:
     the reference and the separation from no correction, then the telemetry over training."""
     lines = [
         "| source | correction | seeds | held-out start → end (each seed) | Δ vs reference | verdicts "
-        "| vs none | reward, first → last fifth | mean \\|log k\\|, first → last fifth | max \\|log k\\| "
-        "| masked | entropy, last fifth | max grad norm |",
+        "| vs none | reward, first → last fifth | mean \\|log k\\|, first → last fifth "
+        "| max \\|log k\\|, first → last fifth | masked | entropy, first → last fifth | max grad norm |",
         "|---|---|---:|---|---:|---|---|---|---|---:|---:|---:|---:|",
     ]
     for source, correction in _cells(arms):
         group = [arms[key] for key in sorted(arms) if key[:2] == (source, correction)]
         references = [arms.get((SOURCES[source].reference, "none", a.seed)) for a in group]
         deltas = [a.outcome - r.outcome for a, r in zip(group, references, strict=True) if r is not None]
-        mismatch = [_fifths(a.metrics, "mismatch/abs_logp_diff_mean") for a in group]
-        entropy = [_fifths(a.metrics, "actor/entropy")[1] for a in group]
+        mismatch, worst, entropy = (
+            _mean_fifths(group, key)
+            for key in ("mismatch/abs_logp_diff_mean", "mismatch/abs_logp_diff_max", "actor/entropy")
+        )
         masked = statistics.fmean(statistics.fmean(series(a.metrics, "icepop/mask_frac")[1]) for a in group)
         lines.append(
             f"| {SOURCES[source].label} | {correction} | {len(group)} "
@@ -191,10 +199,8 @@ def table(arms: dict[tuple[str, str, int], Arm]) -> str:
             f"| {'—' if correction == 'none' else separates(source, correction, arms)} "
             f"| {statistics.fmean(a.reward_first for a in group):.3f} → "
             f"{statistics.fmean(a.reward_last for a in group):.3f} "
-            f"| {statistics.fmean(m[0] for m in mismatch):.2g} → "
-            f"{statistics.fmean(m[1] for m in mismatch):.2g} "
-            f"| {_peak(group, 'mismatch/abs_logp_diff_max'):.3g} | {masked:.2%} "
-            f"| {statistics.fmean(entropy):.3f} "
+            f"| {mismatch[0]:.2g} → {mismatch[1]:.2g} | {worst[0]:.3g} → {worst[1]:.3g} | {masked:.2%} "
+            f"| {entropy[0]:.3f} → {entropy[1]:.3f} "
             f"| {_peak(group, 'actor/grad_norm'):.3g} |"
         )
     return "\n".join(lines)
