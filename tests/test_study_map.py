@@ -10,7 +10,7 @@ import pytest
 
 from icepop.report import main as report_main
 from icepop.stages.summary import write_summary
-from icepop.study_map import CORRECTIONS, SOURCES, arm_name, read_map, separates, verdict
+from icepop.study_map import CORRECTIONS, SOURCES, arm_name, read_map, separates, table, verdict
 
 
 def write_arm(
@@ -93,3 +93,13 @@ def test_every_arm_is_a_valid_run() -> None:
                for options in CORRECTIONS.values() for o in options)  # fmt: skip
     with pytest.raises(SystemExit, match="no arms"):
         report_main(["--map", str(Path(__file__).parent)])
+
+
+def test_the_kept_map_is_what_docs_show() -> None:
+    """studies/map's arms (each with the commit it ran on) give docs/study/map/map.md's table: a new arm
+    or a protocol change without `python -m icepop.report --map studies/map` fails here."""
+    root = Path(__file__).resolve().parent.parent
+    arms = read_map(root / "studies" / "map")
+    assert arms and all(len(json.loads((root / "studies" / "map" / arm_name(*key) / "arm.json").read_text())
+                                ["commit"]) == 40 for key in arms)  # fmt: skip
+    assert table(arms) in (root / "docs" / "study" / "map" / "map.md").read_text()
