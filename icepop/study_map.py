@@ -169,6 +169,12 @@ def _mean_fifths(group: list[Arm], key: str) -> tuple[float, float]:
     return statistics.fmean(f[0] for f in fifths), statistics.fmean(f[1] for f in fifths)
 
 
+def _deltas(group: list[Arm], arms: dict[tuple[str, str, int], Arm]) -> list[float]:
+    """Each arm's outcome minus its seed's reference arm's (arms whose reference has not run: none)."""
+    references = [arms.get((SOURCES[a.source].reference, "none", a.seed)) for a in group]
+    return [a.outcome - r.outcome for a, r in zip(group, references, strict=True) if r is not None]
+
+
 def _peak(group: list[Arm], key: str) -> float:
     return max(max(series(a.metrics, key)[1]) for a in group)
 
@@ -184,8 +190,7 @@ def table(arms: dict[tuple[str, str, int], Arm]) -> str:
     ]
     for source, correction in _cells(arms):
         group = [arms[key] for key in sorted(arms) if key[:2] == (source, correction)]
-        references = [arms.get((SOURCES[source].reference, "none", a.seed)) for a in group]
-        deltas = [a.outcome - r.outcome for a, r in zip(group, references, strict=True) if r is not None]
+        deltas = _deltas(group, arms)
         mismatch, worst, entropy = (
             _mean_fifths(group, key)
             for key in ("mismatch/abs_logp_diff_mean", "mismatch/abs_logp_diff_max", "actor/entropy")
@@ -223,8 +228,7 @@ def draw_map(arms: dict[tuple[str, str, int], Arm], path: Path) -> Path:
     grid = [[float("nan")] * len(columns) for _ in rows]
     for (i, source), (j, correction) in ((r, c) for r in enumerate(rows) for c in enumerate(columns)):
         group = [a for key, a in arms.items() if key[:2] == (source, correction)]
-        references = [arms.get((SOURCES[source].reference, "none", a.seed)) for a in group]
-        deltas = [a.outcome - r.outcome for a, r in zip(group, references, strict=True) if r is not None]
+        deltas = _deltas(group, arms)
         if not deltas:
             continue
         grid[i][j] = statistics.fmean(deltas)
