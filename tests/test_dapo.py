@@ -155,6 +155,8 @@ def test_dynamic_sampling_fills_every_step_and_a_resumed_run_draws_the_same_extr
     assert ("dynamic sampling found" in result.stdout) == (min(trained) < 4)  # an unfilled step says so
     assert all(r["reward/zero_variance_group_frac"] == 0.0 for r in rows)
     assert any(r["dynamic_sampling/rounds"] > 1 for r in rows)
+    extra = [r["timing/dynamic_sampling_seconds"] for r in rows if r["dynamic_sampling/rounds"] > 1]
+    assert min(extra) > 0  # the extra rounds' time on their own, not inside timing/reward_seconds
     assert all(r["reward/shaped_mean"] <= r["reward/mean"] for r in rows)  # a penalty, never a bonus
     uninterrupted = {r["step"]: r for r in rows}
     shutil.rmtree(checkpoint.step_dir(run_dir, 4))  # as if it had died in step 3 or 4

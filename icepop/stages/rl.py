@@ -86,12 +86,13 @@ def rl_step(step: int, run: RLRun) -> dict[str, float]:
     scored = run.rewards.score_rollouts(flat_prompts, completions)  # multi-turn: the environment's reward
     count_reward_failures(run, step, scored, len(completions))
     rewards, sampled = torch.tensor(scored.rewards, dtype=torch.float32), {}
+    lap("reward")
     if algo.dynamic_sampling:  # only groups with something to learn, topped up with extra rounds
         filled = dynamic_sampling.fill(run, step, prompts, groups, scored, rollouts.sampling)
         prompts, groups, rewards, sampled = filled.prompts, filled.groups, filled.rewards, filled.stats
         completions = [c for group in groups for c in group]
         rollouts.rescored = None if filled.changed else rollouts.rescored  # rescored the batch as issued
-    lap("reward")
+        lap("dynamic_sampling")  # the extra rounds: generating and scoring them
 
     # 3. The padded, label-aligned batch; the advantages, group-relative, on its model tokens (after
     # DAPO's overlong shaping: a penalty near the length limit, truncated replies out of the loss).
