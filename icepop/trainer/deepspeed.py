@@ -41,7 +41,7 @@ from icepop.trainer.inputs import (
     rows_of,
     skipped_step,
 )
-from icepop.trainer.lora import Adapters, check_same_adapters, fewer_heap_holes
+from icepop.trainer.lora import Adapters, check_same_adapters, fewer_heap_holes, keep_freed_memory
 from icepop.trainer.models import load_model
 from icepop.trainer.packing import micro_batch_items, refuse_unpackable, row_scores, token_logprobs
 from icepop.types import PreferenceBatch, RLBatch, SFTBatch
@@ -104,8 +104,8 @@ class DeepSpeedTrainer:
         self.device = self._init_distributed(master_addr, master_port)
         if self.device.type == "cpu" and cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
-        if self.device.type == "cpu" and lora:
-            fewer_heap_holes()
+        if self.device.type == "cpu":
+            fewer_heap_holes() if lora else keep_freed_memory()
         self._weight_group: dist.ProcessGroup | None = None  # rank 0 only, after join_weight_group
         self._last_old_logprobs: Tensor | None = None
         config = deepspeed_config(
