@@ -4,8 +4,10 @@ The floor: one process, the model in float32 from transformers, forward → log-
 tokens → policy-gradient loss → backward → torch.optim.AdamW, on the same W1 batch (SmolLM2-135M,
 8 prompts × 4 samples, replies of 1-32 tokens), micro-batched as icepop's model preset does it (all
 rows in one forward) and with all the cores as torch threads. icepop: `DeepSpeedTrainer.train_rl` on
-the same rows, as one rank with every core (what `trainer.ranks=1 trainer.cpus_per_rank=2` runs) and as
-the default two ZeRO-2 ranks of one thread each (spawned processes over gloo, half the rows each).
+the same rows, as one rank with every core (`model=smollm2-135m`'s layout) and as two ZeRO-2 ranks of
+one thread each (the tiny default's layout; spawned processes over gloo, half the rows each). The
+icepop rank keeps freed memory (icepop.trainer.lora.keep_freed_memory), and that setting is
+process-wide: the floor in the same process gets it too.
 
 Each line: median seconds per update, the ratio to the floor, and the achieved FLOP/s against the
 machine's float32 GEMM peak measured here with the same threads (a 2048×576×1536 matmul, the shape of
@@ -137,9 +139,7 @@ def main() -> None:
     computed = data.input_ids.shape[0] * (data.input_ids.shape[1] - 1)
     peak = gemm_peak(args.threads)
     medians, params = in_process(model_path, data, args.threads, args.repeats)
-    medians["icepop, 2 ZeRO-2 ranks × 1 thread (default)"] = spawned_two_ranks(
-        model_path, args.rows, args.repeats
-    )
+    medians["icepop, 2 ZeRO-2 ranks × 1 thread"] = spawned_two_ranks(model_path, args.rows, args.repeats)
     flops = 6 * params * computed
     lengths = data.attention_mask.sum(-1)
     print(
