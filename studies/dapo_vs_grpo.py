@@ -6,7 +6,7 @@ The workload is README's real-model one (2-digit addition, the lenient reward, 8
 run. What the figure needs (config, metrics, evals, summary) is kept under studies/dapo/<arm>/ with
 the commit it ran on, so the figure is redrawn on any machine:
 
-    python studies/dapo_vs_grpo.py run --seeds 0 1     # ≈ 15 min an arm here (2 cores)
+    python studies/dapo_vs_grpo.py run --seeds 0 1     # 6-9 min an arm here (2 cores)
     python studies/dapo_vs_grpo.py draw                # docs/study/dapo/curves.png and table.md
 
 "Per minute" is the run's training time: the sum of its steps' wall time (`perf/step_seconds`:
@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from mismatch_map import KEPT, commit  # type: ignore[import-not-found]
+from mismatch_map import commit, keep  # type: ignore[import-not-found]
 from mismatch_study import train  # type: ignore[import-not-found]
 
 from icepop.plots import pyplot, read_evals, save_figure, series
@@ -62,13 +61,8 @@ def run(seeds: list[int], runs: Path, kept: Path) -> None:
                 print(f"  {name}: kept already", flush=True)
                 continue
             overrides = [*recipe, *WORKLOAD, f"run.seed={seed}"]
-            run_dir = train(runs, name, overrides)
-            (kept / name).mkdir(parents=True, exist_ok=True)
-            for file in KEPT:
-                if (run_dir / file).is_file():
-                    shutil.copy2(run_dir / file, kept / name / file)
             meta = {"commit": revision, "arm": arm, "seed": seed, "overrides": overrides}
-            (kept / name / "arm.json").write_text(json.dumps(meta, indent=2) + "\n")
+            keep(train(runs, name, overrides), kept / name, meta)
 
 
 COLUMNS = (

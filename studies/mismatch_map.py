@@ -72,13 +72,17 @@ def run_arm(source: str, correction: str, seed: int, runs: Path, kept: Path, rev
         return
     overrides = [*COMMON, *SOURCES[source].overrides, *CORRECTIONS[correction], f"run.seed={seed}"]
     run_dir = train(runs, name, overrides)
-    target = kept / name
+    meta = {"commit": revision, "source": source, "correction": correction, "seed": seed,
+            "overrides": overrides}  # fmt: skip
+    keep(run_dir, kept / name, meta)
+
+
+def keep(run_dir: Path, target: Path, meta: dict[str, object]) -> None:
+    """What a study reads of a finished run (KEPT) copied to `target`, with `meta` as its arm.json."""
     target.mkdir(parents=True, exist_ok=True)
     for file in KEPT:
         if (run_dir / file).is_file():
             shutil.copy2(run_dir / file, target / file)
-    meta = {"commit": revision, "source": source, "correction": correction, "seed": seed,
-            "overrides": overrides}  # fmt: skip
     (target / "arm.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
