@@ -99,11 +99,12 @@ def settings_summary(config: Config, overrides: list[str], conf_dir: Path, recip
     values = {key: OmegaConf.select(OmegaConf.structured(config), key) for key in keys}
     if "rollout.max_model_len" in values and values["rollout.max_model_len"] is None:
         values["rollout.max_model_len"] = config.rollout.context_length(config.data.max_prompt_tokens)
-        budget = "rollout.max_new_tokens" if config.rollout.environment is None else "the episode's tokens"
+        budget = "the episode's tokens" if config.rollout.episodic else "rollout.max_new_tokens"
         sources["rollout.max_model_len"] = f"data.max_prompt_tokens + {budget}"
-    if config.rollout.environment is not None and stage_kind(config.stage) in ("rl", "eval"):
-        keys = (*keys, "rollout.environment", "rollout.max_turns", "rollout.max_episode_tokens")
-        extra = ("rollout.environment", "rollout.max_turns", "rollout.max_episode_tokens")
+    if config.rollout.episodic and stage_kind(config.stage) in ("rl", "eval"):
+        maker = "rollout.environment" if config.rollout.agent is None else "rollout.agent"
+        extra = (maker, "rollout.max_turns", "rollout.max_episode_tokens")
+        keys = (*keys, *extra)
         sources |= setting_sources(overrides, extra, conf_dir, recipes_dir)
         values |= {key: OmegaConf.select(OmegaConf.structured(config), key) for key in extra}
         values["rollout.max_episode_tokens"] = config.rollout.response_tokens()
@@ -177,6 +178,8 @@ def _first_prompt(config: Config, tokenizer: Any, prompt: Any) -> str:
     """A held-out prompt as the engine will see it, its answer, and what will score the replies."""
     if config.rollout.environment is not None:
         scorer = f"the episodes of rollout.environment={config.rollout.environment!r}"
+    elif config.rollout.agent is not None:
+        scorer = f"rollout.agent={config.rollout.agent!r} (or, where it returns None, the task's verifier)"
     elif config.reward.function is not None and config.reward.rule_weight:
         scorer = f"reward.function={config.reward.function!r}"
     elif config.reward.rule_weight:

@@ -162,7 +162,9 @@ def check_inputs(config: Config) -> None:
         with input_errors(f"data.source={config.data.source!r}"):
             check_source(config.data.source, config.data.task_options)
     if config.stage in ("rlvr", "rlhf", "eval"):
-        if config.rollout.environment is None:
+        if config.rollout.agent is not None:  # the agent (or the task's verifier) gives the reward
+            _check_rollout_agent(config)
+        elif config.rollout.environment is None:
             _check_reward(config)
         else:  # the environment gives the reward
             _check_rollout_environment(config)
@@ -281,6 +283,30 @@ def _check_rollout_environment(config: Config) -> None:
     if config.reward.model_path is not None:
         raise InputError(
             f"rollout.environment={name!r} gives each episode its reward; reward.model_path="
+            f"{config.reward.model_path!r} would not be used: unset one of them"
+        )
+
+
+def _check_rollout_agent(config: Config) -> None:
+    """rollout.agent imports and is callable as agent(row, client); the openai client is installed."""
+    from icepop.rewards.verifiers import resolve_callable
+
+    name = config.rollout.agent
+    with input_errors(f"rollout.agent={name!r}"):
+        agent = resolve_callable(name, "agent")
+        import openai  # noqa: F401 (the agents' client)
+    try:
+        inspect.signature(agent).bind({}, None)
+    except TypeError as error:
+        raise InputError(
+            f"rollout.agent={name!r} takes {inspect.signature(agent)}; it is called as agent(row, client) "
+            f"with the episode's data row (a dict) and an OpenAI client, returning a reward or None ({error})"
+        ) from None
+    except ValueError:  # no signature to read: the first call will tell
+        pass
+    if config.reward.model_path is not None:
+        raise InputError(
+            f"rollout.agent={name!r} gives each episode its reward; reward.model_path="
             f"{config.reward.model_path!r} would not be used: unset one of them"
         )
 

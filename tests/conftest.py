@@ -55,3 +55,38 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path, 
     tmp = tmp_path_factory.mktemp("reference")
     result = icepop_train(tmp, *REFERENCE, "run.dir=run", cache=shared_cache)
     return Run(tmp / "run", result.stdout)
+
+
+TOOL_TASK = {"digits": 2, "operators": "*"}
+"""The tool tasks' problems: two-digit multiplication (tests/test_episodes.py, tests/test_agents.py)."""
+
+
+@pytest.fixture(scope="session")
+def tool_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny dense model after 80 plain-torch SFT steps on the Python tool's demonstrations, so that
+    its turns end with <|im_end|> and episodes go on after a tool message (built once per session)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from icepop.data.sft import builtin_sft_examples, collate_sft
+    from icepop.envs.python_tool import demonstration
+    from icepop.models.tiny import build_tiny_model
+
+    directory = build_tiny_model(tmp_path_factory.mktemp("tool-model"))
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    examples = builtin_sft_examples(
+        "arithmetic", tokenizer, 320, 0, conversation=demonstration, **TOOL_TASK
+    ).examples
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for step in range(80):
+        batch = collate_sft(examples[(step * 16) % 320 :][:16], tokenizer.pad_token_id)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        labels = batch.input_ids[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[batch.loss_mask], labels[batch.loss_mask])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(directory)
+    return directory

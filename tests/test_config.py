@@ -37,7 +37,7 @@ def test_recipes_are_found_where_the_repository_keeps_them() -> None:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_composes(recipe: str) -> None:
     config = compose_config(f"+recipe={recipe}")
-    variants = {"dapo": "rlvr", "mismatch": "compare"}  # rlvr-tools, dapo: variants of the rlvr stage
+    variants = {"dapo": "rlvr", "agent": "rlvr", "mismatch": "compare"}  # variants of the rlvr stage
     assert config.stage == variants.get(recipe, recipe.split("-")[0])
     # Each recipe starts with a comment giving its purpose and its run command.
     text = (RECIPES_DIR / f"{recipe}.yaml").read_text()

@@ -14,14 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from backend_args import engine_args
+from conftest import TOOL_TASK
 from test_environments import ToolEveryTurn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from icepop.data.prompts import load_prompts
-from icepop.data.sft import builtin_sft_examples, collate_sft
 from icepop.envs import Turn, environment_factory
-from icepop.envs.python_tool import demonstration
-from icepop.models.tiny import build_tiny_model
 from icepop.rollout.episodes import EpisodeLimits, run_episodes
 from icepop.rollout.vllm import VllmEngine
 from icepop.stages.batch import rl_batch
@@ -29,7 +27,7 @@ from icepop.types import Completion, Prompt, SamplingSettings
 
 pytestmark = pytest.mark.slow  # a vLLM engine
 
-TASK = {"digits": 2, "operators": "*"}
+TASK = TOOL_TASK
 CONTEXT = 352
 LIMITS = EpisodeLimits(max_turns=3, max_episode_tokens=96, step_timeout_seconds=10.0)
 TOOL_LIMITS = EpisodeLimits(max_turns=3, max_episode_tokens=256, step_timeout_seconds=10.0)
@@ -53,29 +51,6 @@ class Hangs(Raises):
     def step(self, reply: str) -> Turn:
         time.sleep(600)
         raise AssertionError("unreachable")
-
-
-@pytest.fixture(scope="module")
-def tool_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny dense model after 80 plain-torch SFT steps on the Python tool's demonstrations."""
-    directory = build_tiny_model(tmp_path_factory.mktemp("tool-model"))
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    examples = builtin_sft_examples(
-        "arithmetic", tokenizer, 320, 0, conversation=demonstration, **TASK
-    ).examples
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for step in range(80):
-        batch = collate_sft(examples[(step * 16) % 320 :][:16], tokenizer.pad_token_id)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        labels = batch.input_ids[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[batch.loss_mask], labels[batch.loss_mask])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -60,3 +60,23 @@ def test_a_users_environment_runs_from_its_dotted_path_and_stale(tmp_path: Path)
     for row in rows:
         assert row["episode/turns_mean"] >= 1 and "episode/tool_calls_mean" not in row
         assert row["reward/mean"] == 0.0  # Counter rewards a third turn; the untrained model's are cut short
+
+
+def test_an_agent_trains_through_the_endpoint_and_stale(tmp_path: Path) -> None:
+    """`+recipe=agent`: the README's calculator agent, on the `openai` client inside the engine's Ray
+    actor, against the endpoint there; its episodes scored by the trainer exactly as sampled, and
+    generated a step ahead (rollout.max_staleness=1) like an environment's. (Multi-turn agent
+    trajectories, branches and faults: tests/test_agents.py, on the engine in-process.)"""
+    agent = ["+recipe=agent", *SMALL, "rollout.max_new_tokens=32", "model.sft_warmup=false", "train.steps=2"]
+    result = icepop_train(tmp_path, *agent, "rollout.max_staleness=1", "run.dir=run")
+    assert (
+        "rollout.agent               icepop.examples.calculator_agent:agent  (recipe agent)" in result.stdout
+    )
+    rows = metrics(tmp_path / "run")
+    assert [r["staleness/versions_behind_mean"] for r in rows] == [0.0, 1.0]
+    for r in rows:
+        assert r["mismatch/abs_logp_diff_max"] < 1e-4
+        assert r["episode/errors"] == r["episode/timeouts"] == 0 and r["episode/refused_mean"] == 0
+        assert r["episode/requests_mean"] >= r["episode/turns_mean"] >= 1
+    evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2] and all(0.0 <= e["eval/accuracy"] <= 1.0 for e in evals)

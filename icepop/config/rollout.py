@@ -76,12 +76,20 @@ class RolloutConfig:
     path to a callable that makes one ("my_pkg.envs:Make"; icepop.envs.base); its reward replaces
     reward.*. None: one reply per prompt."""
     max_turns: int = 3
-    """Model turns per episode (with rollout.environment); rollout.max_new_tokens bounds each turn."""
+    """Model turns per episode (rollout.environment, rollout.agent); rollout.max_new_tokens bounds each."""
     max_episode_tokens: int | None = None
-    """Model and observation tokens per episode after the prompt (with rollout.environment); None:
+    """Model and observation tokens per episode after the prompt (environment or agent); None:
     2 × max_turns × max_new_tokens."""
     environment_timeout_seconds: float = 30.0
     """Longest an environment's step may take; past it (or when it raises) the episode ends with reward 0."""
+    agent: str | None = None
+    """An unmodified agent as the episodes: a dotted path to `agent(row, client)` (sync, or async with an
+    AsyncOpenAI client) that talks to the engine through an OpenAI-compatible endpoint served on
+    127.0.0.1 (icepop.rollout.agents) and returns the episode's reward, or None for the row's verifier to
+    score its last reply. rollout.max_turns and rollout.max_episode_tokens bound its episodes as they do
+    an environment's. None: no agent."""
+    agent_timeout_seconds: float = 120.0
+    """Longest an agent's episode may take; past it (or when the agent raises) it ends with reward 0."""
     probe_tolerance: float | None = None
     """Sync probe limit on |Δ log p|: its max when engine and trainer are both float32 (None: 1e-3), else
     its mean over the probe tokens (None: by the least precise side, icepop.weights.TOLERANCE: float16
@@ -111,7 +119,13 @@ class RolloutConfig:
                         "rollout.max_restarts": self.max_restarts,
                         "rollout.max_staleness": self.max_staleness})  # fmt: skip
         positive(**{"rollout.cpus_per_engine": self.cpus_per_engine, "rollout.max_turns": self.max_turns,
-                    "rollout.environment_timeout_seconds": self.environment_timeout_seconds})  # fmt: skip
+                    "rollout.environment_timeout_seconds": self.environment_timeout_seconds,
+                    "rollout.agent_timeout_seconds": self.agent_timeout_seconds})  # fmt: skip
+        if self.environment is not None and self.agent is not None:
+            raise ValueError(
+                f"rollout.environment={self.environment!r} and rollout.agent={self.agent!r} both make the "
+                "episodes; set one of them (the other null)"
+            )
         if self.max_episode_tokens is not None and self.max_episode_tokens < 1:
             raise ValueError(
                 f"rollout.max_episode_tokens must be >= 1 (or null); got {self.max_episode_tokens}"
@@ -156,9 +170,15 @@ class RolloutConfig:
             seed=seed,
         )
 
+    @property
+    def episodic(self) -> bool:
+        """Multi-turn episodes (rollout.environment or rollout.agent) instead of one reply per sample:
+        each carries its own reward."""
+        return self.environment is not None or self.agent is not None
+
     def response_tokens(self) -> int:
-        """The most tokens after a prompt: one reply's, or with an environment an episode's."""
-        if self.environment is None:
+        """The most tokens after a prompt: one reply's, or with an environment or agent an episode's."""
+        if not self.episodic:
             return self.max_new_tokens
         return self.max_episode_tokens or 2 * self.max_turns * self.max_new_tokens
 

@@ -1,7 +1,12 @@
 """Environments for multi-turn rollouts: the `Environment` seam (base), its factory, the built-in ones."""
 
 from icepop.envs.base import Demonstration, Environment, Message, Turn, started
-from icepop.envs.factory import BUILTIN_ENVIRONMENTS, demonstration_for, environment_factory
+from icepop.envs.factory import (
+    BUILTIN_ENVIRONMENTS,
+    demonstration_for,
+    environment_factory,
+    episode_demonstration,
+)
 
 __all__ = [
     "BUILTIN_ENVIRONMENTS",
@@ -11,5 +16,6 @@ __all__ = [
     "Turn",
     "demonstration_for",
     "environment_factory",
+    "episode_demonstration",
     "started",
 ]

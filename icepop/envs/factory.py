@@ -31,3 +31,15 @@ def environment_factory(name: str) -> Callable[[], Environment]:
 def demonstration_for(name: str) -> Demonstration | None:
     """The environment's `demonstration`, which the SFT warm-up trains on, or None where it has none."""
     return getattr(environment_factory(name), "demonstration", None)
+
+
+def episode_demonstration(environment: str | None, agent: str | None) -> tuple[str, Demonstration] | None:
+    """(the episodes' maker, its `demonstration`) for rollout.environment or rollout.agent (an agent
+    function may carry one too, as icepop.examples.calculator_agent does), or None where there is none."""
+    if environment is not None:
+        demonstration = demonstration_for(environment)
+    elif agent is not None:
+        demonstration = getattr(resolve_callable(agent, "agent"), "demonstration", None)
+    else:
+        return None
+    return None if demonstration is None else (environment or agent or "", demonstration)

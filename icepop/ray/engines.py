@@ -35,13 +35,15 @@ T = TypeVar("T")
 
 
 def episode_settings(config: Config, model_path: str) -> EpisodeSettings:
-    """What the engines' actors need to run the run's multi-turn episodes (rollout.environment)."""
+    """What the engines' actors need to run the run's multi-turn episodes (rollout.environment or
+    rollout.agent; an agent's timeout is its whole episode's)."""
     rollout, data = config.rollout, config.data
-    assert rollout.environment is not None
-    limits = EpisodeLimits(rollout.max_turns, rollout.response_tokens(), rollout.environment_timeout_seconds)
+    assert rollout.episodic
+    timeout = rollout.environment_timeout_seconds if rollout.agent is None else rollout.agent_timeout_seconds
+    limits = EpisodeLimits(rollout.max_turns, rollout.response_tokens(), timeout)
     return EpisodeSettings(rollout.environment, limits, model_path, data.system_prompt,
                            tuple(sorted(data.chat_template_kwargs.items())),
-                           rollout.context_length(data.max_prompt_tokens))  # fmt: skip
+                           rollout.context_length(data.max_prompt_tokens), rollout.agent)  # fmt: skip
 
 
 @dataclass
@@ -78,9 +80,7 @@ class Engines:
             config, model_path, bundles, trainer, weights_file
         )
         self.trainer = trainer
-        self.episodes = (
-            episode_settings(config, model_path) if config.rollout.environment is not None else None
-        )
+        self.episodes = episode_settings(config, model_path) if config.rollout.episodic else None
         self.queue = StaleRolloutQueue(config, self, data) if data is not None else None
         self.probe_sequences = probe or []
         self.restarts = 0

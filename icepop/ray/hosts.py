@@ -13,8 +13,9 @@ import random
 import socket
 from typing import Any, cast
 
+from icepop.rollout.agents import episode_runner
 from icepop.rollout.base import RolloutEngine
-from icepop.rollout.episodes import EpisodeRunner, EpisodeSettings
+from icepop.rollout.episodes import EpisodeSettings
 from icepop.rollout.noise import Noise
 from icepop.trainer.base import PolicyTrainer, RewardModelTrainer
 from icepop.types import Completion, Prompt, SamplingSettings
@@ -71,7 +72,7 @@ class _Host:
     def __init__(self) -> None:
         output_to_log_file(type(self).__name__)
         self.obj: Any = None
-        self.episode_runner: EpisodeRunner | None = None  # an engine's, once it runs episodes
+        self.episode_runner: Any = None  # an engine's, once it runs episodes (an environment's or agent's)
 
     def node_address(self) -> tuple[str, int]:
         import ray
@@ -101,7 +102,7 @@ class _Host:
     ) -> list[list[Completion]]:
         """Multi-turn episodes on the actor's engine, its environments stepping in this process."""
         if self.episode_runner is None or self.episode_runner.settings != settings:
-            self.episode_runner = EpisodeRunner(settings)
+            self.episode_runner = episode_runner(settings)
         return self.episode_runner.run(self.rollout_engine(), prompts, samples_per_prompt, sampling)
 
 

@@ -39,15 +39,16 @@ class EpisodeLimits:
     max_episode_tokens: int
     """Model and observation tokens per episode, after the prompt."""
     step_timeout_seconds: float
-    """Longest an environment's `step` may take; past it the episode ends with reward 0."""
+    """Longest an environment's `step` (an agent's whole episode) may take; past it the episode ends
+    with reward 0."""
 
 
 @dataclass(frozen=True)
 class EpisodeSettings:
     """What an engine's actor needs to run a run's episodes (built once per actor: `EpisodeRunner`)."""
 
-    environment: str
-    """rollout.environment: a built-in name or a dotted path."""
+    environment: str | None
+    """rollout.environment: a built-in name or a dotted path (None: an agent's episodes)."""
     limits: EpisodeLimits
     model_path: str
     """Where the tokenizer is (the policy's folder)."""
@@ -57,21 +58,29 @@ class EpisodeSettings:
     """data.chat_template_kwargs, as pairs."""
     context_length: int
     """The engine's context (prompt + episode)."""
+    agent: str | None = None
+    """rollout.agent: a dotted path (icepop.rollout.agents), instead of an environment."""
+
+    def chat_tokenizer(self) -> Any:
+        """The run's chat tokenizer (its system prompt and template options), from the policy's folder."""
+        from transformers import AutoTokenizer
+
+        from icepop.data.prompts import ChatTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return ChatTokenizer(tokenizer, self.system_prompt, dict(self.template_kwargs))
 
 
 class EpisodeRunner:
     """The environment factory and the chat tokenizer of a run, loaded once, and `run` for each call."""
 
     def __init__(self, settings: EpisodeSettings) -> None:
-        from transformers import AutoTokenizer
-
-        from icepop.data.prompts import ChatTokenizer
         from icepop.envs.factory import environment_factory
 
+        assert settings.environment is not None
         self.settings = settings
         self.make_env = environment_factory(settings.environment)
-        tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
-        self.tokenizer = ChatTokenizer(tokenizer, settings.system_prompt, dict(settings.template_kwargs))
+        self.tokenizer = settings.chat_tokenizer()
 
     def run(
         self,

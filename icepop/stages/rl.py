@@ -268,7 +268,7 @@ def _set_up(
     )
     reference = ReferenceGroup(config, model_path, placement) if config.algo.kl_coef != 0.0 else None
     reward_model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
-    rule = config.reward.rule_weight and config.rollout.environment is None  # else: the environment's reward
+    rule = config.reward.rule_weight and not config.rollout.episodic  # else: the episodes carry their reward
     pool = stack.enter_context(setup.reward_pool(config)) if rule else None  # starts meanwhile
     wait_ready(engines, trainer, reference, reward_model)
     transport = engines.connect()

@@ -49,12 +49,11 @@ def sft_examples(config: Config, tokenizer: Any) -> tuple[list[Any], list[Any]]:
     source, seed = config.data.source, config.run.seed
     data = config.data
     where = data.task_options if is_generated(source) else {"split": data.split, "subset": data.subset}
-    environment = config.rollout.environment
-    if is_generated(source) and environment is not None:  # the environment's exchange, where it has one
-        from icepop.envs import demonstration_for
+    from icepop.envs import episode_demonstration
 
-        if (demonstration := demonstration_for(environment)) is not None:
-            where = {**where, "conversation": demonstration}
+    demonstrated = episode_demonstration(config.rollout.environment, config.rollout.agent)
+    if is_generated(source) and demonstrated is not None:  # the episodes' exchange, where they have one
+        where = {**where, "conversation": demonstrated[1]}
     dataset = load_sft_examples(
         source, tokenizer, count=config.sft.examples, seed=seed, max_tokens=max_tokens, **where
     )

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from icepop.config import Config
 from icepop.config.trainer import LoraConfig
-from icepop.envs import demonstration_for
+from icepop.envs import episode_demonstration
 from icepop.stages.setup import cache_dir, cached, resolve_model
 from icepop.stages.sft import run_sft
 
@@ -32,9 +32,9 @@ def sft_warmup_key(config: Config) -> dict[str, Any]:
         "ranks": config.trainer.ranks,
         "version": 1,
     }
-    environment = config.rollout.environment
-    if environment is not None and demonstration_for(environment) is not None:  # learns its exchange
-        key |= {"environment": environment, "task_options": config.data.task_options}
+    demonstrated = episode_demonstration(config.rollout.environment, config.rollout.agent)
+    if demonstrated is not None:  # learns its exchange
+        key |= {"environment": demonstrated[0], "task_options": config.data.task_options}
     return key
 
 
