@@ -304,6 +304,13 @@ def _check_rollout_agent(config: Config) -> None:
         ) from None
     except ValueError:  # no signature to read: the first call will tell
         pass
+    parser = config.rollout.agent_tool_parser
+    if parser is not None:  # vLLM's own list (importing vLLM: only when a parser is asked for)
+        from icepop.rollout.tool_calls import tool_parser_names
+
+        if parser not in (names := tool_parser_names()):
+            raise InputError(f"rollout.agent_tool_parser={parser!r} is not one of vLLM's tool parsers: "
+                             f"{', '.join(names)}")  # fmt: skip
     if config.reward.model_path is not None:
         raise InputError(
             f"rollout.agent={name!r} gives each episode its reward; reward.model_path="

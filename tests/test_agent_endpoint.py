@@ -17,8 +17,17 @@ from icepop.envs.python_tool import SYSTEM as PYTHON_TOOL_SYSTEM
 from icepop.errors import InputError
 from icepop.examples import calculator_agent
 from icepop.preflight import check_inputs
-from icepop.rollout.agent_server import CHAT, COMPLETION, ApiError, Request, answer, parse_request
-from icepop.rollout.agents import Session, add_turn, commit, context
+from icepop.rollout.agent_server import (
+    CHAT,
+    COMPLETION,
+    ApiError,
+    Request,
+    Served,
+    answer,
+    parse_request,
+    response,
+)
+from icepop.rollout.agent_sessions import Session, add_turn, commit, context
 from icepop.rollout.episodes import observation_ids
 from icepop.types import Completion, Prompt
 
@@ -65,7 +74,7 @@ def test_requests_parse_to_what_the_endpoint_serves() -> None:
 class Refuses:
     """A handler that is never reached: `answer` routes and parses first."""
 
-    def serve(self, key: str, request: Request) -> tuple[str, str, int, int]:
+    def serve(self, key: str, request: Request) -> Served:
         raise ApiError(401, f"key {key!r} refused", "authentication_error")
 
 
@@ -76,6 +85,41 @@ def test_answer_gives_openai_style_errors() -> None:
     status, payload = answer(Refuses(), "/v1/chat/completions", "k", body())
     assert status == 401
     assert payload["error"] == {"message": "key 'k' refused", "type": "authentication_error", "code": 401}
+
+
+CALL = {"type": "function", "function": {"name": "calculate", "arguments": '{"expression": "47 * 38"}'}}
+
+
+def test_a_reply_with_tool_calls_is_served_and_its_echo_extends_the_episode(tokenizer: Any) -> None:
+    """A reply with tool calls (as rollout.agent_tool_parser reads them) is served the OpenAI way, and the
+    history an agent sends back — the message with its call ids, then the tool's answer — is the one
+    the endpoint served: the episode goes on, only the tool message rendered."""
+    served = Served("", "stop", 30, 12, [CALL])
+    payload = response(Request(CHAT), served)
+    (choice,) = payload["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["id"].startswith("call_") and call["function"] == CALL["function"]
+    session = Session(Prompt([1]), deadline=0.0)
+    first = chat(QUESTION)
+    commit(session, first, *context(session, first, tokenizer))
+    add_turn(
+        session,
+        reply([5, tokenizer.eos_token_id], "x"),
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+    )
+    tool = {"role": "tool", "tool_call_id": call["id"], "content": "1786"}
+    echo = parse_request(CHAT, body(messages=[*QUESTION, {**choice["message"], "refusal": None}, tool]))
+    assert echo.messages is not None and echo.messages[-2] == session.messages[-1]
+    prompt_ids, new = context(session, echo, tokenizer)
+    assert prompt_ids == session.prompt_ids and new == observation_ids(
+        tokenizer, [{"role": "tool", "content": "1786"}]
+    )
+    other = {**CALL, "function": {"name": "calculate", "arguments": '{"expression": "1"}'}}
+    edited = parse_request(
+        CHAT, body(messages=[*QUESTION, {**choice["message"], "tool_calls": [other]}, tool])
+    )
+    assert context(session, edited, tokenizer)[0] == []  # another call than the model's: a branch
 
 
 def chat(messages: list[dict[str, str]], tools: list[Any] | None = None) -> Request:
@@ -98,7 +142,7 @@ def test_an_episode_keeps_the_sampled_tokens_and_renders_only_new_messages(token
     text = "answer"
     split = [tokenizer.convert_tokens_to_ids(c) for c in text]  # one token a character: not how it encodes
     assert tokenizer.decode(split) == text and tokenizer.encode(text, add_special_tokens=False) != split
-    add_turn(session, reply([*split, tokenizer.eos_token_id], text), CHAT)
+    add_turn(session, reply([*split, tokenizer.eos_token_id], text), {"role": "assistant", "content": text})
     tool = {"role": "tool", "content": "408"}
     second = chat([*QUESTION, {"role": "assistant", "content": text}, tool])
     prompt_ids, new = context(session, second, tokenizer)
@@ -106,7 +150,7 @@ def test_an_episode_keeps_the_sampled_tokens_and_renders_only_new_messages(token
     commit(session, second, prompt_ids, new)
     assert session.tokens == [*split, tokenizer.eos_token_id, *new]
     assert session.model_mask == [True] * 7 + [False] * len(new) and session.logprobs[7:] == [0.0] * len(new)
-    add_turn(session, reply([tokenizer.eos_token_id], ""), CHAT)
+    add_turn(session, reply([tokenizer.eos_token_id], ""), {"role": "assistant", "content": ""})
     assert session.stats["turns"] == 2 and session.stats["observation_tokens"] == len(new)
     edited = chat([*QUESTION, {"role": "assistant", "content": "407"}, tool])  # the agent edited the reply
     prompt_ids, new = context(session, edited, tokenizer)
@@ -118,7 +162,7 @@ def test_an_episode_keeps_the_sampled_tokens_and_renders_only_new_messages(token
 def test_a_reply_cut_at_its_limit_or_other_tools_start_a_branch(tokenizer: Any) -> None:
     session = Session(Prompt([1]), deadline=0.0)
     commit(session, chat(QUESTION), *context(session, chat(QUESTION), tokenizer))
-    add_turn(session, reply([5, 6], "ab", finish_reason="length"), CHAT)
+    add_turn(session, reply([5, 6], "ab", finish_reason="length"), {"role": "assistant", "content": "ab"})
     follow = [*QUESTION, {"role": "assistant", "content": "ab"}, {"role": "user", "content": "go on"}]
     assert context(session, chat(follow), tokenizer)[0] == []  # no end-of-turn token to render after
     session.finish_reason = "stop"
@@ -132,7 +176,7 @@ def test_completions_extend_by_token_ids_or_by_text(tokenizer: Any) -> None:
     first = Request(COMPLETION, prompt="Q: 2+2?")
     commit(session, first, *context(session, first, tokenizer))
     assert session.prompt_ids == tokenizer.encode("Q: 2+2?", add_special_tokens=False)
-    add_turn(session, reply([7, 8], " A"), COMPLETION)
+    add_turn(session, reply([7, 8], " A"), None)
     more = tokenizer.encode(" ok", add_special_tokens=False)
     by_ids = Request(COMPLETION, prompt=[*session.prompt_ids, 7, 8, *more])
     assert context(session, by_ids, tokenizer) == (session.prompt_ids, more)

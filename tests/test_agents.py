@@ -17,13 +17,17 @@ import openai
 import pytest
 from backend_args import engine_args
 from conftest import TOOL_TASK
+from test_config import compose_config
 from test_episodes import max_difference
 from transformers import AutoTokenizer
 
 from icepop.data.prompts import chat_ids, load_prompts
+from icepop.errors import InputError
 from icepop.examples.calculator_agent import CODE, SYSTEM, calculate
+from icepop.preflight import check_inputs
 from icepop.rollout.agents import AgentRunner
 from icepop.rollout.episodes import EpisodeLimits, EpisodeSettings
+from icepop.rollout.tool_calls import ToolCalls, tool_parser_names
 from icepop.rollout.vllm import VllmEngine
 from icepop.types import Completion, Prompt, SamplingSettings
 
@@ -76,6 +80,25 @@ async def completes_token_ids(row: dict[str, Any], client: openai.AsyncOpenAI) -
     prompt = [*row["prompt_ids"], *ids, 11, 12]
     second = await client.completions.create(model="m", prompt=prompt, max_tokens=8)
     return float(len(second.choices[0].text) >= 0)
+
+
+EXPRESSION = {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}
+TOOLS = [{"type": "function", "function": {"name": "calculate", "description": "+ - * / of numbers",
+                                           "parameters": EXPRESSION}}]  # fmt: skip
+
+
+def offers_tools(row: dict[str, Any], client: openai.OpenAI) -> float:
+    """Offers OpenAI function tools (the run reads calls with vLLM's hermes parser): the tiny model
+    writes no <tool_call>, so its replies are text. 1.0 when both replies came back well formed, 0.5
+    when the first was cut at its token limit (the second request is then a new branch), else 0."""
+    messages, cut = question(row), False
+    for turn in range(2):
+        choice = client.chat.completions.create(model="m", messages=messages, tools=TOOLS).choices[0]
+        if choice.message.tool_calls is not None or not isinstance(choice.message.content, str):
+            return 0.0
+        cut = cut or (turn == 0 and choice.finish_reason == "length")
+        messages += [choice.message.model_dump(exclude_none=True), {"role": "user", "content": "Go on."}]
+    return 0.5 if cut else 1.0
 
 
 def raises(row: dict[str, Any], client: openai.OpenAI) -> float:
@@ -140,11 +163,17 @@ def prompts(tokenizer: Any) -> list[Prompt]:
 
 
 def run(
-    engine: VllmEngine, model: Path, agent: str, prompts: list[Prompt], n: int, timeout: float = 30.0
+    engine: VllmEngine,
+    model: Path,
+    agent: str,
+    prompts: list[Prompt],
+    n: int,
+    timeout: float = 30.0,
+    tool_parser: str | None = None,
 ) -> list[list[Completion]]:
     """`agent`'s episodes on `engine`: 3 turns, 256 tokens after the prompt, `timeout` s an episode."""
     limits = EpisodeLimits(3, 256, timeout)
-    settings = EpisodeSettings(None, limits, str(model), None, (), CONTEXT, agent)
+    settings = EpisodeSettings(None, limits, str(model), None, (), CONTEXT, agent, tool_parser)
     return AgentRunner(settings).run(engine, prompts, n, SAMPLING)
 
 
@@ -238,3 +267,42 @@ def test_the_endpoint_refuses_what_the_run_cannot_honour(
     assert c.reward == 1.0, c.stats
     assert c.stats["refused"] == 1 and c.stats["branches"] == 2 and c.stats["clamped"] >= 3
     assert len(c.token_ids) <= 4  # max_tokens=4 honoured: below the run's 32
+
+
+def test_vllms_tool_parser_reads_tool_calls_out_of_a_reply(tokenizer: Any) -> None:
+    """rollout.agent_tool_parser=hermes: a reply holding <tool_call>{...}</tool_call> is served as OpenAI
+    tool calls (arguments as JSON text), a reply without one, or a request without tools, as text."""
+    calls = ToolCalls("hermes", tokenizer)
+    text = '<tool_call>\n{"name": "calculate", "arguments": {"expression": "47 * 38"}}\n</tool_call>'
+    ids = [*tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+    function = {"name": "calculate", "arguments": '{"expression": "47 * 38"}'}
+    expected = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": function}],
+    }
+    assert calls.message(ids, text, TOOLS) == expected
+    assert calls.message(ids, text, None) == {"role": "assistant", "content": text}
+    plain = tokenizer.encode("1786", add_special_tokens=False)
+    assert calls.message(plain, "1786", TOOLS) == {"role": "assistant", "content": "1786"}
+    assert "hermes" in tool_parser_names()
+
+
+def test_an_agent_that_offers_tools_runs_with_the_parser(
+    engine: VllmEngine, tool_model: Path, tokenizer: Any, prompts: list[Prompt]
+) -> None:
+    """Requests with `tools` go through the chat template and the parser on a real engine; the agent's
+    echo of each reply (the openai client's own message, dumped) extends its episode."""
+    groups = run(engine, tool_model, "test_agents:offers_tools", prompts[:2], 2, tool_parser="hermes")
+    for c in (c for group in groups for c in group):
+        assert c.reward in (0.5, 1.0) and c.stats["errors"] == 0, c.stats
+        assert c.stats["requests"] == 2 and c.stats["branches"] == (c.reward == 0.5), c.stats
+    assert max_difference(tool_model, prompts[:2], groups, tokenizer.pad_token_id) < 1e-4
+
+
+def test_rollout_agent_tool_parser_is_checked_before_anything_starts() -> None:
+    with pytest.raises(InputError, match=r"rollout.agent_tool_parser='nope' is not one of vLLM's .*hermes"):
+        check_inputs(compose_config("+recipe=agent", "rollout.agent_tool_parser=nope"))
+    check_inputs(compose_config("+recipe=agent", "rollout.agent_tool_parser=hermes"))
+    with pytest.raises(ValueError, match=r"rollout.agent_tool_parser='hermes' reads tool calls"):
+        compose_config("+recipe=rlvr", "rollout.agent_tool_parser=hermes")

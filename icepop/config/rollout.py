@@ -90,6 +90,10 @@ class RolloutConfig:
     an environment's. None: no agent."""
     agent_timeout_seconds: float = 120.0
     """Longest an agent's episode may take; past it (or when the agent raises) it ends with reward 0."""
+    agent_tool_parser: str | None = None
+    """With rollout.agent: vLLM's tool parser for the model's format ("hermes" for Qwen2.5/Qwen3 and
+    Hermes models, "llama3_json", "mistral", ...), so that a reply to a request with `tools` comes back
+    with `message.tool_calls`. None: replies are text only."""
     probe_tolerance: float | None = None
     """Sync probe limit on |Δ log p|: its max when engine and trainer are both float32 (None: 1e-3), else
     its mean over the probe tokens (None: by the least precise side, icepop.weights.TOLERANCE: float16
@@ -121,6 +125,11 @@ class RolloutConfig:
         positive(**{"rollout.cpus_per_engine": self.cpus_per_engine, "rollout.max_turns": self.max_turns,
                     "rollout.environment_timeout_seconds": self.environment_timeout_seconds,
                     "rollout.agent_timeout_seconds": self.agent_timeout_seconds})  # fmt: skip
+        if self.agent_tool_parser is not None and self.agent is None:
+            raise ValueError(
+                f"rollout.agent_tool_parser={self.agent_tool_parser!r} reads tool calls out of an agent's "
+                "replies; set rollout.agent too (or leave the parser null)"
+            )
         if self.environment is not None and self.agent is not None:
             raise ValueError(
                 f"rollout.environment={self.environment!r} and rollout.agent={self.agent!r} both make the "

@@ -43,7 +43,8 @@ def episode_settings(config: Config, model_path: str) -> EpisodeSettings:
     limits = EpisodeLimits(rollout.max_turns, rollout.response_tokens(), timeout)
     return EpisodeSettings(rollout.environment, limits, model_path, data.system_prompt,
                            tuple(sorted(data.chat_template_kwargs.items())),
-                           rollout.context_length(data.max_prompt_tokens), rollout.agent)  # fmt: skip
+                           rollout.context_length(data.max_prompt_tokens), rollout.agent,
+                           rollout.agent_tool_parser)  # fmt: skip
 
 
 @dataclass

@@ -6,7 +6,9 @@ This module knows the wire format and nothing of engines or tokens: it parses a 
 `Request` (refusing what the run cannot honour with a 400 that says why), hands it with the caller's
 API key (the episode's key) to a `Handler`, and writes what comes back. Streaming, n > 1 and stop
 sequences are refused: a model turn ends at its end-of-turn token or its token budget, as the trainer
-scores it.
+scores it. Messages are kept as {"role", "content"} (text parts joined), with an assistant message's
+`tool_calls` as [{"type": "function", "function": {"name", "arguments"}}] (ids dropped): the form in
+which a history is compared with the one the endpoint served, and rendered.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-Message = dict[str, str]
+Message = dict[str, Any]
 
 CHAT, COMPLETION = "chat", "completion"
 ROUTES = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION}
@@ -48,16 +50,41 @@ class Request:
     top_p: float | None = None
 
 
+@dataclass
+class Served:
+    """A model turn as the endpoint answers it."""
+
+    text: str
+    """The reply's text (a chat reply's content: the text before its tool calls, where it has some)."""
+    finish_reason: str
+    prompt_tokens: int
+    tokens: int
+    tool_calls: list[dict[str, Any]] | None = None
+    """A chat reply's tool calls, read by rollout.agent_tool_parser (finish_reason "tool_calls")."""
+
+
 class Handler(Protocol):
     """What serves a parsed request for the episode whose key the caller sent; raises ApiError."""
 
-    def serve(self, key: str, request: Request) -> tuple[str, str, int, int]:
-        """(text, finish_reason, prompt_tokens, completion_tokens) of the model's turn."""
-        ...
+    def serve(self, key: str, request: Request) -> Served: ...
+
+
+def _tool_calls(calls: Any, index: int) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise ApiError(400, f"messages[{index}].tool_calls must be a list")
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ApiError(400, f"messages[{index}].tool_calls: each needs a function with a name")
+        arguments = function.get("arguments", "{}")
+        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return out
 
 
 def _content(message: Any, index: int) -> Message:
-    """A message as {"role", "content"}: text parts joined, a None content (a tool-call turn) empty."""
+    """A message as {"role", "content"} (text parts joined, a None content empty), with its tool calls."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise ApiError(400, f"messages[{index}] must be an object with a string 'role'")
     content = message.get("content")
@@ -70,6 +97,12 @@ def _content(message: Any, index: int) -> Message:
         content = ""
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{index}].content must be a string, a list of text parts or null")
+    if message.get("tool_calls"):
+        return {
+            "role": message["role"],
+            "content": content,
+            "tool_calls": _tool_calls(message["tool_calls"], index),
+        }
     return {"role": message["role"], "content": content}
 
 
@@ -122,16 +155,21 @@ def parse_request(kind: str, body: bytes) -> Request:
     return request
 
 
-def response(request: Request, text: str, finish_reason: str, prompt_tokens: int, tokens: int) -> dict:
+def response(request: Request, served: Served) -> dict:
     """The OpenAI response object of one served turn."""
+    text, finish_reason, prompt = served.text, served.finish_reason, served.prompt_tokens
     usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": tokens,
-        "total_tokens": prompt_tokens + tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": served.tokens,
+        "total_tokens": prompt + served.tokens,
     }
     common = {"created": int(time.time()), "model": MODEL_NAME, "usage": usage}
     if request.kind == CHAT:
-        message = {"role": "assistant", "content": text}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if served.tool_calls:
+            message["content"] = text or None
+            message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", **c} for c in served.tool_calls]
+            finish_reason = "tool_calls"
         choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -150,10 +188,10 @@ def answer(handler: Handler, path: str, key: str, body: bytes) -> tuple[int, dic
         if kind is None:
             raise ApiError(404, f"no route {path}; this endpoint serves {', '.join(ROUTES)}", "not_found")
         request = parse_request(kind, body)
-        text, finish_reason, prompt_tokens, tokens = handler.serve(key, request)
+        served = handler.serve(key, request)
     except ApiError as error:
         return error.status, {"error": {"message": str(error), "type": error.kind, "code": error.status}}
-    return 200, response(request, text, finish_reason, prompt_tokens, tokens)
+    return 200, response(request, served)
 
 
 class _RequestHandler(BaseHTTPRequestHandler):

@@ -9,7 +9,8 @@ messages, to the tokens that follow the model's end-of-turn token. A request tha
 (an edited or dropped message, other tools, a reply cut at its token limit) starts a new branch: its
 messages are rendered afresh as the branch's prompt, never scored as the model's, and the episode's
 `branches` count says so. The episode trains on its last branch. `/v1/completions` works alike on text
-or token-id prompts.
+or token-id prompts. (That bookkeeping: icepop.rollout.agent_sessions. With rollout.agent_tool_parser,
+a chat reply's function calls are read out of its text by vLLM's parser: icepop.rollout.tool_calls.)
 
 All episodes' agents run at once, each in its own thread (an async agent in its own event loop); their
 requests are batched into the engine from the actor's own thread: a batch goes when every running agent
@@ -33,125 +34,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from icepop.data.prompts import chat_ids
-from icepop.rollout.agent_server import CHAT, AgentServer, ApiError, Message, Request
+from icepop.rollout.agent_server import CHAT, AgentServer, ApiError, Message, Request, Served
+from icepop.rollout.agent_sessions import Session, add_turn, agent_row, commit, context
 from icepop.rollout.base import RolloutEngine
-from icepop.rollout.episodes import EpisodeRunner, EpisodeSettings, observation_ids
+from icepop.rollout.episodes import EpisodeRunner, EpisodeSettings
+from icepop.rollout.tool_calls import ToolCalls
 from icepop.types import Completion, Prompt, SamplingSettings
 
 BATCH_WINDOW_SECONDS = 0.05
 """How long a batch waits for more requests once its first has come (unless every agent has asked)."""
-STATS = ("turns", "requests", "branches", "observation_tokens", "errors", "timeouts", "refused", "clamped")
-
-
-def agent_row(prompt: Prompt) -> dict[str, Any]:
-    """What an agent receives for its episode: the data row's fields (`messages`: the row's chat,
-    `answer`, `task`, and the rest of the row as it was loaded)."""
-    return {**prompt.meta, "messages": list(prompt.meta.get("messages") or []), "answer": prompt.answer,
-            "task": prompt.task}  # fmt: skip
-
-
-@dataclass
-class Session:
-    """One episode's tokens, as the engine sampled them, and the conversation they render."""
-
-    prompt: Prompt
-    deadline: float
-    prompt_ids: list[int] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    model_mask: list[bool] = field(default_factory=list)
-    kind: str | None = None
-    """"chat" or "completion", set by the first request; the other kind is then refused."""
-    messages: list[Message] = field(default_factory=list)
-    """chat: the conversation the tokens render, the model's replies as the endpoint gave them."""
-    tools: list[Any] | None = None
-    text: str = ""
-    """completion: the prompt's text and the model's, as sent and served."""
-    finish_reason: str = "stop"
-    reply: str = ""
-    """The model's last turn's text (what the verifier scores when the agent returns None)."""
-    reward: float = 0.0
-    outcome: str | None = None
-    """None while the agent runs; then "done", "errors", "timeouts" or "refused" (it raised on a request
-    refused past rollout.max_turns or the token budget: reward 0, counted as refused, not as an error)."""
-    stats: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STATS, 0.0))
-
-    def completion(self, tokenizer: Any) -> Completion:
-        if not self.tokens:  # the agent asked nothing: a row with no model token, reward 0 or its own
-            ids = self.prompt_ids or self.prompt.prompt_ids
-            return Completion(
-                [tokenizer.eos_token_id], [0.0], "stop", "", [False], ids, self.reward, self.stats
-            )
-        return Completion(self.tokens, self.logprobs, self.finish_reason, tokenizer.decode(self.tokens),
-                          self.model_mask, self.prompt_ids, self.reward, self.stats)  # fmt: skip
-
-
-def context(session: Session, request: Request, tokenizer: Any) -> tuple[list[int], list[int]]:
-    """(prompt ids, new context ids) of the turn `request` asks for: the session's ids kept as they
-    are with the new messages' (or text's) tokens after them, or, where the request rewrites the
-    history, a new branch: ([], the whole request rendered). Changes nothing."""
-    ended = bool(session.tokens) and session.finish_reason == "stop"  # the model's turn is closed
-    if request.kind == CHAT:
-        assert request.messages is not None
-        known = len(session.messages)
-        extends = ended and known > 0 and request.tools == session.tools
-        new = request.messages[known:]
-        if extends and request.messages[:known] == session.messages and new:
-            if all(m["role"] != "assistant" for m in new):
-                return session.prompt_ids, observation_ids(tokenizer, new)
-        kwargs = {"tools": request.tools} if request.tools else {}
-        return [], _rendered(tokenizer, request.messages, kwargs)
-    prompt = request.prompt
-    whole = session.prompt_ids + session.tokens
-    if isinstance(prompt, list):
-        if whole and prompt[: len(whole)] == whole:
-            return session.prompt_ids, prompt[len(whole) :]
-        return [], list(prompt)
-    assert isinstance(prompt, str)
-    if whole and session.text and prompt.startswith(session.text):
-        return session.prompt_ids, tokenizer.encode(prompt[len(session.text) :], add_special_tokens=False)
-    return [], tokenizer.encode(prompt, add_special_tokens=False) or [tokenizer.eos_token_id]
-
-
-def _rendered(tokenizer: Any, messages: list[Message], kwargs: dict[str, Any]) -> list[int]:
-    if kwargs:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False, **kwargs)
-        return [int(i) for i in ids]
-    return chat_ids(tokenizer, messages, add_generation_prompt=True)
-
-
-def commit(session: Session, request: Request, prompt_ids: list[int], new: list[int]) -> None:
-    """Record `context`'s answer in the session: the new ids as context (no ℓ_inf, not the model's),
-    or a new branch."""
-    if not prompt_ids:  # a branch (or the first request): the request's rendering is the prompt
-        session.stats["branches"] += bool(session.prompt_ids)
-        session.prompt_ids, session.tokens, session.logprobs, session.model_mask = new, [], [], []
-        session.stats["turns"] = 0.0
-        session.messages, session.text = [], ""
-        new = []
-    session.tokens += new
-    session.logprobs += [0.0] * len(new)
-    session.model_mask += [False] * len(new)
-    session.stats["observation_tokens"] += len(new)
-    if request.kind == CHAT:
-        assert request.messages is not None
-        session.messages, session.tools = list(request.messages), request.tools
-    else:
-        session.text = request.prompt if isinstance(request.prompt, str) else ""
-
-
-def add_turn(session: Session, output: Completion, kind: str) -> None:
-    """The model's turn, as the engine sampled it, ℓ_inf with every token."""
-    session.tokens += output.token_ids
-    session.logprobs += output.logprobs
-    session.model_mask += [True] * len(output.token_ids)
-    session.finish_reason, session.reply = output.finish_reason, output.text
-    session.stats["turns"] += 1
-    if kind == CHAT:
-        session.messages.append({"role": "assistant", "content": output.text})
-    elif session.text:
-        session.text += output.text
 
 
 @dataclass
@@ -162,6 +53,8 @@ class _Pending:
     since: float
     ready: threading.Event = field(default_factory=threading.Event)
     output: Completion | None = None
+    message: Message | None = None
+    """A chat turn's message as served (its tool calls read out of it where the run has a parser)."""
 
 
 class AgentRunner:
@@ -176,6 +69,8 @@ class AgentRunner:
         """max_batch: the most requests per engine call (None: no limit; 1: one at a time, bench/)."""
         self.agent: Callable[..., Any] = resolve_callable(settings.agent, "agent")
         self.tokenizer = settings.chat_tokenizer()
+        parser = settings.agent_tool_parser
+        self.tool_calls = None if parser is None else ToolCalls(parser, self.tokenizer.tokenizer)
         self.lock = threading.Condition()
         """Guards the sessions and the pending requests; the batching loop waits on it."""
         self.sessions: dict[str, Session] = {}
@@ -257,7 +152,7 @@ class AgentRunner:
         with openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout) as client:
             return self.agent(row, client)
 
-    def serve(self, key: str, request: Request) -> tuple[str, str, int, int]:
+    def serve(self, key: str, request: Request) -> Served:
         """One model turn for the episode `key` (an endpoint thread): its context, then the engine."""
         with self.lock:
             session = self.sessions.get(key)
@@ -270,14 +165,12 @@ class AgentRunner:
             self.pending.append(pending)
             self.lock.notify_all()
         pending.ready.wait()
-        if pending.output is None:
+        output, message = pending.output, pending.message
+        if output is None:
             raise ApiError(408, "the episode ended before its turn was generated", "timeout")
-        return (
-            pending.output.text,
-            pending.output.finish_reason,
-            len(pending.ids),
-            len(pending.output.token_ids),
-        )
+        text = output.text if message is None else message["content"]
+        calls = None if message is None else message.get("tool_calls")
+        return Served(text, output.finish_reason, len(pending.ids), len(output.token_ids), calls)
 
     def _admit(self, session: Session, request: Request) -> _Pending:
         """The request's turn with its room checked and the session advanced (under the lock)."""
@@ -360,6 +253,12 @@ class AgentRunner:
             # Woken by a request or an agent's end; else until the window closes, or to check deadlines.
             self.lock.wait(BATCH_WINDOW_SECONDS - (now - self.pending[0].since) if self.pending else 0.5)
 
+    def _message(self, output: Completion, tools: list[Any] | None) -> Message:
+        """A chat turn's assistant message: its text, with the tool calls rollout.agent_tool_parser reads."""
+        if self.tool_calls is None:
+            return {"role": "assistant", "content": output.text}
+        return self.tool_calls.message(output.token_ids, output.text, tools)
+
     def _generate(self, engine: RolloutEngine, batch: list[_Pending], index: int) -> None:
         """The batch's turns, one engine call per token budget (usually one), each turn recorded. An
         engine that fails wakes every waiting agent (its request fails) before the error goes up."""
@@ -372,9 +271,11 @@ class AgentRunner:
                 outputs = engine.generate([p.ids for p in share], 1, settings)
                 with self.lock:
                     for pending, (output,) in zip(share, outputs, strict=True):
-                        if pending.session.outcome is None:
-                            add_turn(pending.session, output, pending.session.kind or CHAT)
-                            pending.output = output
+                        session = pending.session
+                        if session.outcome is None:
+                            message = self._message(output, session.tools) if session.kind == CHAT else None
+                            add_turn(session, output, message)
+                            pending.output, pending.message = output, message
                         pending.ready.set()
         finally:
             with self.lock:

@@ -60,6 +60,8 @@ class EpisodeSettings:
     """The engine's context (prompt + episode)."""
     agent: str | None = None
     """rollout.agent: a dotted path (icepop.rollout.agents), instead of an environment."""
+    agent_tool_parser: str | None = None
+    """rollout.agent_tool_parser: vLLM's tool parser that reads tool calls out of an agent's replies."""
 
     def chat_tokenizer(self) -> Any:
         """The run's chat tokenizer (its system prompt and template options), from the policy's folder."""
