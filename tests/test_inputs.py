@@ -77,6 +77,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "questions": write_jsonl(root / "questions.jsonl", rows),
         "few": write_jsonl(root / "few.jsonl", [{"prompt": "1 + 1?", "answer": "2"}] * 3),
         "odd_tasks": write_jsonl(root / "tasks.jsonl", [{**r, "kind": "algebra"} for r in rows]),
+        "bad_answers": write_jsonl(root / "bad-answers.jsonl", [{**r, "kind": "countdown"} for r in rows]),
         "no_template": str(no_template),
         "no_config": str(root / "no-config"),
     }
@@ -102,6 +103,8 @@ CASES = [
     ([*QUESTIONS, "data.eval_source=/nonexistent/test.jsonl"], "does not exist"),
     (["data.source={few}", "data.eval_size=1"], "algo.prompts_per_step=16"),
     ([*QUESTIONS, "data.source={odd_tasks}", "data.eval_size=4"], "no built-in verifier: ['algebra']"),
+    # The built-in verifier, scored in the driver on a held-out row: a countdown answer that is a number.
+    ([*QUESTIONS, "data.source={bad_answers}", "data.eval_size=4"], 'countdown answer must be {"target"'),
     (["data.source={no_config}", "data.subset=main"], "could not be loaded"),
     (["reward.function=not_a_dotted_path"], "reward.function='not_a_dotted_path'"),
     (["reward.function=no_such_module:score"], "cannot import module 'no_such_module'"),
