@@ -8,6 +8,7 @@ placements and the cluster set-up can all use it.
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any
 
 WAIT_SLICE_SECONDS = 0.5
@@ -84,7 +85,12 @@ def dead_actors(actors: list[Any]) -> list[int]:
     found = []
     for index, actor in enumerate(actors):
         try:
-            ray.get(actor.pid.remote(), timeout=60)
+            call = actor.pid.remote()
+        except Exception:  # Ray refuses the call itself: "Can't find actor ... It might be dead"
+            found.append(index)
+            continue
+        try:
+            ray.get(call, timeout=60)
         except ray.exceptions.RayActorError:
             found.append(index)
         except ray.exceptions.GetTimeoutError:
@@ -92,12 +98,21 @@ def dead_actors(actors: list[Any]) -> list[int]:
     return found
 
 
-def dead_actor(actors: list[Any], error: Exception) -> int | None:
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer")
+"""What gloo says in a survivor's collective when a member's process has gone."""
+
+
+def dead_actor(actors: list[Any], error: Exception, wait_s: float = 30.0) -> int | None:
     """Which of `actors` died, as far as `error` tells: the one a RayActorError names, else the first
-    found dead (the error of a survivor can come first: a collective with a dead rank fails at once with
-    gloo's "Connection reset by peer", before Ray reports the dead actor); None when all live."""
+    found dead; None when all live. The error of a survivor can come first — a collective with a dead
+    rank fails at once with gloo's "Connection reset by peer" while Ray has not yet marked the dead
+    actor, which may even answer a call still — so after such an error they are asked again, once a
+    second, for up to `wait_s` seconds before they are taken as all alive."""
     actor_id = getattr(error, "actor_id", None)
     ids = [a._actor_id.hex() for a in actors]
     if actor_id in ids:
         return ids.index(actor_id)
-    return next(iter(dead_actors(actors)), None)
+    deadline = time.monotonic() + (wait_s if any(text in str(error) for text in LOST_PEER) else 0.0)
+    while not (dead := dead_actors(actors)) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    return next(iter(dead), None)
