@@ -125,20 +125,7 @@ class RolloutConfig:
         positive(**{"rollout.cpus_per_engine": self.cpus_per_engine, "rollout.max_turns": self.max_turns,
                     "rollout.environment_timeout_seconds": self.environment_timeout_seconds,
                     "rollout.agent_timeout_seconds": self.agent_timeout_seconds})  # fmt: skip
-        if self.agent_tool_parser is not None and self.agent is None:
-            raise ValueError(
-                f"rollout.agent_tool_parser={self.agent_tool_parser!r} reads tool calls out of an agent's "
-                "replies; set rollout.agent too (or leave the parser null)"
-            )
-        if self.environment is not None and self.agent is not None:
-            raise ValueError(
-                f"rollout.environment={self.environment!r} and rollout.agent={self.agent!r} both make the "
-                "episodes; set one of them (the other null)"
-            )
-        if self.max_episode_tokens is not None and self.max_episode_tokens < 1:
-            raise ValueError(
-                f"rollout.max_episode_tokens must be >= 1 (or null); got {self.max_episode_tokens}"
-            )
+        self._check_episodes()
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"rollout.top_p must be in (0, 1]; got {self.top_p}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -164,6 +151,23 @@ class RolloutConfig:
         zero_or_one_gpu("rollout.gpus_per_engine", self.gpus_per_engine, "GPU")
         if self.probe_tolerance is not None and not self.probe_tolerance > 0:
             raise ValueError(f"rollout.probe_tolerance must be > 0 (or null); got {self.probe_tolerance}")
+
+    def _check_episodes(self) -> None:
+        """One maker of episodes at most (an environment or an agent), and their limits."""
+        if self.agent_tool_parser is not None and self.agent is None:
+            raise ValueError(
+                f"rollout.agent_tool_parser={self.agent_tool_parser!r} reads tool calls out of an agent's "
+                "replies; set rollout.agent too (or leave the parser null)"
+            )
+        if self.environment is not None and self.agent is not None:
+            raise ValueError(
+                f"rollout.environment={self.environment!r} and rollout.agent={self.agent!r} both make the "
+                "episodes; set one of them (the other null)"
+            )
+        if self.max_episode_tokens is not None and self.max_episode_tokens < 1:
+            raise ValueError(
+                f"rollout.max_episode_tokens must be >= 1 (or null); got {self.max_episode_tokens}"
+            )
 
     def context_length(self, max_prompt_tokens: int) -> int:
         """The engine's context: max_model_len, or prompt + response budget."""
