@@ -4,8 +4,9 @@ The floor: one process, the model in float32 from transformers, forward → log-
 tokens → policy-gradient loss → backward → torch.optim.AdamW, on the same W1 batch (SmolLM2-135M,
 8 prompts × 4 samples, replies of 1-32 tokens), micro-batched as icepop's model preset does it (all
 rows in one forward) and with all the cores as torch threads. icepop: `DeepSpeedTrainer.train_rl` on
-the same rows, as one rank with every core (`model=smollm2-135m`'s layout) and as two ZeRO-2 ranks of
-one thread each (the tiny default's layout; spawned processes over gloo, half the rows each). The
+the same rows, as one rank with every core and no ZeRO (`model=smollm2-135m`'s layout) and as two
+ZeRO-2 ranks of one thread each (the tiny default's layout; spawned processes over gloo, half the rows
+each). The
 icepop rank keeps freed memory (icepop.trainer.lora.keep_freed_memory), and that setting is
 process-wide: the floor in the same process gets it too.
 
@@ -16,11 +17,13 @@ SmolLM2's MLP) — a CPU's MFU. FLOPs per update: 6 × parameters × computed to
 
     python bench/floor.py                       # SmolLM2-135M, W1
     python bench/floor.py --model tiny:dense --repeats 3
+    python bench/floor.py --one-rank --json floor.json       # what bench/vs_trl.py runs beside TRL
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import statistics
@@ -39,8 +42,9 @@ from icepop.stages.setup import resolve_model
 from icepop.trainer.deepspeed import DeepSpeedTrainer
 from icepop.types import RLBatch
 
-PRESET = {"micro_batch_size": 1, "micro_batch_tokens": 4096, "zero_stage": 2, "lr": 1e-6}
-"""model=smollm2-135m's trainer settings (conf/model/smollm2-135m.yaml); lr small: many updates run."""
+PRESET = {"micro_batch_size": 1, "micro_batch_tokens": 4096, "zero_stage": 0, "lr": 1e-6}
+"""model=smollm2-135m's trainer settings (conf/model/smollm2-135m.yaml: one rank, no ZeRO); lr small:
+many updates run."""
 
 
 def gemm_peak(threads: int, repeats: int = 20) -> float:
@@ -81,7 +85,7 @@ def two_ranks(rank: int, world: int, model_path: str, port: int, rows: list[int]
     tokens, count = int(data.response_mask.sum()), data.input_ids.shape[0]
     shard = split_rows(data, world)[rank]  # the RL stage's shards
     trainer = DeepSpeedTrainer(**one_rank(
-        model_path, port, **PRESET, rank=rank, world_size=world, cpu_threads=1
+        model_path, port, **(PRESET | {"zero_stage": 2}), rank=rank, world_size=world, cpu_threads=1
     ))  # fmt: skip
     seconds = [_timed(lambda: icepop_rank(trainer, shard, tokens, count)) for _ in range(repeats + 1)][1:]
     trainer.close()
@@ -131,6 +135,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32, help="8 prompts × 4 samples")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--one-rank", action="store_true", help="leave out the two-rank layout")
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     config = Config(stage="rlvr")
     config.model.path = args.model
@@ -139,7 +145,8 @@ def main() -> None:
     computed = data.input_ids.shape[0] * (data.input_ids.shape[1] - 1)
     peak = gemm_peak(args.threads)
     medians, params = in_process(model_path, data, args.threads, args.repeats)
-    medians["icepop, 2 ZeRO-2 ranks × 1 thread"] = spawned_two_ranks(model_path, args.rows, args.repeats)
+    if not args.one_rank:
+        medians["icepop, 2 ZeRO-2 ranks × 1 thread"] = spawned_two_ranks(model_path, args.rows, args.repeats)
     flops = 6 * params * computed
     lengths = data.attention_mask.sum(-1)
     print(
@@ -153,6 +160,10 @@ def main() -> None:
     for name, median in medians.items():
         print(f"{name:<46} {median:>7.2f} {median / floor:>8.2f} {flops / median / 1e9:>8.1f} "
               f"{flops / median / peak:>6.1%}")  # fmt: skip
+    if args.json:
+        record = {"model": args.model, "threads": args.threads, "flops": flops, "gemm_peak_flops": peak}
+        with open(args.json, "w") as out:
+            json.dump(record | {"floor_s": floor, "updates_s": medians}, out, indent=2)
 
 
 if __name__ == "__main__":

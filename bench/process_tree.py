@@ -16,13 +16,19 @@ from typing import Any
 import psutil
 
 POLL_SECONDS = 0.5
+PSS_EVERY = 6
+"""PSS every 6th poll (3 s), RSS at every one. Reading a process's PSS walks its page tables
+(/proc/PID/smaps_rollup): ≈150 ms a poll for icepop's SmolLM2 tree of ≈10 GB, which at every 0.5 s took
+≈30% of a core and slowed icepop's step from 11.3 to 13.9 s (TRL's one process less). RSS (statm) is
+cheap. A phase at peak memory lasts longer than 3 s in these workloads (the update: ≈9 s)."""
 GB = 1e9
 
 
 class TreeMemory:
     """Peak RSS/PSS (bytes) of a process and all its descendants, summed, and of the tree's Ray actors of
-    each class in `actors` (the peak of their sum and each process's own peak), polled in a thread; the
-    trace keeps, at every poll, the first actor class's RSS and the tree's."""
+    each class in `actors` (the peak of their sum and each process's own peak), polled in a thread (PSS
+    at every PSS_EVERY-th poll); the trace keeps, at every poll, the first actor class's RSS and the
+    tree's."""
 
     def __init__(self, pid: int, actors: tuple[str, ...] = ()) -> None:
         self.root = psutil.Process(pid)
@@ -59,15 +65,16 @@ class TreeMemory:
                 processes = [self.root, *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
+            with_pss = self.samples % PSS_EVERY == 0
             rss = pss = 0
             actor_rss, actor_pss = dict.fromkeys(self.actors, 0), dict.fromkeys(self.actors, 0)
             for process in processes:
                 try:
-                    info = process.memory_full_info()  # /proc/PID/smaps_rollup: cheap
+                    info = process.memory_full_info() if with_pss else process.memory_info()
                     actor = self._actor(process)
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
-                one_pss = getattr(info, "pss", info.rss)
+                one_pss = getattr(info, "pss", 0)
                 rss, pss = rss + info.rss, pss + one_pss
                 if actor is not None:
                     actor_rss[actor] += info.rss

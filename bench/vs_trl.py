@@ -49,7 +49,8 @@ Measured per run (the runs are interleaved: each round runs icepop, then TRL, pe
   start-up and its evaluation before step 1); step 1 s: the first step, left out of the medians
   (TRL's first generate was far slower than its later ones in a SmolLM2 trial here);
 - peak RSS / PSS GB: the whole process tree (the process and every descendant: Ray's daemons and
-  workers, vLLM, the reward pool), summed, polled every 0.5 s; RSS counts shared pages once per process,
+  workers, vLLM, the reward pool), summed, RSS polled every 0.5 s and PSS every 3 s (bench/process_tree.py:
+  reading PSS every 0.5 s slowed icepop's step by 20%); RSS counts shared pages once per process,
   PSS splits them, so PSS is the fairer total for icepop's many processes.
 The ratios are icepop ÷ TRL of the medians over rounds (step s < 1: icepop is faster).
 
@@ -77,6 +78,7 @@ from process_tree import run_measured
 
 REPO = Path(__file__).resolve().parent.parent
 TRL_SCRIPT = Path(__file__).resolve().parent / "trl_grpo.py"
+FLOOR_SCRIPT = Path(__file__).resolve().parent / "floor.py"
 DEFAULT_OUT = REPO / "bench" / "results" / "vs_trl.json"
 
 TRL_PINS = (
@@ -156,6 +158,7 @@ def prepare(workload: str, steps: int, overrides: list[str], out: Path) -> None:
     step in the order icepop's sampler draws them."""
     from hydra import compose, initialize_config_dir
 
+    from icepop.ray.engine_placement import kv_cache_bytes
     from icepop.rewards.verifiers import BUILTIN_REWARD
     from icepop.stages import setup, warmup
     from icepop.train import CONF_DIR, to_config, with_model_preset
@@ -166,7 +169,7 @@ def prepare(workload: str, steps: int, overrides: list[str], out: Path) -> None:
         config = to_config(compose(config_name="config", overrides=with_model_preset(given)))
     model_path = warmup.policy_path(config, tmp / "run")
     tokenizer = setup.load_tokenizer(model_path, config.data)
-    batches, _ = setup.prompt_streams(config, tokenizer)
+    batches, held_out = setup.prompt_streams(config, tokenizer)
     rows = [
         {
             "step": step,
@@ -179,6 +182,7 @@ def prepare(workload: str, steps: int, overrides: list[str], out: Path) -> None:
         for p in batches.next_batch(config.algo.prompts_per_step)
     ]
     algo, rollout, trainer = config.algo, config.rollout, config.trainer
+    longest = max(len(p.prompt_ids) for p in [*batches.items, *held_out])  # the engines' KV cache's
     micro = (
         f"≤ {trainer.micro_batch_tokens} tokens"
         if trainer.micro_batch_tokens
@@ -212,7 +216,8 @@ def prepare(workload: str, steps: int, overrides: list[str], out: Path) -> None:
                 if config.cluster.colocated
                 else f"{rollout.cpus_per_engine} thread(s) each, weight sync {rollout.weight_sync}"
             )
-            + f", KV cache {rollout.kv_cache_gib} GiB",
+            + f", KV cache {kv_cache_bytes(config, model_path, longest) / 2**30:.2f} GiB"
+            + (" (sized to the run)" if rollout.kv_cache_gib is None else ""),
         },
         "rows": rows,
     }
@@ -236,6 +241,8 @@ class Run:
     round: int
     step_seconds: list[float] = field(default_factory=list)
     generate_seconds: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+    sync_seconds: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     startup_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -248,11 +255,16 @@ class Run:
         """Median over steps 2..N (step 1 alone if there is no other)."""
         return statistics.median(values[1:] or values)
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | None]:
         per_step = zip(self.tokens, self.generate_seconds, self.step_seconds, strict=True)
+        step = self.steady(self.step_seconds)
+        sync = self.steady(self.sync_seconds) if self.sync_seconds else None
         return {
-            "step_s": self.steady(self.step_seconds),
+            "step_s": step,
             "generate_s": self.steady(self.generate_seconds),
+            "train_s": self.steady(self.train_seconds),
+            "sync_s": sync,
+            "sync_share": None if sync is None else sync / step,
             "generate_tok_s": self.steady([t / g for t, g, _ in per_step]),
             "e2e_tok_s": self.steady([t / s for t, s in zip(self.tokens, self.step_seconds, strict=True)]),
             "startup_s": self.startup_seconds,
@@ -305,6 +317,8 @@ def run_icepop(spec: dict[str, Any], extra: list[str], work: Path, round_: int) 
     run = Run("icepop", spec["workload"], round_, info={"config": spec["icepop"], "overrides": overrides})
     run.step_seconds = [r["perf/step_seconds"] for r in rows]
     run.generate_seconds = [r["timing/generate_seconds"] for r in rows]
+    run.train_seconds = [r["timing/train_seconds"] for r in rows]
+    run.sync_seconds = [r["timing/sync_seconds"] for r in rows]
     run.tokens = [round(r["perf/rollout_tokens_per_second"] * r["timing/generate_seconds"]) for r in rows]
     run.reward_mean = [r.get("reward/mean") for r in rows]
     if measured["first_row_mtime"] is not None:
@@ -325,6 +339,8 @@ def run_trl(python: Path, spec_path: Path, spec: dict[str, Any], work: Path, rou
     run = Run("trl", spec["workload"], round_, info={k: data[k] for k in ("torch_threads", "versions")})
     run.step_seconds = [s["end"] - s["begin"] for s in steps]
     run.generate_seconds = [s["generate_seconds"] for s in steps]
+    # What is not generation: the reward, the loss's forward and backward, the optimizer step.
+    run.train_seconds = [s["end"] - s["begin"] - s["generate_seconds"] for s in steps]
     run.tokens = [s["tokens"] for s in steps]
     run.reward_mean = [s["reward_mean"] for s in steps]
     run.startup_seconds = steps[0]["begin"] - measured["launched"]
@@ -344,6 +360,9 @@ def finish(run: Run, measured: dict[str, Any]) -> None:
 COLUMNS = (
     ("step_s", "step s"),
     ("generate_s", "gen s"),
+    ("train_s", "train s"),
+    ("sync_s", "sync s"),
+    ("sync_share", "sync/step"),
     ("generate_tok_s", "gen tok/s"),
     ("e2e_tok_s", "e2e tok/s"),
     ("startup_s", "startup s"),
@@ -360,6 +379,11 @@ def cell(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
+def median_or_none(values: list[float | None]) -> float | None:
+    """The median, or None where a system has no such phase (TRL has no weight sync)."""
+    return None if None in values else statistics.median(v for v in values if v is not None)
+
+
 def report(runs: list[Run], workloads: list[str]) -> dict[str, Any]:
     """Per workload and system, the median over rounds of each run's summary; and icepop ÷ TRL."""
     table: dict[str, Any] = {}
@@ -367,9 +391,10 @@ def report(runs: list[Run], workloads: list[str]) -> dict[str, Any]:
         systems = {}
         for system in ("icepop", "trl"):
             summaries = [r.summary() for r in runs if r.workload == workload and r.system == system]
-            systems[system] = {k: statistics.median(s[k] for s in summaries) for k, _ in COLUMNS}
+            systems[system] = {k: median_or_none([s[k] for s in summaries]) for k, _ in COLUMNS}
+        icepop, trl = systems["icepop"], systems["trl"]
         systems["ratio_icepop_over_trl"] = {
-            k: systems["icepop"][k] / systems["trl"][k] if systems["trl"][k] else None for k, _ in COLUMNS
+            k: icepop[k] / trl[k] if trl[k] and icepop[k] is not None else None for k, _ in COLUMNS
         }
         table[workload] = systems
     header = f"{'workload':<9} {'system':<14}" + "".join(f"{title:>11}" for _, title in COLUMNS)
@@ -380,6 +405,43 @@ def report(runs: list[Run], workloads: list[str]) -> dict[str, Any]:
             cells = "".join(f"{cell(v):>11}" for v in values.values())
             print(f"{workload:<9} {name:<14}{cells}")
     return table
+
+
+def run_floor(work: Path) -> dict[str, Any]:
+    """bench/floor.py's plain-PyTorch update of W1 (and icepop's one rank on it), 3 repeats."""
+    out = work / "floor.json"
+    command = [sys.executable, str(FLOOR_SCRIPT), "--one-rank", "--repeats", "3", "--json", str(out)]
+    print("vs_trl: the plain-PyTorch floor of the smollm2 update (bench/floor.py)", flush=True)
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    floor = json.loads(out.read_text())
+    print(f"vs_trl:   floor {floor['floor_s']:.2f} s, GEMM peak {floor['gemm_peak_flops'] / 1e9:.0f} GFLOP/s")
+    return floor
+
+
+ROWS = (("trl", "TRL"), ("icepop", "icepop"), ("ratio_icepop_over_trl", "icepop ÷ TRL"))
+MARKDOWN = ("step s", "generate s", "train s", "sync s (share)", "start-up s", "peak PSS GB")
+
+
+def markdown(table: dict[str, Any], floor: dict[str, Any] | None) -> str:
+    """README's side-by-side table: per workload TRL, icepop and their ratio, and under smollm2 the
+    floor (train s: the plain-PyTorch update of the same batch) with icepop's train phase over it."""
+    lines = ["| workload | system | " + " | ".join(MARKDOWN) + " |", "|---|---|" + "---:|" * len(MARKDOWN)]
+    for workload, systems in table.items():
+        for system, label in ROWS:
+            v = systems[system]
+            sync = "-" if v["sync_s"] is None else cell(v["sync_s"])
+            if system == "icepop" and v["sync_share"] is not None:
+                sync += f" ({v['sync_share']:.1%})"
+            cells = [cell(v["step_s"]), cell(v["generate_s"]), cell(v["train_s"]), sync]
+            cells += [cell(v["startup_s"]), cell(v["peak_pss_gb"])]
+            lines.append(f"| {workload} | {label} | " + " | ".join(cells) + " |")
+        if floor is not None and workload == "smollm2":
+            over = systems["icepop"]["train_s"] / floor["floor_s"]
+            lines.append(
+                f"| {workload} | plain-PyTorch floor | | | {cell(floor['floor_s'])} (icepop ÷ floor "
+                f"{over:.2f}) | | | |"
+            )
+    return "\n".join(lines)
 
 
 def configurations(
@@ -410,6 +472,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds: icepop, TRL, icepop, ...")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON goes")
     parser.add_argument("--keep", action="store_true", help="keep the runs' folders (icepop's checkpoints)")
+    parser.add_argument(
+        "--floor", action=argparse.BooleanOptionalAction, default=True,
+        help="with smollm2: also measure the plain-PyTorch floor of its update (bench/floor.py, ≈2 min)",
+    )  # fmt: skip
     parser.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)  # internal: write the workload
     parser.add_argument("overrides", nargs="*", help="icepop overrides, key=value")
     args = parser.parse_intermixed_args()
@@ -443,6 +509,7 @@ def main() -> None:
 
     runs: list[Run] = []
     started = time.time()
+    floor = run_floor(work) if args.floor and "smollm2" in workloads else None
     for round_ in range(1, args.rounds + 1):
         for workload in workloads:
             spec_path, spec = specs[workload]
@@ -453,6 +520,8 @@ def main() -> None:
     for workload, systems in setups.items():
         for system, text in systems.items():
             print(f"  {workload} {system}: {text}")
+    table_md = markdown(table, floor)
+    print("\n" + table_md)
 
     result = {
         "machine": {"cpus": os.cpu_count(), "memory_gb": psutil.virtual_memory().total / 2**30},
@@ -466,6 +535,8 @@ def main() -> None:
         },
         "configurations": setups,
         "summary": table,
+        "floor": floor,
+        "markdown": table_md,
         "runs": [asdict(r) | {"summary": r.summary()} for r in runs],
         "seconds": time.time() - started,
     }
