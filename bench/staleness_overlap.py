@@ -25,7 +25,10 @@ from pathlib import Path
 
 from icepop.tracking import read_metrics
 
-LAYOUT = ["rollout.engines=1", "trainer.ranks=1", "rollout.cpus_per_engine=1", "trainer.cpus_per_rank=1"]
+LAYOUT = [  # stale rollouts need an engine of its own (model=smollm2-135m's preset colocates it)
+    "cluster.placement=disaggregated", "rollout.engines=1", "trainer.ranks=1",
+    "rollout.cpus_per_engine=1", "trainer.cpus_per_rank=1",
+]  # fmt: skip
 
 
 def run(base: Path, name: str, overrides: list[str]) -> Path:

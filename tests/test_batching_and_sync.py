@@ -257,3 +257,20 @@ def test_weight_files_travel_through_icepop_shm_dir_when_set(
     assert shm_dir() in ("/dev/shm", tempfile.gettempdir())
     monkeypatch.setenv("ICEPOP_SHM_DIR", str(tmp_path))
     assert shm_dir() == str(tmp_path)
+
+
+def test_the_smollm2_preset_colocates_its_engine_on_cpu_but_not_on_gpus() -> None:
+    """One rank, one engine on a CPU: the engine in the rank's process (the sync a third of a broadcast's);
+    on GPUs engines of their own (colocated sleep/wake is untested there); stale rollouts are refused."""
+    cpu = compose_config("+recipe=rlvr", "model=smollm2-135m")
+    assert (cpu.cluster.placement, cpu.rollout.engines, cpu.trainer.ranks) == ("colocated", 1, 1)
+    assert engine_settings(cpu, "/m")["cpu_threads"] == cpu.trainer.cpus_per_rank == 2
+    gpu = compose_config("+recipe=rlvr", "model=smollm2-135m", "cluster=gpu")
+    assert gpu.cluster.placement == "disaggregated"
+    with pytest.raises(ValueError, match=r"use cluster\.placement=disaggregated"):
+        compose_config("+recipe=rlvr", "model=smollm2-135m", "rollout.max_staleness=1")
+    apart = compose_config(
+        "+recipe=rlvr", "model=smollm2-135m", "rollout.max_staleness=1", "cluster.placement=disaggregated"
+    )
+    assert apart.rollout.max_staleness == 1
+
