@@ -80,7 +80,8 @@ def test_group_options_change_what_they_should() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("trainer.zero_stage=4", "trainer.zero_stage=4 is not one of 1, 2, 3"),
+        ("trainer.zero_stage=4", "trainer.zero_stage=4 is not one of 0, 1, 2, 3"),
+        (["trainer.zero_stage=0", "trainer.offload=true"], "it needs trainer.zero_stage >= 1"),
         ("algo.correction=icepop2", "correction='icepop2' is not one of"),
         ("algo.ratio_low=6.0", "ratio_low must satisfy"),
         ("rollout.top_p=0", "rollout.top_p must be in"),
@@ -104,9 +105,9 @@ def test_group_options_change_what_they_should() -> None:
         ("model.dtype=half", "model.dtype='half' is not one of"),
     ],
 )
-def test_bad_values_are_refused_naming_the_field(override: str, message: str) -> None:
+def test_bad_values_are_refused_naming_the_field(override: str | list[str], message: str) -> None:
     with pytest.raises(Exception) as error:
-        compose_config("+recipe=rlvr", override)
+        compose_config("+recipe=rlvr", *([override] if isinstance(override, str) else override))
     assert message in str(error.value) or message in str(error.value.__cause__)
 
 

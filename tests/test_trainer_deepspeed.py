@@ -109,6 +109,18 @@ TRAINER_ARGS: dict[str, Any] = {
 }  # fmt: skip
 
 
+def nan_step(trainer: Any, rank: int, before: dict[str, torch.Tensor]) -> tuple[dict[str, float], float]:
+    """A NaN advantage on a valid token of rank 1 only (every rank must skip the step): its metrics, and
+    the largest change of a parameter from `before`."""
+    bad = rl_batch(5, 4)
+    last = int(bad.attention_mask[3].sum()) - 2  # row 3's last label position
+    bad.advantages[3, last] = float("nan")
+    bad.response_mask[3, last] = True
+    metrics = trainer.train_rl(shard(bad, PROBE_ROWS[rank]), PolicyLossOptions(correction="none"), 10, 4)
+    change = max((p - before[n]).abs().max().item() for n, p in params(trainer.engine.module).items())
+    return metrics, change
+
+
 def _dense_part(rank: int, world_size: int, port: int, model_dir: str, out: str) -> None:
     from icepop.trainer.deepspeed import DeepSpeedTrainer
 
@@ -132,18 +144,7 @@ def _dense_part(rank: int, world_size: int, port: int, model_dir: str, out: str)
         res.setdefault("single_pass_old", trainer.last_old_logprobs())  # the first (on-policy) step's
     res["params"] = before = params(trainer.engine.module)
     res["fused_adamw"] = trainer.engine.optimizer.optimizer.defaults["fused"]  # ZeRO's torch AdamW
-
-    # A NaN advantage on a valid token of rank 1 only: every rank must skip the step.
-    bad = rl_batch(5, 4)
-    last = int(bad.attention_mask[3].sum()) - 2  # row 3's last label position
-    bad.advantages[3, last] = float("nan")
-    bad.response_mask[3, last] = True
-    res["nan_metrics"] = trainer.train_rl(
-        shard(bad, PROBE_ROWS[rank]), PolicyLossOptions(correction="none"), 10, 4
-    )
-    res["nan_max_change"] = max(
-        (p - before[n]).abs().max().item() for n, p in params(trainer.engine.module).items()
-    )
+    res["nan_metrics"], res["nan_change"] = nan_step(trainer, rank, before)
 
     tiny = sft_batch(4, 2)  # right after the skipped step: training must carry on normally
     res["sft_losses"] = [
@@ -164,6 +165,8 @@ MOE_CONFIGS = {
     # Micro-batches by a token budget: rows sorted longest first, 1-2 rows each (lengths 7-12).
     "z1": {"zero_stage": 1, "micro_batch_tokens": 20, "cpu_threads": 3},
     "z2bf16": {"zero_stage": 2, "dtype": "bfloat16", "offload": True, "gradient_checkpointing": True},
+    # No ZeRO (model=smollm2-135m's one rank): the plain optimizer; icepop clips, measures and skips.
+    "z0": {"zero_stage": 0},
 }
 """Trainers built one after the other in the same two processes (close() then a new process group)."""
 
@@ -192,6 +195,8 @@ def _moe_part(rank: int, world_size: int, ports: list[int], model_dir: str, out:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=tag == "z3"):
             res[f"{tag}_params"] = params(module)
         res[f"{tag}_logprobs_after"] = trainer.logprobs(probe.input_ids, probe.attention_mask, TEMPERATURE)
+        if tag == "z0":
+            res["z0_nan_metrics"], res["z0_nan_change"] = nan_step(trainer, rank, res["z0_params"])
         if tag == "z3":
             trainer.save(f"{out}/moe_ckpt")
         trainer.close()
@@ -376,10 +381,10 @@ def test_moe_steps_under_zero3_and_zero1_are_exact_too_and_bf16_runs(moe: dict[s
 
 
 @SPAWNS_RANKS
-def test_nonfinite_loss_skips_the_step_on_every_rank(dense: dict[str, Any]) -> None:
-    for rank_result in dense["ranks"]:
-        assert rank_result["nan_metrics"]["actor/nonfinite_skipped"] == 1.0
-        assert rank_result["nan_max_change"] == 0.0
+def test_nonfinite_loss_skips_the_step_on_every_rank(dense: dict[str, Any], moe: dict[str, Any]) -> None:
+    for result, key in [(r, "nan") for r in dense["ranks"]] + [(r, "z0_nan") for r in moe["ranks"]]:
+        assert result[f"{key}_metrics"]["actor/nonfinite_skipped"] == 1.0
+        assert result[f"{key}_change"] == 0.0
 
 
 @SPAWNS_RANKS

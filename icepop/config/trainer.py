@@ -55,7 +55,10 @@ class TrainerConfig:
     ranks: int = 2
     """Data-parallel trainer ranks (Ray actors in one torch.distributed group)."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage: 1, 2 or 3 (3 shards parameters; weights are gathered for sync)."""
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3 (3 shards parameters; weights are gathered for sync). 0: no
+    ZeRO, every rank holds the whole model, its gradients and AdamW state (DeepSpeed all-reduces the
+    gradients): with one rank nothing is partitioned anyway, and 0 saves ZeRO's fp32 master copy and
+    gradient buckets (1.6 GB of a SmolLM2-135M rank's peak)."""
     offload: bool = False
     """Offload optimizer state to CPU memory (ZeRO-Offload)."""
     lr: float = 2e-6
@@ -100,7 +103,11 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         one_of("trainer.backend", self.backend, TRAINER_BACKENDS)
-        one_of("trainer.zero_stage", self.zero_stage, (1, 2, 3))
+        one_of("trainer.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        if self.offload and self.zero_stage == 0:
+            raise ValueError(
+                "trainer.offload=true offloads ZeRO's optimizer state: it needs trainer.zero_stage >= 1"
+            )
         one_of("trainer.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         positive(
             **{

@@ -31,9 +31,11 @@ from icepop.algo import PolicyLossOptions, bradley_terry_loss, pg_loss
 from icepop.trainer.export import TrainerWeights
 from icepop.trainer.inputs import (
     RLStepRecord,
+    apply_step,
     check_args,
     check_batch,
     check_pairs,
+    clips_itself,
     decay_groups,
     deepspeed_config,
     lr_factor,
@@ -100,6 +102,7 @@ class DeepSpeedTrainer:
         self.rank, self.world_size = rank, world_size
         self.zero_stage, self.micro_batch_size, self.temperature = zero_stage, micro_batch_size, temperature
         self.micro_batch_tokens, self.packing, self.lora = micro_batch_tokens, packing, lora
+        self._own_clip = grad_clip if clips_itself(zero_stage, dtype) else None  # inputs.apply_step
         torch.manual_seed(seed)
         self.device = self._init_distributed(master_addr, master_port)
         if self.device.type == "cpu" and cpu_threads is not None:
@@ -186,8 +189,8 @@ class DeepSpeedTrainer:
     def _backward(self, loss: Tensor, is_last: bool) -> None:
         # × world_size undoes DeepSpeed's mean over ranks (the loss already carries the global
         # denominator); scale_wrt_gas=False keeps it from dividing by gradient_accumulation_steps.
-        # A non-finite loss makes the *whole* gradient NaN, so that DeepSpeed's overflow check
-        # (collective: every rank agrees) skips the step instead of applying a partly-NaN update.
+        # A non-finite loss makes the *whole* gradient NaN, so that DeepSpeed's overflow check (or
+        # inputs.apply_step's; every rank agrees) skips the step instead of applying a partly-NaN update.
         poison = torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
         self.engine.set_gradient_accumulation_boundary(is_last)
         self.engine.backward(loss * (self.world_size * poison), scale_wrt_gas=False)
@@ -195,19 +198,13 @@ class DeepSpeedTrainer:
     def _step(self, local_sums: dict[str, float], prefix: str) -> dict[str, float]:
         """Apply the accumulated gradient (or skip it: inputs.skipped_step says why) and return the step
         metrics, local_sums ("loss", other additive parts) summed over the ranks: full-batch values."""
-        lr, skipped_before = float(self.engine.get_lr()[0]), self.engine.skipped_steps
+        lr = float(self.engine.get_lr()[0])
         scale = float(getattr(self.engine.optimizer, "cur_scale", 1.0))  # the backward's; 1 but in float16
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()  # before clipping; inf when the step was skipped
+        norm, skipped = apply_step(self.engine, self._own_clip)  # norm before clipping; inf when skipped
         totals = self._all_reduce(list(local_sums.values()), "sum")  # each loss carries the global count
         values = dict(zip(local_sums, totals, strict=True))
-        skipped = self.engine.skipped_steps > skipped_before
-        values |= {
-            "grad_norm": math.inf if norm is None else float(norm),
-            "lr": lr,
-            **skipped_step(skipped, self.engine.fp16_enabled(), values["loss"]),
-            "loss_scale": scale,
-        }
+        values |= {"grad_norm": norm, "lr": lr, "loss_scale": scale}
+        values |= skipped_step(skipped, self.engine.fp16_enabled(), values["loss"])
         return {f"{prefix}/{key}": value for key, value in values.items()}
 
     @torch.no_grad()

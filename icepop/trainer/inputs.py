@@ -50,8 +50,8 @@ def check_args(
 ) -> None:
     if model_kind not in MODEL_KINDS:
         raise ValueError(f"model_kind must be one of {', '.join(MODEL_KINDS)}; got {model_kind!r}")
-    if zero_stage not in (1, 2, 3):
-        raise ValueError(f"zero_stage must be 1, 2 or 3; got {zero_stage}")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3; got {zero_stage}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     check_trainer_dtype(dtype, on_gpu=torch.cuda.is_available())  # the rank's device (_init_distributed)
@@ -147,6 +147,30 @@ def check_pairs(batch: PreferenceBatch) -> int:
     return rows // 2
 
 
+def clips_itself(zero_stage: int, dtype: str) -> bool:
+    """Whether the rank clips, measures and (when not finite) skips the gradient itself: in float32
+    without ZeRO DeepSpeed steps the plain torch optimizer, which does none of that."""
+    return zero_stage == 0 and dtype == "float32"
+
+
+def apply_step(engine: Any, own_clip: float | None) -> tuple[float, bool]:
+    """`engine.step()` on the accumulated gradient: (its norm before clipping, inf where DeepSpeed gives
+    none; whether the step was skipped). With `own_clip` (`clips_itself`) the rank clips to it (0: not
+    at all) and skips a non-finite gradient itself, as ZeRO's overflow check would."""
+    if own_clip is None:
+        skipped_before = engine.skipped_steps
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        return (math.inf if norm is None else float(norm)), engine.skipped_steps > skipped_before
+    grads = [p for p in engine.module.parameters() if p.grad is not None]
+    norm = float(torch.nn.utils.clip_grad_norm_(grads, own_clip or math.inf))
+    if not math.isfinite(norm):
+        engine.zero_grad()
+        return norm, True
+    engine.step()
+    return norm, False
+
+
 def deepspeed_config(
     micro_batch_size: int,
     grad_clip: float,
@@ -160,7 +184,7 @@ def deepspeed_config(
     lr, betas, eps = adamw
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_clipping": grad_clip,
+        "gradient_clipping": 0.0 if clips_itself(zero_stage, dtype) else grad_clip,
         "gradient_accumulation_steps": 1,  # bookkeeping only: train_* sets the boundary itself
         # Plain torch AdamW ("torch_adam"): nothing is JIT-compiled. Its fused kernel (CPU and CUDA)
         # updates ZeRO's flat fp32 partition 8× faster on CPU than the default per-tensor loop, which
