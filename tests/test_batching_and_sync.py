@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from test_config import compose_config
 from icepop.config import RolloutConfig
 from icepop.ray.bundles import check_capacity, needed_resources
 from icepop.ray.cluster import process_env
-from icepop.ray.engine_placement import engine_settings
+from icepop.ray.engine_placement import engine_settings, kv_cache_bytes
 from icepop.stages.batch import rl_batch, sequence_count, split_rows
 from icepop.trainer.inputs import micro_batch_rows, place_rows, rows_of
 from icepop.types import Completion, Prompt
@@ -274,3 +276,30 @@ def test_the_smollm2_preset_colocates_its_engine_on_cpu_but_not_on_gpus() -> Non
     )
     assert apart.rollout.max_staleness == 1
 
+
+def test_the_kv_cache_is_sized_to_what_the_run_holds_at_once(tmp_path: Path) -> None:
+    """rollout.kv_cache_gib=null (the default): an engine's share of a step's samples, each at the longest
+    prompt plus the reply budget, in whole 128-token blocks, at least one sequence at the whole context;
+    a fixed size where one is given; 1 GiB where the model's config does not give the KV sizes."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576,
+    }))  # fmt: skip
+    per_token = 2 * 30 * 3 * 64 * 4  # key and value, 30 layers, 3 KV heads of 64, float32
+    w1 = compose_config(
+        "+recipe=rlvr", "model=smollm2-135m", "algo.prompts_per_step=8", "algo.samples_per_prompt=4",
+        "rollout.max_new_tokens=32", "data.eval_size=8",
+    )  # fmt: skip
+    assert w1.rollout.kv_cache_gib is None and w1.rollout.dtype == "float32"
+    assert kv_cache_bytes(w1, str(tmp_path), prompt_tokens=62) == 32 * 128 * per_token  # 94 tokens: a block
+    assert kv_cache_bytes(w1, str(tmp_path), prompt_tokens=100) == 32 * 2 * 128 * per_token
+    assert kv_cache_bytes(w1, str(tmp_path)) == 32 * 3 * 128 * per_token  # data.max_prompt_tokens=256
+    assert engine_settings(w1, str(tmp_path), True, 62)["kv_cache_bytes"] == 32 * 128 * per_token
+    two = compose_config("+recipe=rlvr", "rollout.engines=2", "data.eval_size=300")  # 128 samples, 2 engines
+    assert kv_cache_bytes(two, str(tmp_path), prompt_tokens=10) == 150 * 128 * per_token  # 300 held out / 2
+    one = compose_config("+recipe=rlvr", "algo.prompts_per_step=1", "algo.samples_per_prompt=2",
+                         "data.eval_size=1", "rollout.max_model_len=1000")  # fmt: skip
+    assert kv_cache_bytes(one, str(tmp_path), prompt_tokens=10) == 8 * 128 * per_token  # a 1000-token one
+    fixed = compose_config("+recipe=rlvr", "rollout.kv_cache_gib=0.5")
+    assert kv_cache_bytes(fixed, str(tmp_path)) == 2**29
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    assert kv_cache_bytes(w1, str(tmp_path), prompt_tokens=62) == 2**30

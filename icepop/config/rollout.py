@@ -51,8 +51,10 @@ class RolloutConfig:
     too). None: weights in rollout.dtype."""
     enforce_eager: bool = True
     """Run the engine's model eagerly; false lets vLLM capture CUDA graphs (GPU only, faster decoding)."""
-    kv_cache_gib: float = 1.0
-    """KV-cache size per engine on CPU (vLLM's default asks for most of the RAM)."""
+    kv_cache_gib: float | None = None
+    """KV-cache size per engine on CPU (vLLM's default asks for most of the RAM). None: what the run
+    holds at once, an engine's share of a step's samples (or of the held-out prompts) each at the
+    longest prompt of the data plus the reply or episode budget (icepop.rollout.kv_cache)."""
     gpu_memory_utilization: float = 0.5
     """Fraction of a GPU's memory an engine may take (GPU only)."""
     cpus_per_engine: int = 1
@@ -116,9 +118,10 @@ class RolloutConfig:
                 "rollout.engines": self.engines,
                 "rollout.temperature": self.temperature,
                 "rollout.max_new_tokens": self.max_new_tokens,
-                "rollout.kv_cache_gib": self.kv_cache_gib,
             }
         )
+        if self.kv_cache_gib is not None:
+            positive(**{"rollout.kv_cache_gib": self.kv_cache_gib})
         non_negative(**{"rollout.top_k": self.top_k, "rollout.mismatch_noise": self.mismatch_noise,
                         "rollout.max_restarts": self.max_restarts,
                         "rollout.max_staleness": self.max_staleness})  # fmt: skip

@@ -18,12 +18,16 @@ from icepop.config import Config
 from icepop.ray.actors import dead_actors, gather, make_actor, make_actors
 from icepop.ray.hosts import EngineHost
 from icepop.rollout.base import engine_class
+from icepop.rollout.kv_cache import run_kv_cache_bytes
 from icepop.rollout.noise import Noise
 
 
-def engine_settings(config: Config, model_path: str, with_trainer: bool = True) -> dict[str, Any]:
+def engine_settings(
+    config: Config, model_path: str, with_trainer: bool = True, prompt_tokens: int | None = None
+) -> dict[str, Any]:
     """The keyword arguments every rollout engine of the run is built with (icepop.rollout.base): on the
-    devices its placement gives it (`devices`), sleeping between steps where that frees a GPU."""
+    devices its placement gives it (`devices`), sleeping between steps where that frees a GPU; a KV
+    cache for prompts of up to `prompt_tokens` (the data's longest; else data.max_prompt_tokens)."""
     rollout = config.rollout
     placement = engine_placement(config, with_trainer)
     cpus, gpus = placement.devices(config)
@@ -34,12 +38,25 @@ def engine_settings(config: Config, model_path: str, with_trainer: bool = True) 
         "seed": config.run.seed,
         "max_model_len": rollout.context_length(config.data.max_prompt_tokens),
         "enforce_eager": rollout.enforce_eager,
-        "kv_cache_bytes": int(rollout.kv_cache_gib * 2**30),
+        "kv_cache_bytes": kv_cache_bytes(config, model_path, prompt_tokens),
         "gpu_memory_utilization": rollout.gpu_memory_utilization,
         "enable_sleep_mode": placement.sleeps and gpus > 0,
         # On CPU vLLM's worker pins its own thread count; more threads than the bundle's cores stall it.
         "cpu_threads": cpus if gpus == 0 else None,
     }
+
+
+def kv_cache_bytes(config: Config, model_path: str, prompt_tokens: int | None = None) -> int:
+    """rollout.kv_cache_gib, or where it is None what an engine holds at once: its share of a step's
+    samples or of the held-out prompts, each at the longest prompt plus the response budget."""
+    rollout = config.rollout
+    if rollout.kv_cache_gib is not None:
+        return int(rollout.kv_cache_gib * 2**30)
+    max_model_len = rollout.context_length(config.data.max_prompt_tokens)
+    prompt = config.data.max_prompt_tokens if prompt_tokens is None else prompt_tokens
+    context = min(max_model_len, prompt + rollout.response_tokens())
+    sequences = -(-max(config.derived().samples_per_step, config.data.eval_size) // rollout.engines)
+    return run_kv_cache_bytes(model_path, rollout.dtype, sequences, context, max_model_len)
 
 
 class Disaggregated:
@@ -65,14 +82,20 @@ class Disaggregated:
         return {}
 
     def __init__(
-        self, config: Config, model_path: str, bundles: Any, trainer: Any, weights_file: str
+        self,
+        config: Config,
+        model_path: str,
+        bundles: Any,
+        trainer: Any,
+        weights_file: str,
+        prompt_tokens: int | None,
     ) -> None:
         rollout = config.rollout
         self.method, self.trainer, self.weights_file = rollout.weight_sync, trainer, weights_file
         self._resources = (bundles.rollout, rollout.cpus_per_engine, rollout.gpus_per_engine)
         self._engine = (
             engine_class(rollout.backend),
-            engine_settings(config, model_path, trainer is not None),
+            engine_settings(config, model_path, trainer is not None, prompt_tokens),
         )
         self.actors = make_actors(EngineHost, rollout.engines, *self._resources, "rollout")
         self.pending = [actor.setup.remote(*self._engine) for actor in self.actors]
@@ -164,12 +187,21 @@ class Colocated:
         return {"zero_optimization": {"memory_efficient_linear": False}}
 
     def __init__(
-        self, config: Config, model_path: str, bundles: Any, trainer: Any, weights_file: str
+        self,
+        config: Config,
+        model_path: str,
+        bundles: Any,
+        trainer: Any,
+        weights_file: str,
+        prompt_tokens: int | None,
     ) -> None:
         self.trainer = trainer
         self.actors = list(trainer.actors)
         # Queued behind each rank's own set-up, which forms the process group vLLM joins.
-        engine = (engine_class(config.rollout.backend), engine_settings(config, model_path))
+        engine = (
+            engine_class(config.rollout.backend),
+            engine_settings(config, model_path, True, prompt_tokens),
+        )
         self.pending = [actor.setup_engine.remote(*engine) for actor in self.actors]
 
     def call(self, actor: Any) -> Any:

@@ -63,7 +63,8 @@ class Engines:
 
     trainer: the trainer ranks (None for evaluation alone: nothing to push or probe); data: the prompt
     stream the RL steps draw from (None: no `rollouts`); probe: the sequences both sides score after
-    every push (icepop.weights.probe_sequences)."""
+    every push (icepop.weights.probe_sequences); prompt_tokens: the longest prompt the engines will see,
+    which sizes their KV cache under rollout.kv_cache_gib=null (None: data.max_prompt_tokens)."""
 
     def __init__(
         self,
@@ -75,10 +76,11 @@ class Engines:
         weights_file: str = "",
         data: Any = None,
         probe: list[list[int]] | None = None,
+        prompt_tokens: int | None = None,
     ) -> None:
         self.config = config
         self.placement: EnginePlacement = engine_placement(config, trainer is not None)(
-            config, model_path, bundles, trainer, weights_file
+            config, model_path, bundles, trainer, weights_file, prompt_tokens
         )
         self.trainer = trainer
         self.episodes = episode_settings(config, model_path) if config.rollout.episodic else None

@@ -265,6 +265,7 @@ def _set_up(
         weights_file=str(weights_dir / "weights.safetensors"),
         data=prompts,
         probe=weights.probe_sequences(eval_prompts, config.rollout, config.model.dtype),
+        prompt_tokens=max(len(p.prompt_ids) for p in [*prompts.items, *eval_prompts]),  # the KV cache's
     )
     reference = ReferenceGroup(config, model_path, placement) if config.algo.kl_coef != 0.0 else None
     reward_model = RewardModelGroup(config, placement) if config.reward.model_path is not None else None
