@@ -22,10 +22,11 @@ from icepop.types import Prompt
 
 PRECISIONS = ("fp8", "bfloat16", "float16", "float32")
 """The probe's precisions, least precise first (`probe_precision` takes the first one either side has)."""
-PROBES = {"float32": 2, "float16": 8, "bfloat16": 8, "fp8": 8}
+PROBES = {"float32": 1, "float16": 8, "bfloat16": 8, "fp8": 8}
 """Probe sequences scored after every sync, by the least precise side: in float32 stale weights move
-every probe token far past the tolerance, so two sequences (each a held-out prompt plus up to 24 tokens)
-tell; the other checks are a mean over tokens, so they take more of them."""
+every probe token far past the tolerance, so one sequence (a held-out prompt plus up to 24 tokens; each
+engine scores it) tells, and each costs a forward on both sides (SmolLM2-135M: ≈0.15 s of a W1 step's
+0.65 s sync for the second one); the other checks are a mean over tokens, so they take more of them."""
 TOLERANCE = {"float32": 1e-3, "float16": 0.03, "bfloat16": 0.1, "fp8": 0.2}
 """Default limit by the least precise side, on the largest |Δ log p| of a probe token when both are
 float32 (exact up to 5e-7 here) and on the mean |Δ log p| over all probe tokens otherwise: there a
