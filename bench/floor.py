@@ -13,7 +13,8 @@ process-wide: the floor in the same process gets it too.
 Each line: median seconds per update, the ratio to the floor, and the achieved FLOP/s against the
 machine's float32 GEMM peak measured here with the same threads (a 2048×576×1536 matmul, the shape of
 SmolLM2's MLP) — a CPU's MFU. FLOPs per update: 6 × parameters × computed tokens (forward 2, backward
-4; the tied embedding counted once, as the output projection it also is; attention's n² part left out).
+4; the tied embedding counted once, as the output projection it also is, at the positions from the
+first reply token on, where both updates run it; attention's n² part left out).
 
     python bench/floor.py                       # SmolLM2-135M, W1
     python bench/floor.py --model tiny:dense --repeats 3
@@ -40,6 +41,7 @@ from icepop.ray.hosts import free_port
 from icepop.stages.batch import split_rows
 from icepop.stages.setup import resolve_model
 from icepop.trainer.deepspeed import DeepSpeedTrainer
+from icepop.trainer.inputs import first_label
 from icepop.types import RLBatch
 
 PRESET = {"micro_batch_size": 1, "micro_batch_tokens": 4096, "zero_stage": 0, "lr": 1e-6}
@@ -63,11 +65,17 @@ def _timed(fn: Any) -> float:
 
 
 def plain_update(model: Any, optimizer: torch.optim.Optimizer, data: RLBatch) -> None:
-    """One policy-gradient update in plain PyTorch: Σ −A·ℓ over reply tokens / their count, AdamW."""
-    mask = data.response_mask
-    logits = model(input_ids=data.input_ids[:, :-1], attention_mask=data.attention_mask[:, :-1]).logits
-    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, data.input_ids[:, 1:, None]).squeeze(-1)
-    loss = -(data.advantages[:, None] * logprobs * mask).sum() / mask.sum()
+    """One policy-gradient update in plain PyTorch: Σ −A·ℓ over reply tokens / their count, AdamW; the
+    output head only from the first reply position on (as TRL's logits_to_keep, and icepop's update)."""
+    first = first_label(data.response_mask)
+    mask = data.response_mask[:, first:]
+    logits = model(
+        input_ids=data.input_ids[:, :-1], attention_mask=data.attention_mask[:, :-1],
+        logits_to_keep=mask.shape[1],
+    ).logits  # fmt: skip
+    labels = data.input_ids[:, 1 + first :, None]
+    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, labels).squeeze(-1)
+    loss = -(data.advantages[:, first:] * logprobs * mask).sum() / mask.sum()  # token advantages
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -107,7 +115,9 @@ def spawned_two_ranks(model_path: str, rows: int, repeats: int) -> float:
     return median
 
 
-def in_process(model_path: str, data: RLBatch, threads: int, repeats: int) -> tuple[dict[str, float], int]:
+def in_process(
+    model_path: str, data: RLBatch, threads: int, repeats: int
+) -> tuple[dict[str, float], tuple[int, int]]:
     """Median seconds of the floor and of one icepop rank with every thread, interleaved so that drift
     hits both alike (the first round warms up); and the model's parameter count."""
     tokens, rows = int(data.response_mask.sum()), data.input_ids.shape[0]
@@ -126,7 +136,8 @@ def in_process(model_path: str, data: RLBatch, threads: int, repeats: int) -> tu
                 seconds[name].append(took)
     trainer.close()
     params = sum(p.numel() for p in model.parameters())
-    return {name: statistics.median(s) for name, s in seconds.items()}, params
+    head = model.get_output_embeddings().weight.numel()
+    return {name: statistics.median(s) for name, s in seconds.items()}, (params, head)
 
 
 def main() -> None:
@@ -143,15 +154,17 @@ def main() -> None:
     model_path = resolve_model(config)
     data = batch(model_path, args.rows, 4, 32, seed=0)
     computed = data.input_ids.shape[0] * (data.input_ids.shape[1] - 1)
+    headed = data.input_ids.shape[0] * (data.input_ids.shape[1] - 1 - first_label(data.response_mask))
     peak = gemm_peak(args.threads)
-    medians, params = in_process(model_path, data, args.threads, args.repeats)
+    medians, (params, head) = in_process(model_path, data, args.threads, args.repeats)
     if not args.one_rank:
         medians["icepop, 2 ZeRO-2 ranks × 1 thread"] = spawned_two_ranks(model_path, args.rows, args.repeats)
-    flops = 6 * params * computed
+    flops = 6 * (params - head) * computed + 6 * head * headed
     lengths = data.attention_mask.sum(-1)
     print(
         f"\n{args.model}: {params / 1e6:.1f}M parameters, {args.rows} rows of {int(lengths.min())}-"
-        f"{int(lengths.max())} tokens, {computed} computed input tokens, {flops / 1e12:.2f} TFLOP an update"
+        f"{int(lengths.max())} tokens, {computed} computed input tokens ({headed} through the output "
+        f"head), {flops / 1e12:.2f} TFLOP an update"
     )
     print(f"float32 GEMM peak, {args.threads} threads: {peak / 1e9:.1f} GFLOP/s "
           f"→ the update's compute alone: {flops / peak:.2f} s")  # fmt: skip

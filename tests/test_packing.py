@@ -270,9 +270,11 @@ def test_the_packed_trainer_steps_as_the_padded_one(trained: dict[Any, Any]) -> 
     """ZeRO-3 policy (logprobs, train_rl, train_sft) and ZeRO-2 MoE reward model (scores, train_rm) under
     a 30-token budget: the same ℓ, scores, losses, gradient norms and updated weights."""
     (rl, packed_rl), (rm, packed_rm) = [(trained[stage, False], trained[stage, True]) for stage, *_ in RUNS]
-    labels = rl_batch(0, 10**6).attention_mask[:, 1:].bool()
-    for key in ("logprobs", "old"):
-        assert_close(packed_rl[key][labels], rl[key][labels])
+    batch = rl_batch(0, 10**6)
+    labels = batch.attention_mask[:, 1:].bool()
+    assert_close(packed_rl["logprobs"][labels], rl["logprobs"][labels])
+    # ℓ_old of the training forward: the replies' positions (padded, the output head skips the prompts').
+    assert_close(packed_rl["old"][batch.response_mask], rl["old"][batch.response_mask])
     assert_close(packed_rm["scores"], rm["scores"])
     names = ("actor/loss", "actor/pg_loss", "actor/grad_norm", "sft/loss", "sft/grad_norm")
     for padded, packed, keys in ((rl, packed_rl, names), (rm, packed_rm, ("rm/loss", "rm/grad_norm"))):

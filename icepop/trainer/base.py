@@ -57,7 +57,8 @@ class PolicyTrainer(TrainerRank, Protocol):
     def last_old_logprobs(self) -> Tensor:
         """ℓ_old of the rows of the last `train_rl` call, [rows, L-1]: its batch's old_logprobs, or, when
         they were None (on-policy), the training forward's own detached ℓ at the step's starting weights
-        — equal to `logprobs` before the step, without that second forward."""
+        — equal to `logprobs` before the step at the replies' positions (what the step's metrics read;
+        0 may stand before them), without that second forward."""
         ...
 
     def train_sft(self, batch: SFTBatch, global_token_count: int) -> dict[str, float]:

@@ -38,6 +38,7 @@ from icepop.trainer.inputs import (
     clips_itself,
     decay_groups,
     deepspeed_config,
+    first_label,
     lr_factor,
     place_rows,
     rows_of,
@@ -171,19 +172,19 @@ class DeepSpeedTrainer:
 
     def _micro_batches(self, lengths: Tensor) -> list[Tensor | None]:
         """This rank's micro-batches (indices into `lengths`: [rows] token lengths, or [2, pairs]), padded
-        with None (dummy) to the largest count of any rank, so every rank runs the same number of
-        forwards and backwards (their collectives)."""
+        with None (dummy) to the largest count of any rank: all run the same forwards and backwards."""
         sizes = (self.micro_batch_size, self.micro_batch_tokens, self.packing)
         groups: list[Tensor | None] = [*micro_batch_items(lengths, *sizes)]
         count = int(self._all_reduce([len(groups)], "max")[0])
         return groups + [None] * (count - len(groups))
 
     def _forward(
-        self, input_ids: Tensor, attention_mask: Tensor, temperature: float, inplace_backward: bool
-    ) -> tuple[Tensor, Tensor]:
+        self, input_ids: Tensor, attention_mask: Tensor, temperature: float, inplace_backward: bool,
+        from_label: int = 0,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """(ℓ, entropy) of the labels input_ids[:, 1:], [b, L-1], padded or packed (token_logprobs)."""
         return token_logprobs(
-            self.engine, input_ids, attention_mask, temperature, inplace_backward, self.packing
+            self.engine, input_ids, attention_mask, temperature, inplace_backward, self.packing, from_label
         )
 
     def _backward(self, loss: Tensor, is_last: bool) -> None:
@@ -239,7 +240,10 @@ class DeepSpeedTrainer:
         record = RLStepRecord()
         for i, rows in enumerate(slices):
             mb = rows_of(batch, rows, self.device)
-            logprobs, entropy = self._forward(mb["input_ids"], mb["attention_mask"], self.temperature, True)
+            first = first_label(mb["response_mask"])  # the prompts' positions before it need no logits
+            logprobs, entropy = self._forward(
+                mb["input_ids"], mb["attention_mask"], self.temperature, True, first
+            )
             old = logprobs.detach() if mb["old_logprobs"] is None else mb["old_logprobs"]
             loss, metrics, keep = pg_loss(
                 logprobs,
@@ -258,9 +262,8 @@ class DeepSpeedTrainer:
         return {**record.metrics(len(slices)), **self._step(record.additive, "actor")}
 
     def last_old_logprobs(self) -> Tensor:
-        """ℓ_old of every row of the last `train_rl` call, [rows, L-1] float32 on the CPU: the batch's own
-        old_logprobs, or, on-policy, the training forward's detached ℓ at the step's starting weights —
-        what a separate `logprobs` pass before the step would have returned, without that pass."""
+        """ℓ_old of the last `train_rl` call's rows, [rows, L-1] float32 on the CPU: its batch's, or
+        on-policy the training forward's detached ℓ (a `logprobs` pass's at the replies' positions)."""
         if self._last_old_logprobs is None:
             raise RuntimeError("last_old_logprobs before any train_rl")
         return self._last_old_logprobs

@@ -153,6 +153,13 @@ def clips_itself(zero_stage: int, dtype: str) -> bool:
     return zero_stage == 0 and dtype == "float32"
 
 
+def first_label(response_mask: Tensor) -> int:
+    """The first label position where some row has a reply token (0 if none): an RL update needs ℓ
+    from there on only (the prompts' positions before it carry no loss)."""
+    columns = response_mask.any(0).nonzero()
+    return int(columns[0]) if len(columns) else 0
+
+
 def apply_step(engine: Any, own_clip: float | None) -> tuple[float, bool]:
     """`engine.step()` on the accumulated gradient: (its norm before clipping, inf where DeepSpeed gives
     none; whether the step was skipped). With `own_clip` (`clips_itself`) the rank clips to it (0: not

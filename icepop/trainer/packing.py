@@ -105,16 +105,27 @@ def unpack(values: Tensor, keep: Tensor) -> Tensor:
 
 def token_logprobs(
     model: Any, input_ids: Tensor, attention_mask: Tensor, temperature: float, inplace_backward: bool,
-    packed: bool,
+    packed: bool, from_label: int = 0,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(ℓ, entropy) of the labels input_ids[:, 1:], [b, L-1], of right-padded rows. Padded: feeding
     input_ids[:, :-1] gives exactly logits[:, :-1] (causal: logits at j see tokens ≤ j), contiguous and
     without a [b, L-1, V] slice copy, so the in-place backward really writes into the logits' own
-    storage. Packed: each row's max(n−1, 1) inputs concatenated (module docstring); 0 past them."""
+    storage; label positions before `from_label` are not needed (0 there): the output head runs on the
+    rest only (transformers' logits_to_keep; an RL update needs the replies' positions alone). Packed:
+    each row's max(n−1, 1) inputs concatenated (module docstring); 0 past them."""
     if not packed:
-        out = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=False)
-        return logprobs_and_entropy(
-            out.logits, input_ids[:, 1:], temperature=temperature, inplace_backward=inplace_backward
+        kept = {"logits_to_keep": input_ids.shape[1] - 1 - from_label} if from_label else {}
+        out = model(
+            input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=False, **kept
+        )
+        logprobs, entropy = logprobs_and_entropy(
+            out.logits,
+            input_ids[:, 1 + from_label :],
+            temperature=temperature,
+            inplace_backward=inplace_backward,
+        )
+        return torch.nn.functional.pad(logprobs, (from_label, 0)), torch.nn.functional.pad(
+            entropy, (from_label, 0)
         )
     inputs = (attention_mask.sum(-1) - 1).clamp(min=1)
     keep = torch.arange(input_ids.shape[1] - 1, device=input_ids.device) < inputs[:, None]
