@@ -407,9 +407,9 @@ def report(runs: list[Run], workloads: list[str]) -> dict[str, Any]:
     return table
 
 
-def run_floor(work: Path) -> dict[str, Any]:
+def run_floor(work: Path, round_: int) -> dict[str, Any]:
     """bench/floor.py's plain-PyTorch update of W1 (and icepop's one rank on it), 3 repeats."""
-    out = work / "floor.json"
+    out = work / f"floor-{round_}.json"
     command = [sys.executable, str(FLOOR_SCRIPT), "--one-rank", "--repeats", "3", "--json", str(out)]
     print("vs_trl: the plain-PyTorch floor of the smollm2 update (bench/floor.py)", flush=True)
     subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
@@ -474,7 +474,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the runs' folders (icepop's checkpoints)")
     parser.add_argument(
         "--floor", action=argparse.BooleanOptionalAction, default=True,
-        help="with smollm2: also measure the plain-PyTorch floor of its update (bench/floor.py, ≈2 min)",
+        help="with smollm2: also measure the plain-PyTorch floor of its update each round (bench/floor.py, "
+        "≈2 min; the table shows the median)",
     )  # fmt: skip
     parser.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)  # internal: write the workload
     parser.add_argument("overrides", nargs="*", help="icepop overrides, key=value")
@@ -509,13 +510,18 @@ def main() -> None:
 
     runs: list[Run] = []
     started = time.time()
-    floor = run_floor(work) if args.floor and "smollm2" in workloads else None
+    floors: list[dict[str, Any]] = []  # one per round, beside the runs it is compared with
     for round_ in range(1, args.rounds + 1):
+        if args.floor and "smollm2" in workloads:
+            floors.append(run_floor(work, round_))
         for workload in workloads:
             spec_path, spec = specs[workload]
             runs.append(run_icepop(spec, args.overrides, work, round_))
             runs.append(run_trl(python, spec_path, spec, work, round_))
     table = report(runs, workloads)
+    floor = None if not floors else floors[0] | {
+        "floor_s": statistics.median(f["floor_s"] for f in floors), "rounds": floors
+    }  # fmt: skip
     setups = configurations(specs, runs, args.overrides)
     for workload, systems in setups.items():
         for system, text in systems.items():
